@@ -1,0 +1,192 @@
+"""The ``histomarker`` command.
+
+Every subcommand prints a readable summary, or one JSON document with ``--json``.
+Bad input exits with status 2 and one readable line on standard error; a subcommand
+whose implementation has not landed yet says so the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from services import __version__
+from services.common.errors import HistomarkerError, NotImplementedYet
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+# Errors that mean the request itself cannot be served as given: exit 2. The others
+# (a dependency down, a deadline) are failures of the run: exit 1.
+_BAD_INPUT_STATUSES = frozenset(
+    {
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "FAILED_PRECONDITION",
+        "UNIMPLEMENTED",
+        "UNAUTHENTICATED",
+    }
+)
+
+Handler = Callable[[argparse.Namespace], dict[str, Any]]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line and exit 2."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _planned(what: str, issue: int) -> Handler:
+    """A handler for a subcommand whose implementation arrives with a later issue."""
+
+    def handler(_args: argparse.Namespace) -> dict[str, Any]:
+        raise NotImplementedYet(f"{what} is not built yet (it arrives with issue #{issue})")
+
+    return handler
+
+
+def _add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _demo(args: argparse.Namespace) -> dict[str, Any]:
+    from services.demo import run_demo
+
+    return run_demo(out_dir=args.out, progress=not args.json)
+
+
+def _serve(args: argparse.Namespace) -> dict[str, Any]:
+    server_module = importlib.import_module(f"services.{args.service}.server")
+    server_module.main()
+    return {"service": args.service, "stopped": True}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``histomarker`` command with every subcommand."""
+    parser = _Parser(
+        prog="histomarker",
+        description=(
+            "Predict TP53, PIK3CA, ER, PR, HER2 and Basal status from breast-cancer H&E "
+            "whole-slide images, and explain the calls with nucleus features."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"histomarker {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    synth = sub.add_parser("synth", help="make a synthetic cohort with ground truth")
+    synth.add_argument("out", metavar="OUT", help="output folder")
+    synth.add_argument("--slides", type=int, default=8, help="number of slides")
+    synth.add_argument("--seed", type=int, default=0, help="random seed")
+    synth.add_argument("--preset", choices=["tiny", "small", "standard"], default="tiny")
+    synth.set_defaults(handler=_planned("histomarker synth", 4))
+
+    tile = sub.add_parser("tile", help="tissue mask, patch grid and normalized patches")
+    tile.add_argument("slide", metavar="SLIDE", help="whole-slide image file")
+    tile.add_argument("out", metavar="OUT", help="output folder")
+    tile.add_argument("--mpp", type=float, help="microns per pixel, if the slide lacks it")
+    tile.set_defaults(handler=_planned("histomarker tile", 5))
+
+    normalize = sub.add_parser("normalize", help="Vahadane stain normalization of an image")
+    normalize.add_argument("image", metavar="IMAGE")
+    normalize.add_argument("--reference", required=True, metavar="REF")
+    normalize.add_argument("--out", required=True, metavar="OUT.png")
+    normalize.set_defaults(handler=_planned("histomarker normalize", 5))
+
+    nuclei = sub.add_parser("nuclei", help="nuclei segmentation and the 75 patch features")
+    nuclei.add_argument("image", metavar="IMAGE")
+    nuclei.add_argument("--mpp", type=float, default=0.25, help="microns per pixel")
+    nuclei.add_argument("--labels", metavar="OUT.tif", help="write instance labels here")
+    nuclei.set_defaults(handler=_planned("histomarker nuclei", 7))
+
+    metrics = sub.add_parser("metrics", help="AUROC, AUPRC and MCC-F1, patch and slide level")
+    metrics.add_argument("table", metavar="TABLE.csv")
+    metrics.set_defaults(handler=_planned("histomarker metrics", 8))
+
+    cohort = sub.add_parser("cohort", help="cohort manifests")
+    cohort_sub = cohort.add_subparsers(dest="cohort_command", metavar="ACTION", required=True)
+    cohort_import = cohort_sub.add_parser("import", help="a manifest from TCGA-BRCA tables")
+    cohort_import.add_argument("slides", metavar="SLIDES_DIR")
+    cohort_import.add_argument("--clinical", metavar="TABLE", help="clinical/subtype table")
+    cohort_import.add_argument("--mutations", metavar="TABLE", help="mutation table (MAF)")
+    cohort_import.add_argument("--out", metavar="MANIFEST.csv")
+    cohort_import.set_defaults(handler=_planned("histomarker cohort import", 4))
+    _add_json_flag(cohort_import)
+
+    predict = sub.add_parser("predict", help="calibrated biomarker calls for a slide")
+    predict.add_argument("slide", metavar="SLIDE")
+    predict.add_argument("--target", default="127.0.0.1:50050", metavar="HOST:PORT")
+    predict.set_defaults(handler=_planned("histomarker predict", 9))
+
+    flows = sub.add_parser("flows", help="Prefect flows and deployments")
+    flows_sub = flows.add_subparsers(dest="flows_command", metavar="ACTION", required=True)
+    flows_serve = flows_sub.add_parser("serve", help="serve the scheduled deployments")
+    flows_serve.set_defaults(handler=_planned("histomarker flows serve", 10))
+    _add_json_flag(flows_serve)
+
+    up = sub.add_parser("up", help="start the whole stack as local processes on 127.0.0.1")
+    up.set_defaults(handler=_planned("histomarker up", 11))
+    down = sub.add_parser("down", help="stop the stack started by `histomarker up`")
+    down.set_defaults(handler=_planned("histomarker down", 11))
+
+    serve = sub.add_parser("serve", help="run one gRPC service in the foreground")
+    serve.add_argument("service", choices=["tiling", "nuclei", "analysis", "prediction"])
+    serve.set_defaults(handler=_serve)
+
+    demo = sub.add_parser("demo", help="synth -> train -> serve -> predict -> report")
+    demo.add_argument("--out", default="demo-out", help="output folder")
+    demo.set_defaults(handler=_demo)
+
+    for name, action in sub.choices.items():
+        if name not in {"cohort", "flows"}:
+            _add_json_flag(action)
+    return parser
+
+
+def _print_human(result: dict[str, Any]) -> None:
+    for key, value in result.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, ensure_ascii=False)
+        print(f"{key}: {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        result = args.handler(args)
+    except HistomarkerError as exc:
+        line = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"histomarker {args.command}: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT if exc.status_name in _BAD_INPUT_STATUSES else EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"histomarker {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps(result, ensure_ascii=False, default=str))
+    else:
+        _print_human(result)
+    return EXIT_OK if result.get("ok", True) else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
