@@ -40,7 +40,7 @@ Handler = Callable[[argparse.Namespace], dict[str, Any]]
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line and exit 2."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         raise _UsageError(f"{self.prog}: {message}")
 
 

@@ -53,13 +53,19 @@ class _MetadataInterceptor(
             getattr(details, "compression", None),
         )
 
-    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
         return continuation(self._details(details), request)
 
-    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+    def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
         return continuation(self._details(details), request)
 
-    def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, requests: Any
+    ) -> Any:
         return continuation(self._details(details), requests)
 
     def intercept_stream_stream(
@@ -101,7 +107,9 @@ def open_channel(
         try:
             root = Path(tls_ca_file).read_bytes()
         except OSError as exc:
-            raise InvalidInput(f"cannot read the TLS CA file {str(tls_ca_file)!r}: {exc.strerror}") from exc
+            raise InvalidInput(
+                f"cannot read the TLS CA file {str(tls_ca_file)!r}: {exc.strerror}"
+            ) from exc
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
         channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root), options=options)

@@ -87,7 +87,9 @@ def _read_pem(path: Any, what: str) -> bytes:
         with open(path, "rb") as handle:
             return handle.read()
     except OSError as exc:
-        raise InvalidInput(f"cannot read the TLS {what} file {str(path)!r}: {exc.strerror}") from exc
+        raise InvalidInput(
+            f"cannot read the TLS {what} file {str(path)!r}: {exc.strerror}"
+        ) from exc
 
 
 def create_server(

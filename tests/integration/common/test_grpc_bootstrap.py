@@ -94,9 +94,7 @@ class Probe:
     """Client side of the probe service."""
 
     def __init__(self, channel: grpc.Channel) -> None:
-        self.call = channel.unary_unary(
-            f"/{PROBE}/Call", Req.SerializeToString, Resp.FromString
-        )
+        self.call = channel.unary_unary(f"/{PROBE}/Call", Req.SerializeToString, Resp.FromString)
         self.stream = channel.unary_stream(
             f"/{PROBE}/Stream", Req.SerializeToString, Resp.FromString
         )
@@ -155,7 +153,9 @@ def test_unexpected_errors_are_internal_without_traceback(
     assert "secret-internal-detail" not in details and "Traceback" not in details
     assert "request id" in details
     # The server logged what happened, with the traceback.
-    logged = [r for r in caplog.records if r.exc_info and "secret-internal-detail" in str(r.exc_info[1])]
+    logged = [
+        r for r in caplog.records if r.exc_info and "secret-internal-detail" in str(r.exc_info[1])
+    ]
     assert logged
     assert probe.call(Req(service="ok")).status == Resp.SERVING
 
