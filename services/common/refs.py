@@ -40,14 +40,14 @@ def _refs(message: Message, path: str) -> Iterator[tuple[str, Message]]:
             continue
         if field.message_type.GetOptions().map_entry:
             items: Any = value.values()
-        elif field.label == FieldDescriptor.LABEL_REPEATED:
+        elif field.is_repeated:
             items = value
         else:
             items = [value]
         for index, item in enumerate(items):
-            suffix = f"[{index}]" if field.label == FieldDescriptor.LABEL_REPEATED else ""
+            name = f"{field.name}[{index}]" if field.is_repeated else field.name
             if isinstance(item, Message):
-                yield from _refs(item, f"{path}.{field.name}{suffix}" if path else field.name)
+                yield from _refs(item, f"{path}.{name}" if path else name)
 
 
 def validate_refs(message: Message) -> None:

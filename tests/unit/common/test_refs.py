@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pytest
+
+from services.common.errors import InvalidInput, NotImplementedYet
+from services.common.refs import validate_bucket, validate_refs
+from services.common.servicer import complete_servicer
+from services.common.stubs.histomarker.v1 import (
+    common_pb2,
+    nuclei_pb2,
+    nuclei_pb2_grpc,
+)
+
+
+def _request(*shard_keys: str, patch_key: str = "tiles/s1/h/shards/20x-00000.tar"):
+    return nuclei_pb2.ExtractFeaturesForShardsRequest(
+        shards=[common_pb2.ObjectRef(key=key) for key in shard_keys],
+        patches=[common_pb2.PatchRef(slide_id="s1", shard=common_pb2.ObjectRef(key=patch_key))],
+    )
+
+
+def test_valid_refs_at_any_depth_pass() -> None:
+    validate_refs(_request("tiles/s1/h/shards/20x-00000.tar", "tiles/s1/h/shards/20x-00001.tar"))
+    validate_refs(nuclei_pb2.ExtractFeaturesForShardsRequest())  # no refs at all
+
+
+@pytest.mark.parametrize(
+    ("request_", "path"),
+    [
+        (_request("ok/a.tar", "../b.tar"), "shards[1]"),
+        (_request("ok/a.tar", patch_key="/abs.tar"), "patches[0].shard"),
+    ],
+)
+def test_bad_ref_is_named_by_its_field_path(request_, path: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        validate_refs(request_)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("bucket", ["histomarker", "my.bucket-2", "abc"])
+def test_good_buckets(bucket: str) -> None:
+    assert validate_bucket(bucket) == bucket
+
+
+@pytest.mark.parametrize("bucket", ["ab", "Upper", "under_score", "-lead", "a..b", "x" * 64])
+def test_bad_buckets(bucket: str) -> None:
+    with pytest.raises(InvalidInput, match="bucket"):
+        validate_bucket(bucket)
+
+
+def test_complete_servicer_keeps_implemented_rpcs_and_plans_the_rest() -> None:
+    class Servicer(nuclei_pb2_grpc.NucleiServiceServicer):
+        def SegmentNuclei(self, request, context):
+            return nuclei_pb2.SegmentNucleiResponse()
+
+    service = nuclei_pb2.DESCRIPTOR.services_by_name["NucleiService"]
+    complete_servicer(Servicer, service, issue=7)
+    servicer = Servicer()
+    assert isinstance(servicer.SegmentNuclei(None, None), nuclei_pb2.SegmentNucleiResponse)
+    with pytest.raises(NotImplementedYet, match=r"NucleiService.ExtractFeaturesForShards .*#7"):
+        servicer.ExtractFeaturesForShards(_request("a/b.tar"), None)
+    # The planned RPC still checks references first.
+    with pytest.raises(InvalidInput):
+        servicer.ExtractFeaturesForShards(_request("../b.tar"), None)
+    with pytest.raises(NotImplementedYet):
+        servicer.ExtractFeatures(iter([]), None)
