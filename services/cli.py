@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -67,6 +68,20 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
     return run_demo(out_dir=args.out, progress=not args.json)
 
 
+def _synth(args: argparse.Namespace) -> dict[str, Any]:
+    from services.synth.cohort import generate_cohort
+
+    return generate_cohort(
+        args.out,
+        args.slides,
+        args.seed,
+        args.preset,
+        truth_crops=args.truth_crops,
+        progress=not args.json,
+        overwrite=args.overwrite,
+    )
+
+
 def _serve(args: argparse.Namespace) -> dict[str, Any]:
     server_module = importlib.import_module(f"services.{args.service}.server")
     server_module.main()
@@ -90,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--slides", type=int, default=8, help="number of slides")
     synth.add_argument("--seed", type=int, default=0, help="random seed")
     synth.add_argument("--preset", choices=["tiny", "small", "standard"], default="tiny")
-    synth.set_defaults(handler=_planned("histomarker synth", 4))
+    synth.add_argument("--truth-crops", type=int, default=4, help="40x crops with nucleus truth")
+    synth.add_argument("--overwrite", action="store_true", help="replace an existing cohort")
+    synth.set_defaults(handler=_synth)
 
     tile = sub.add_parser("tile", help="tissue mask, patch grid and normalized patches")
     tile.add_argument("slide", metavar="SLIDE", help="whole-slide image file")
@@ -181,6 +198,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"histomarker {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: one line, details on request
+        if os.environ.get("HISTOMARKER_DEBUG"):
+            raise
+        line = " ".join(f"{type(exc).__name__}: {exc}".split())
+        print(
+            f"histomarker {args.command}: internal error ({line}); "
+            "set HISTOMARKER_DEBUG=1 for the traceback",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     if getattr(args, "json", False):
         print(json.dumps(result, ensure_ascii=False, default=str))
     else:

@@ -66,6 +66,7 @@ class SlideLayout:
         blur: 0-1 out-of-focus weight per layout px.
         fold: 0-1 tissue-fold weight per layout px (tissue lying doubled).
         dust: 0-1 dust weight per layout px.
+        tumour_bed: Boolean tumour bed (tumour with its stroma and necrosis).
         glands: Ducts and tubules, level-0 coordinates.
     """
 
@@ -80,6 +81,7 @@ class SlideLayout:
     blur: np.ndarray
     fold: np.ndarray
     dust: np.ndarray
+    tumour_bed: np.ndarray | None = None
     glands: list[Gland] = field(default_factory=list)
 
     @property
@@ -89,7 +91,9 @@ class SlideLayout:
 
     @property
     def tumour(self) -> np.ndarray:
-        """Boolean tumour mask (tumour and necrosis) at layout resolution."""
+        """Boolean tumour bed at layout resolution: tumour, its stroma and necrosis."""
+        if self.tumour_bed is not None:
+            return self.tumour_bed
         return (self.region == TUMOUR) | (self.region == NECROSIS)
 
 
@@ -221,6 +225,8 @@ def build_layout(
     necrosis_fraction: float,
     gland_fraction: float,
     fat_fraction: float,
+    solid_fraction: float = 1.0,
+    lobule_fraction: float = 0.12,
     artifacts: bool = True,
 ) -> SlideLayout:
     """Draw the layout of one slide.
@@ -235,6 +241,9 @@ def build_layout(
         necrosis_fraction: Share of the tumour that is necrotic.
         gland_fraction: Share of the tumour area forming tubules.
         fat_fraction: Share of the non-tumour tissue that is fat.
+        solid_fraction: Share of the viable tumour growing as solid sheets; the rest
+            is broken into nests and cords by strands of intratumoral stroma.
+        lobule_fraction: Share of the non-tumour tissue that is normal lobules.
         artifacts: Draw pen marks, blur, folds and dust.
 
     Returns:
@@ -256,18 +265,24 @@ def build_layout(
         weight += 0.25 * smooth_noise(rng, shape, sigma=min(h, w) / 30)
         tumour = _top_fraction(weight, tissue, tumour_fraction)
         region[tumour] = TUMOUR
+        # Nests and cords: stroma strands run through the non-solid part of the tumour.
+        strands = smooth_noise(rng, shape, sigma=max(1.0, 40.0 / um_per_layout_px))
+        nest_stroma = _top_fraction(-np.abs(strands), tumour, 0.45 * (1.0 - solid_fraction))
+        region[nest_stroma] = STROMA
         if necrosis_fraction > 0:
             # Necrosis sits in the middle of tumour sheets.
             inner = cv2.distanceTransform(tumour.astype(np.uint8), cv2.DIST_L2, 5)
             inner += 0.8 * smooth_noise(rng, shape, sigma=3) * max(1.0, float(inner.max()) / 6)
-            region[_top_fraction(inner, tumour, necrosis_fraction)] = NECROSIS
+            viable = tumour & ~nest_stroma
+            region[_top_fraction(inner, viable, necrosis_fraction)] = NECROSIS
 
     rest = tissue & ~tumour
     fat_field = smooth_noise(rng, shape, sigma=min(h, w) / 18)
     fat = _top_fraction(fat_field, rest, fat_fraction)
     region[fat] = FAT
     lobule_field = smooth_noise(rng, shape, sigma=max(2.0, 150.0 / um_per_layout_px))
-    lobules = _top_fraction(lobule_field, rest & ~fat, rng.uniform(0.08, 0.18))
+    share = lobule_fraction / max(1e-6, 1.0 - fat_fraction)
+    lobules = _top_fraction(lobule_field, rest & ~fat, min(1.0, share))
     region[lobules] = LOBULE
 
     tumour_distance = cv2.distanceTransform((~tumour).astype(np.uint8), cv2.DIST_L2, 5)
@@ -280,6 +295,7 @@ def build_layout(
     )
     zeros = np.zeros(shape, dtype=np.float32)
     layout = SlideLayout(
+        tumour_bed=tumour,
         width_px=width_px,
         height_px=height_px,
         downsample=downsample,

@@ -54,6 +54,8 @@ class NucleusParams:
         tumour_density_per_mm2: Tumour nuclei per mm² of tumour.
         lymphocyte_density_per_mm2: Lymphocytes per mm² of stroma near tumour.
         karyorrhexis_rate: Fragment clusters per tumour nucleus.
+        tumour_axis_ratio: Mean major/minor axis ratio of tumour nuclei.
+        epithelial_major_um: Mean major axis of normal duct nuclei, µm.
         stromal_density_per_mm2: Stromal nuclei per mm² of stroma.
     """
 
@@ -63,6 +65,8 @@ class NucleusParams:
     tumour_density_per_mm2: float
     lymphocyte_density_per_mm2: float
     karyorrhexis_rate: float
+    tumour_axis_ratio: float = 1.3
+    epithelial_major_um: float = 8.0
     stromal_density_per_mm2: float = 900.0
 
 
@@ -255,7 +259,8 @@ class NucleusField:
                 sigma = np.sqrt(np.log1p(p.tumour_cv**2))
                 size = p.tumour_major_um * rng.lognormal(-(sigma**2) / 2, sigma, k)
                 major[sel] = size * px
-                minor[sel] = size * rng.uniform(0.62, 0.92, k) * px
+                ratio = np.maximum(1.0, p.tumour_axis_ratio * rng.lognormal(0, 0.1, k))
+                minor[sel] = size / ratio * px
                 h_od[sel] = rng.normal(0.78, 0.08, k)
             elif code == LYMPHOCYTE:
                 d = rng.normal(6.8, 0.5, k)
@@ -268,8 +273,8 @@ class NucleusField:
                 angle[sel] = np.degrees(fiber_angle[sel]) + rng.normal(0, 12, k)
                 h_od[sel] = rng.normal(0.95, 0.08, k)
             elif code == EPITHELIAL:
-                major[sel] = rng.normal(8.0, 0.6, k) * px
-                minor[sel] = rng.normal(6.0, 0.5, k) * px
+                major[sel] = rng.normal(p.epithelial_major_um, 0.6, k) * px
+                minor[sel] = major[sel] * rng.uniform(0.68, 0.85, k)
                 h_od[sel] = rng.normal(0.85, 0.07, k)
             else:  # karyorrhexis: the cluster's extent
                 d = rng.uniform(6.0, 10.0, k)

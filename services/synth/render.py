@@ -174,6 +174,23 @@ class TileRenderer:
         ds = self.layout.downsample
         if x0 % ds or y0 % ds:
             raise ValueError(f"tile origin ({x0}, {y0}) must be a multiple of {ds}")
+        blur = _upsample(self.layout.blur, x0, y0, w, h, ds)
+        if blur.max() <= 0.05:
+            return self._render_sharp(x0, y0, w, h, with_labels)
+        # Out of focus: blur a larger render and crop it, so tiles meet without seams.
+        m = ds
+        big = self._render_sharp(x0 - m, y0 - m, w + 2 * m, h + 2 * m, with_labels)
+        soft = cv2.GaussianBlur(big.rgb, (0, 0), 4.0)[m:-m, m:-m].astype(np.float32)
+        weight = np.clip(blur * 1.5, 0, 1)[..., None]
+        rgb = big.rgb[m:-m, m:-m] * (1 - weight) + soft * weight
+        labels = big.labels[m:-m, m:-m] if big.labels is not None else None
+        return RenderedTile(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), labels, big.nuclei)
+
+    def _render_sharp(
+        self, x0: int, y0: int, w: int, h: int, with_labels: bool = False
+    ) -> RenderedTile:
+        """Render the box in focus (see :meth:`render`)."""
+        ds = self.layout.downsample
         region = self._regions(x0, y0, w, h)
         tissue = region != BACKGROUND
         if not tissue.any() and not self._has_artifacts(x0, y0, w, h):
@@ -225,11 +242,6 @@ class TileRenderer:
             specks = np.clip(dust * 3.0, 0, 1) * (coarse > 0.8) * 1.1
             od += specks[..., None] * DUST_OD
         rgb = self._glass * np.power(10.0, -od, dtype=np.float32)
-        blur = _upsample(self.layout.blur, x0, y0, w, h, ds)
-        if blur.max() > 0.05:
-            soft = cv2.GaussianBlur(rgb, (0, 0), 4.0)
-            weight = np.clip(blur * 1.5, 0, 1)[..., None]
-            rgb = rgb * (1 - weight) + soft * weight
         rgb8 = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
         return RenderedTile(
             self._sensor_noise(rgb8, x0, y0), labels if with_labels else None, nuclei
@@ -242,7 +254,7 @@ class TileRenderer:
         return bool(self.layout.pen_strength[ys, xs].any() or self.layout.dust[ys, xs].any())
 
     def _sensor_noise(self, rgb: np.ndarray, x0: int, y0: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, 17, x0, y0])
+        rng = np.random.default_rng([self.seed, 17, x0 + 2**20, y0 + 2**20])  # x0 may be < 0
         noise = rng.integers(-2, 3, size=rgb.shape, dtype=np.int16)
         return np.clip(rgb.astype(np.int16) + noise, 0, 255).astype(np.uint8)
 

@@ -61,14 +61,20 @@ def _fat(rng: np.random.Generator, size: int, cell_px: float) -> np.ndarray:
     """Adipocyte membranes: the edges of a periodic Voronoi tessellation, 0-1."""
     count = max(4, int((size / cell_px) ** 2))
     seeds = rng.uniform(0, size, size=(count, 2))
-    # Tile the seeds 3x3 so the tessellation wraps around the texture's edges.
+    # Tile the seeds 3x3 so the tessellation wraps around the texture's edges; only a
+    # margin of two cells around the texture is needed to get its cells right.
+    margin = int(2 * cell_px)
     offsets = np.array([(dx, dy) for dx in (-size, 0, size) for dy in (-size, 0, size)])
-    tiled = (seeds[None, :, :] + offsets[:, None, :]).reshape(-1, 2)
-    big = np.ones((3 * size, 3 * size), dtype=np.uint8)
-    points = np.clip((tiled + size).astype(int), 0, 3 * size - 1)
-    big[points[:, 1], points[:, 0]] = 0
-    _, labels = cv2.distanceTransformWithLabels(big, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_CCOMP)
-    labels = labels[size : 2 * size, size : 2 * size]
+    tiled = (seeds[None, :, :] + offsets[:, None, :]).reshape(-1, 2) + margin
+    side = size + 2 * margin
+    inside = np.all((tiled >= 0) & (tiled < side), axis=1)
+    points = tiled[inside].astype(int)
+    canvas = np.ones((side, side), dtype=np.uint8)
+    canvas[points[:, 1], points[:, 0]] = 0
+    _, labels = cv2.distanceTransformWithLabels(
+        canvas, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_CCOMP
+    )
+    labels = labels[margin : margin + size, margin : margin + size]
     edges = np.zeros(labels.shape, dtype=np.float32)
     edges[:, :-1] += labels[:, :-1] != labels[:, 1:]
     edges[:-1, :] += labels[:-1, :] != labels[1:, :]
