@@ -82,6 +82,21 @@ def _synth(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _cohort_import(args: argparse.Namespace) -> dict[str, Any]:
+    from services.cohort.importer import import_cohort
+
+    return import_cohort(
+        args.slides,
+        clinical=args.clinical,
+        mutations=args.mutations,
+        out=args.out,
+        immune=args.immune,
+        sequenced=args.sequenced,
+        overwrite=args.overwrite,
+        include_frozen=args.include_frozen,
+    )
+
+
 def _serve(args: argparse.Namespace) -> dict[str, Any]:
     server_module = importlib.import_module(f"services.{args.service}.server")
     server_module.main()
@@ -134,11 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     cohort = sub.add_parser("cohort", help="cohort manifests")
     cohort_sub = cohort.add_subparsers(dest="cohort_command", metavar="ACTION", required=True)
     cohort_import = cohort_sub.add_parser("import", help="a manifest from TCGA-BRCA tables")
-    cohort_import.add_argument("slides", metavar="SLIDES_DIR")
-    cohort_import.add_argument("--clinical", metavar="TABLE", help="clinical/subtype table")
-    cohort_import.add_argument("--mutations", metavar="TABLE", help="mutation table (MAF)")
-    cohort_import.add_argument("--out", metavar="MANIFEST.csv")
-    cohort_import.set_defaults(handler=_planned("histomarker cohort import", 4))
+    cohort_import.add_argument("slides", metavar="SLIDES_DIR", help="folder of TCGA slides")
+    cohort_import.add_argument(
+        "--clinical",
+        metavar="TABLE",
+        action="append",
+        help="cBioPortal clinical patient/sample table (repeat for several)",
+    )
+    cohort_import.add_argument("--mutations", metavar="TABLE", help="mutations MAF")
+    cohort_import.add_argument("--immune", metavar="TABLE", help="patient id + immune score")
+    cohort_import.add_argument("--sequenced", metavar="TABLE", help="sequenced sample list")
+    cohort_import.add_argument("--out", metavar="MANIFEST.csv", help="default ./manifest.csv")
+    cohort_import.add_argument("--overwrite", action="store_true", help="replace --out")
+    cohort_import.add_argument(
+        "--include-frozen", action="store_true", help="also use frozen (TS/BS) sections"
+    )
+    cohort_import.set_defaults(handler=_cohort_import)
     _add_json_flag(cohort_import)
 
     predict = sub.add_parser("predict", help="calibrated biomarker calls for a slide")

@@ -46,7 +46,7 @@ DUST_OD = np.array([0.55, 0.58, 0.62], np.float32)
 # Base hematoxylin and eosin concentrations of each region, and how much each
 # follows the mottling texture. Index = region code.
 _H_BASE = np.array([0.0, 0.025, 0.01, 0.03, 0.10, 0.11], np.float32)
-_E_BASE = np.array([0.0, 0.10, 0.02, 0.08, 0.16, 0.26], np.float32)
+_E_BASE = np.array([0.0, 0.14, 0.02, 0.11, 0.17, 0.26], np.float32)
 _H_MOTTLE = np.array([0.0, 0.006, 0.0, 0.01, 0.025, 0.03], np.float32)
 _E_MOTTLE = np.array([0.0, 0.02, 0.005, 0.02, 0.03, 0.05], np.float32)
 
