@@ -136,10 +136,9 @@ def _tissue_mask(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray
     margin[edge:-edge, edge:-edge] = True
     tissue = _top_fraction(field_, margin, rng.uniform(0.35, 0.55))
     # Keep solid islands: fill pinholes, drop crumbs.
-    tissue_u8 = tissue.astype(np.uint8)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
-    tissue_u8 = cv2.morphologyEx(tissue_u8, cv2.MORPH_CLOSE, kernel)
-    tissue_u8 = cv2.morphologyEx(tissue_u8, cv2.MORPH_OPEN, kernel)
+    closed = cv2.morphologyEx(tissue.astype(np.uint8), cv2.MORPH_CLOSE, kernel)
+    tissue_u8 = np.asarray(cv2.morphologyEx(closed, cv2.MORPH_OPEN, kernel), dtype=np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(tissue_u8, connectivity=8)
     keep = np.zeros(count, dtype=bool)
     keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= max(30, tissue_u8.sum() // 200)
@@ -271,8 +270,11 @@ def build_layout(
         region[nest_stroma] = STROMA
         if necrosis_fraction > 0:
             # Necrosis sits in the middle of tumour sheets.
-            inner = cv2.distanceTransform(tumour.astype(np.uint8), cv2.DIST_L2, 5)
-            inner += 0.8 * smooth_noise(rng, shape, sigma=3) * max(1.0, float(inner.max()) / 6)
+            depth = np.asarray(
+                cv2.distanceTransform(tumour.astype(np.uint8), cv2.DIST_L2, 5), dtype=np.float64
+            )
+            wobble = smooth_noise(rng, shape, sigma=3) * max(1.0, float(depth.max()) / 6)
+            inner = depth + 0.8 * wobble
             viable = tumour & ~nest_stroma
             region[_top_fraction(inner, viable, necrosis_fraction)] = NECROSIS
 
