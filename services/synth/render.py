@@ -128,8 +128,13 @@ class TileRenderer:
         self._e_vec = np.asarray(stain.eosin, np.float32) * stain.e_scale
         self._glass = np.asarray(stain.background_rgb, np.float32)
         self._one_hot = [(layout.region == code).astype(np.float32) for code in range(6)]
-        self._cos2 = np.cos(2 * layout.fiber_angle).astype(np.float32)
-        self._sin2 = np.sin(2 * layout.fiber_angle).astype(np.float32)
+        # Weight of each fibre direction per layout pixel, summing to 1.
+        weights = [
+            np.clip(np.cos(2 * (layout.fiber_angle - angle)), 0, None) ** 3
+            for angle in FIBER_ANGLES
+        ]
+        total = np.maximum(sum(weights), 1e-3)
+        self._fiber_weights = [(weight / total).astype(np.float32) for weight in weights]
         self._pen_maps = {
             code: np.where(layout.pen == code, layout.pen_strength, 0).astype(np.float32)
             for code in PEN_OD
@@ -140,23 +145,21 @@ class TileRenderer:
     # -- regions -------------------------------------------------------------------
     def _regions(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         ds = self.layout.downsample
-        best = None
+        # The layout pixels this box can see (bilinear reach: one pixel around).
+        rows = slice(max(0, y0 // ds - 1), max(0, (y0 + h - 1) // ds + 2))
+        cols = slice(max(0, x0 // ds - 1), max(0, (x0 + w - 1) // ds + 2))
+        present = np.unique(self.layout.region[rows, cols])
+        if len(present) == 1:
+            return np.full((h, w), int(present[0]), np.uint8)
+        best = np.full((h, w), -np.inf, np.float32)
         region = np.zeros((h, w), np.uint8)
-        for code, one_hot in enumerate(self._one_hot):
-            if not one_hot.any():
-                continue
-            soft = _upsample(one_hot, x0, y0, w, h, ds)
-            if not soft.any():
-                continue
+        for code in present.tolist():
+            soft = _upsample(self._one_hot[code], x0, y0, w, h, ds)
             rough = self.atlas.window(self.atlas.coarse, x0 + 157 * code, y0 + 89 * code, w, h)
             score = soft + 0.22 * rough * (soft > 0.02)
-            if best is None:
-                best = score
-                region[:] = code
-            else:
-                better = score > best
-                region[better] = code
-                np.maximum(best, score, out=best)
+            better = score > best
+            region[better] = code
+            np.maximum(best, score, out=best)
         return region
 
     # -- the tile --------------------------------------------------------------------
@@ -194,19 +197,23 @@ class TileRenderer:
         region = self._regions(x0, y0, w, h)
         tissue = region != BACKGROUND
         if not tissue.any() and not self._has_artifacts(x0, y0, w, h):
-            rgb = np.broadcast_to(np.round(self._glass).astype(np.uint8), (h, w, 3)).copy()
+            rgb = np.empty((h, w, 3), np.float32)
+            rgb[:] = self._glass
             labels = np.zeros((h, w), np.int32) if with_labels else None
-            return RenderedTile(self._sensor_noise(rgb, x0, y0), labels, Nuclei.empty())
+            return RenderedTile(self._to_rgb8(rgb, x0, y0), labels, Nuclei.empty())
 
         a = self.atlas
         mottle = a.window(a.mottle, x0, y0, w, h)
         grain = a.window(a.grain, x0, y0, w, h)
-        hem = _H_BASE[region] + _H_MOTTLE[region] * mottle
-        eos = _E_BASE[region] + _E_MOTTLE[region] * mottle + 0.01 * grain * tissue
+        hem = _H_BASE[region]
+        hem += _H_MOTTLE[region] * mottle
+        eos = _E_BASE[region]
+        eos += _E_MOTTLE[region] * mottle
+        eos += 0.01 * grain * tissue
 
         stroma = (region == STROMA) | (region == LOBULE)
         if stroma.any():
-            eos += np.where(stroma, self._fibers(x0, y0, w, h), 0.0)
+            eos += self._fibers(x0, y0, w, h) * stroma
         fat = region == FAT
         if fat.any():
             membranes = a.window(a.fat, x0, y0, w, h)
@@ -220,32 +227,40 @@ class TileRenderer:
 
         nuclei = self.field.in_nuclei(x0, y0, x0 + w, y0 + h, self._max_nucleus_px)
         labels, nucleus_h = self._draw_nuclei(nuclei, x0, y0, w, h, grain)
-        hem = np.where(labels > 0, np.maximum(hem, nucleus_h), hem)
+        np.maximum(hem, nucleus_h, out=hem)
         # Soft edges, as optics blur sharp boundaries a little.
-        hem = cv2.GaussianBlur(hem.astype(np.float32), (0, 0), 0.7)
-        eos = cv2.GaussianBlur(eos.astype(np.float32), (0, 0), 0.7)
+        hem = cv2.GaussianBlur(hem, (0, 0), 0.7)
+        eos = cv2.GaussianBlur(eos, (0, 0), 0.7)
 
         fold = _upsample(self.layout.fold, x0, y0, w, h, ds)
         if fold.any():
             folded = 1.0 + 0.9 * np.clip(fold, 0, 1) * tissue
             hem *= folded
             eos *= folded
-        od = hem[..., None] * self._h_vec + eos[..., None] * self._e_vec
+        # Channel-first so that every per-channel operation runs on contiguous memory.
+        od = np.empty((3, h, w), np.float32)
+        for c in range(3):
+            np.multiply(hem, self._h_vec[c], out=od[c])
+            od[c] += eos * self._e_vec[c]
         for code, strength_map in self._pen_maps.items():
             strength = _upsample(strength_map, x0, y0, w, h, ds)
             if strength.any():
                 ink = np.clip(strength * 1.4 + 0.15 * mottle * (strength > 0.05), 0, 1.3)
-                od += ink[..., None] * PEN_OD[code]
+                for c in range(3):
+                    od[c] += ink * PEN_OD[code][c]
         dust = _upsample(self.layout.dust, x0, y0, w, h, ds)
-        if dust.any():
+        if dust.max() > 0.05:
             coarse = self.atlas.window(self.atlas.coarse, x0 + 401, y0 + 233, w, h)
             specks = np.clip(dust * 3.0, 0, 1) * (coarse > 0.8) * 1.1
-            od += specks[..., None] * DUST_OD
-        rgb = self._glass * np.power(10.0, -od, dtype=np.float32)
-        rgb8 = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
-        return RenderedTile(
-            self._sensor_noise(rgb8, x0, y0), labels if with_labels else None, nuclei
-        )
+            for c in range(3):
+                od[c] += specks * DUST_OD[c]
+        # Beer-Lambert: transmitted light falls tenfold per unit of optical density.
+        ln10 = np.float32(np.log(10.0))
+        for c in range(3):
+            od[c] *= -ln10
+            od[c] += np.float32(np.log(self._glass[c]))
+        rgb = np.exp(od, out=od).transpose(1, 2, 0)
+        return RenderedTile(self._to_rgb8(rgb, x0, y0), labels if with_labels else None, nuclei)
 
     def _has_artifacts(self, x0: int, y0: int, w: int, h: int) -> bool:
         ds = self.layout.downsample
@@ -253,24 +268,24 @@ class TileRenderer:
         xs = slice(max(0, x0 // ds - 1), (x0 + w) // ds + 2)
         return bool(self.layout.pen_strength[ys, xs].any() or self.layout.dust[ys, xs].any())
 
-    def _sensor_noise(self, rgb: np.ndarray, x0: int, y0: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, 17, x0 + 2**20, y0 + 2**20])  # x0 may be < 0
-        noise = rng.integers(-2, 3, size=rgb.shape, dtype=np.int16)
-        return np.clip(rgb.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+    def _to_rgb8(self, rgb: np.ndarray, x0: int, y0: int) -> np.ndarray:
+        """Round to 8 bits with a little sensor noise (from the atlas, so it is cheap)."""
+        noise = self.atlas.window(self.atlas.sensor, x0, y0, rgb.shape[1], rgb.shape[0])
+        rgb = rgb + noise
+        rgb += 0.5
+        np.clip(rgb, 0, 255, out=rgb)
+        return rgb.astype(np.uint8)
 
     def _fibers(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         ds = self.layout.downsample
-        cos2 = _upsample(self._cos2, x0, y0, w, h, ds)
-        sin2 = _upsample(self._sin2, x0, y0, w, h, ds)
-        total = np.zeros((h, w), np.float32)
-        weights = np.zeros((h, w), np.float32)
-        for angle, texture in zip(FIBER_ANGLES, self.atlas.fibers, strict=True):
-            weight = np.clip(cos2 * np.cos(2 * angle) + sin2 * np.sin(2 * angle), 0, None) ** 3
-            total += weight * self.atlas.window(texture, x0, y0, w, h)
-            weights += weight
-        fibers = total / np.maximum(weights, 1e-3)
+        fibers = np.zeros((h, w), np.float32)
+        for weight_map, texture in zip(self._fiber_weights, self.atlas.fibers, strict=True):
+            weight = _upsample(weight_map, x0, y0, w, h, ds)
+            if weight.max() > 0.01:
+                fibers += weight * self.atlas.window(texture, x0, y0, w, h)
         mottle = self.atlas.window(self.atlas.mottle, x0 + 311, y0 + 173, w, h)
-        return np.clip(0.05 * fibers * (0.7 + 0.3 * mottle), -0.06, 0.12)
+        fibers *= 0.7 + 0.3 * mottle
+        return np.clip(0.05 * fibers, -0.06, 0.12)
 
     def _draw_glands(
         self,

@@ -92,6 +92,7 @@ class TextureAtlas:
         coarse: Coarse variation (σ ≈ 24 px) that roughens region boundaries.
         fibers: One fibre texture per direction of ``FIBER_ANGLES``.
         fat: Adipocyte membranes, 0-1.
+        sensor: Camera noise per pixel and channel, in 8-bit grey levels (-2 to 2).
         margin_px: Padding of each texture (the largest tile that can be sliced).
     """
 
@@ -100,6 +101,7 @@ class TextureAtlas:
     coarse: np.ndarray
     fibers: list[np.ndarray]
     fat: np.ndarray
+    sensor: np.ndarray
     margin_px: int
 
     @classmethod
@@ -120,6 +122,11 @@ class TextureAtlas:
             fat=np.pad(
                 _fat(rng, FAT_TEXTURE_PX, cell_px=90.0 / mpp),
                 ((0, margin_px), (0, margin_px)),
+                mode="wrap",
+            ),
+            sensor=np.pad(
+                rng.integers(-2, 3, size=(size, size, 3)).astype(np.float32),
+                ((0, margin_px), (0, margin_px), (0, 0)),
                 mode="wrap",
             ),
             margin_px=margin_px,
