@@ -324,7 +324,7 @@ def build_layout(
             layout.fold = np.where(tissue, (fold > 0.35) * np.clip(fold * 2, 0, 1), 0).astype(
                 np.float32
             )
-        specks = (rng.random(shape) < 0.002).astype(np.float32)
+        specks = (rng.random(shape) < 0.0004).astype(np.float32)
         dust = np.clip(cv2.GaussianBlur(specks, (0, 0), 0.7) * 4, 0, 1)
         layout.dust = np.where(dust > 0.05, dust, 0).astype(np.float32)
     return layout
