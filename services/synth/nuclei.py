@@ -159,9 +159,10 @@ class NucleusField:
         table[TUMOUR] = (tumour, 0.35 * lymph, 150.0, 0, karyo)
         table[NECROSIS] = (0.12 * tumour, 0.1 * lymph, 0, 0, max(karyo, 0.04 * tumour) * 2.5)
         self._table = table
-        # The grid must be at least as dense as the densest spot (aggregates x3).
+        # The grid must be at least as dense as the densest spot, lymphoid aggregates
+        # included, or dense spots would saturate and densities stop being proportional.
         peak = table.copy()
-        peak[:, 1] *= 3.0
+        peak[:, 1] *= max(1.0, float(immune_patch.max()))
         self._max_density = float(max(peak.sum(axis=1).max(), 500.0))
         self._spacing_px = 1.0 / np.sqrt(self._max_density * per_px2)
         self._gland_index = self._index_glands()

@@ -106,7 +106,9 @@ def write_crop_figure(cohort: Path, row: dict[str, str], out: Path) -> Path:
     overlay = image.copy()
     edges = cv2.morphologyEx(labels.astype(np.float32), cv2.MORPH_GRADIENT, np.ones((3, 3))) > 0
     for label, kind in kinds.items():
-        overlay[edges & (labels == label)] = np.array(matplotlib.colors.to_rgb(TYPE_COLOURS[kind])) * 255
+        overlay[edges & (labels == label)] = (
+            np.array(matplotlib.colors.to_rgb(TYPE_COLOURS[kind])) * 255
+        )
     figure, axes = plt.subplots(1, 2, figsize=(13, 6.8), dpi=110)
     axes[0].imshow(image)
     axes[0].set_title(f"40x crop at ({crop['x']}, {crop['y']}), {size}x{size} px = 128 µm")
