@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 CHILD = r"""
@@ -51,7 +48,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             result = subprocess.run(
                 [sys.executable, "-c", CHILD, preset, out, str(args.core)],
-                capture_output=True, text=True, cwd=root, check=True,
+                capture_output=True,
+                text=True,
+                cwd=root,
+                check=True,
             )
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     header = ["preset", "size", "wall_s", "cpu_s", "peak_rss_mb", "mpx_per_s", "file_mb"]

@@ -17,13 +17,13 @@ import cv2
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import openslide  # noqa: E402
-import tifffile  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import openslide
+import tifffile
+from matplotlib.patches import Patch
 
-from services.common.errors import InvalidInput  # noqa: E402
+from services.common.errors import InvalidInput
 
 TYPE_COLOURS = {
     "tumour": "#ffdd00",
@@ -47,6 +47,13 @@ def _pick_slide(cohort: Path, slide_id: str | None) -> dict[str, str]:
     return rows[0]
 
 
+def _read_mask(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise InvalidInput(f"cannot read the mask {path}")
+    return np.asarray(image) > 0
+
+
 def _outline(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     big = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     return cv2.morphologyEx(big, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
@@ -60,7 +67,7 @@ def write_thumbnail_figure(cohort: Path, row: dict[str, str], out: Path) -> Path
     overlay = thumb.copy()
     size = (thumb.shape[1], thumb.shape[0])
     for name, colour in MASK_COLOURS.items():
-        mask = cv2.imread(str(truth / name), cv2.IMREAD_UNCHANGED) > 0
+        mask = _read_mask(truth / name)
         edge = cv2.dilate(_outline(mask, size).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
         overlay[edge] = np.array(matplotlib.colors.to_rgb(colour)) * 255
     figure, axes = plt.subplots(1, 2, figsize=(14, 5.6), dpi=110)
