@@ -21,6 +21,10 @@ def test_demo_runs_the_stages_that_exist_and_lists_the_rest(tmp_path: Path) -> N
     report = json.loads(result.stdout)  # stdout is one JSON document, nothing else
     assert report["ok"] is True
     assert report["ran"]["object store"]["round_trip"] is True
+    cohort = report["ran"]["synthetic cohort"]
+    assert cohort["slides"] == 4 and cohort["cancer"] >= 1 and cohort["normal"] >= 1
+    assert Path(cohort["manifest"]).is_file()
+    assert len(list((tmp_path / "out" / "cohort" / "slides").glob("*.tiff"))) == 4
     health = report["ran"]["gRPC services (health)"]
     assert set(health) == {
         f"histomarker.v1.{name}Service" for name in ("Tiling", "Nuclei", "Analysis", "Prediction")
