@@ -122,6 +122,7 @@ from typing import Any
 
 import numpy as np
 
+from services.cohort.manifest import MANIFEST_COLUMNS as COHORT_MANIFEST_COLUMNS
 from services.common.errors import InvalidInput
 
 #: The six labels of a cancer slide, in manifest column order.
@@ -547,15 +548,10 @@ def sample_cohort(n_slides: int, seed: int, normal_fraction: float = 0.25) -> li
     ]
 
 
-#: Columns of a cohort manifest, in order.
-MANIFEST_COLUMNS: tuple[str, ...] = (
-    "slide_id",
-    "patient_id",
-    "kind",
-    "site",
-    "split",
-    *BIOMARKERS,
-    "immune_score",
+#: The manifest columns a slide spec fills (all but ``slide_path``, which the
+#: generator adds once the slide is written).
+MANIFEST_COLUMNS: tuple[str, ...] = tuple(
+    column for column in COHORT_MANIFEST_COLUMNS if column != "slide_path"
 )
 
 
