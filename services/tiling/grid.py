@@ -1,0 +1,177 @@
+"""The patch grid: where a slide's patches are, at level 0, and how much tissue each has.
+
+Patches are ``patch_px`` square at a requested magnification (20x by default, i.e.
+0.5 µm/px). On a slide scanned at ``mpp0`` µm/px a patch covers
+``patch_px * target_mpp / mpp0`` level-0 pixels a side (its *footprint*). Patches
+step by the footprint less the overlap, start at the slide's top-left corner, lie
+wholly inside the slide, and are kept when the tissue mask covers at least
+``min_tissue`` of them. Coordinates are (x, y) of the top-left corner at level 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from services.common.errors import InvalidInput
+
+#: Relative slack when comparing resolutions (scanners report 0.2497 for 0.25).
+MPP_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class GridParams:
+    """How to lay the grid.
+
+    Attributes:
+        magnification: Objective magnification of the patches (20 = 0.5 µm/px).
+        patch_px: Patch side in pixels at that magnification.
+        min_tissue: Least share (0-1) of a patch the tissue mask must cover.
+        overlap_px: Overlap of neighbouring patches, pixels at that magnification.
+        allow_upsample: Allow a magnification finer than the slide's own (the
+            patches would then be upsampled).
+    """
+
+    magnification: float = 20.0
+    patch_px: int = 512
+    min_tissue: float = 0.5
+    overlap_px: int = 0
+    allow_upsample: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.magnification <= 100:
+            raise InvalidInput(f"magnification must be within 0.5-100, got {self.magnification}")
+        if not 16 <= self.patch_px <= 8192:
+            raise InvalidInput(f"patch size must be within 16-8192 px, got {self.patch_px}")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise InvalidInput(f"min tissue must be within 0-1, got {self.min_tissue}")
+        if not 0 <= self.overlap_px < self.patch_px:
+            raise InvalidInput(
+                f"overlap must be >= 0 and below the patch size, got {self.overlap_px} px"
+            )
+
+    @property
+    def target_mpp(self) -> float:
+        """Resolution of the patches, µm/px."""
+        return 10.0 / self.magnification
+
+
+def params_hash(*parts: Any) -> str:
+    """A short stable hash of parameters (dataclasses, dicts, numbers, strings).
+
+    Names the folder ``tiles/{slide_id}/{params_hash}/`` so that a run with the same
+    parameters finds and reuses an earlier result.
+    """
+
+    def plain(value: Any) -> Any:
+        if hasattr(value, "__dataclass_fields__"):
+            return {"__type__": type(value).__name__, **asdict(value)}
+        return value
+
+    text = json.dumps([plain(part) for part in parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def footprint_px(params: GridParams, mpp0: float) -> float:
+    """Level-0 pixels covered by one patch side."""
+    if mpp0 <= 0:
+        raise InvalidInput(f"slide resolution must be positive, got {mpp0} µm/px")
+    if params.target_mpp < mpp0 * (1 - MPP_TOLERANCE) and not params.allow_upsample:
+        raise InvalidInput(
+            f"the slide is scanned at {mpp0:.4g} µm/px ({10 / mpp0:.3g}x); "
+            f"{params.magnification:g}x ({params.target_mpp:.4g} µm/px) would need "
+            "upsampling: ask for a lower magnification or allow upsampling"
+        )
+    return params.patch_px * params.target_mpp / mpp0
+
+
+def patch_grid(
+    slide_size_px: tuple[int, int],
+    mpp0: float,
+    tissue: np.ndarray,
+    mask_downsample: float,
+    params: GridParams = GridParams(),
+) -> pd.DataFrame:
+    """The grid's patches with enough tissue.
+
+    Args:
+        slide_size_px: Level-0 (width, height).
+        mpp0: Level-0 resolution, µm/px.
+        tissue: Boolean tissue mask (True = usable tissue).
+        mask_downsample: Level-0 pixels per mask pixel.
+        params: Grid parameters.
+
+    Returns:
+        One row per kept patch, in row-major order, with columns ``x``, ``y``,
+        ``width``, ``height`` (level-0 px, int), ``row``, ``col`` (grid indices),
+        ``tissue_fraction`` (0-1). Empty (with those columns) when no patch has
+        enough tissue: that is not an error.
+    """
+    width, height = slide_size_px
+    if width <= 0 or height <= 0:
+        raise InvalidInput(f"slide size must be positive, got {width}x{height} px")
+    if tissue.ndim != 2:
+        raise InvalidInput(f"the tissue mask must be 2-D, got shape {tissue.shape}")
+    if mask_downsample <= 0:
+        raise InvalidInput(f"mask downsample must be positive, got {mask_downsample}")
+    size = footprint_px(params, mpp0)
+    stride = size - params.overlap_px * params.target_mpp / mpp0
+    cols = int(np.floor((width - size) / stride)) + 1 if width >= size else 0
+    rows = int(np.floor((height - size) / stride)) + 1 if height >= size else 0
+    columns = ["x", "y", "width", "height", "row", "col", "tissue_fraction"]
+    if rows == 0 or cols == 0:
+        return pd.DataFrame({name: pd.Series(dtype="int64") for name in columns[:-1]}).assign(
+            tissue_fraction=pd.Series(dtype="float64")
+        )
+    xs = np.round(np.arange(cols) * stride).astype(np.int64)
+    ys = np.round(np.arange(rows) * stride).astype(np.int64)
+    side = round(size)
+    fractions = _coverage(tissue.astype(np.uint8), mask_downsample, xs, ys, side)
+    keep_rows, keep_cols = np.nonzero(fractions >= params.min_tissue - 1e-9)
+    table = pd.DataFrame(
+        {
+            "x": xs[keep_cols],
+            "y": ys[keep_rows],
+            "width": np.full(len(keep_cols), side, np.int64),
+            "height": np.full(len(keep_cols), side, np.int64),
+            "row": keep_rows.astype(np.int64),
+            "col": keep_cols.astype(np.int64),
+            "tissue_fraction": fractions[keep_rows, keep_cols].astype(np.float64),
+        }
+    )
+    return table
+
+
+def _coverage(
+    mask: np.ndarray, downsample: float, xs: np.ndarray, ys: np.ndarray, side: int
+) -> np.ndarray:
+    """Share of each patch footprint the mask covers (area-weighted, sub-pixel)."""
+    h, w = mask.shape
+    # Integral image of a mask upsampled 4x gives quarter-pixel accuracy at the
+    # footprint's edges without touching level 0.
+    fine = 4
+    big = cv2.resize(mask, (w * fine, h * fine), interpolation=cv2.INTER_NEAREST)
+    integral = cv2.integral(big).astype(np.float64)
+    scale = fine / downsample
+
+    def to_index(values: np.ndarray, limit: int) -> np.ndarray:
+        return np.clip(np.round(values * scale).astype(np.int64), 0, limit)
+
+    x0 = to_index(xs, w * fine)
+    x1 = to_index(xs + side, w * fine)
+    y0 = to_index(ys, h * fine)
+    y1 = to_index(ys + side, h * fine)
+    total = (
+        integral[np.ix_(y1, x1)]
+        - integral[np.ix_(y0, x1)]
+        - integral[np.ix_(y1, x0)]
+        + integral[np.ix_(y0, x0)]
+    )
+    # Parts of a footprint beyond the mask count as no tissue.
+    return np.clip(total / (side * scale) ** 2, 0.0, 1.0)
