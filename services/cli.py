@@ -82,6 +82,22 @@ def _synth(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _normalize(args: argparse.Namespace) -> dict[str, Any]:
+    from services.tiling.images import read_image, write_png
+    from services.tiling.stain import normalize_image
+
+    image = read_image(args.image)
+    reference = read_image(args.reference)
+    normalized = normalize_image(image, reference, method=args.method)
+    write_png(args.out, normalized)
+    return {
+        "out": args.out,
+        "method": args.method,
+        "width": int(normalized.shape[1]),
+        "height": int(normalized.shape[0]),
+    }
+
+
 def _cohort_import(args: argparse.Namespace) -> dict[str, Any]:
     from services.cohort.importer import import_cohort
 
@@ -134,7 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     normalize.add_argument("image", metavar="IMAGE")
     normalize.add_argument("--reference", required=True, metavar="REF")
     normalize.add_argument("--out", required=True, metavar="OUT.png")
-    normalize.set_defaults(handler=_planned("histomarker normalize", 5))
+    normalize.add_argument(
+        "--method", default="vahadane", choices=["vahadane", "macenko", "reinhard"]
+    )
+    normalize.set_defaults(handler=_normalize)
 
     nuclei = sub.add_parser("nuclei", help="nuclei segmentation and the 75 patch features")
     nuclei.add_argument("image", metavar="IMAGE")

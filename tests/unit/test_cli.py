@@ -61,7 +61,6 @@ def test_every_subcommand_takes_json() -> None:
     ("argv", "issue"),
     [
         (["tile", "slide.svs", "out"], 5),
-        (["normalize", "a.png", "--reference", "r.png", "--out", "o.png"], 5),
         (["nuclei", "a.png"], 7),
         (["metrics", "t.csv"], 8),
         (["predict", "slide.svs"], 9),
