@@ -1,0 +1,636 @@
+"""Tissue and artifact masks from a low-resolution RGB image of a slide.
+
+The caller reads the slide's thumbnail or a low pyramid level; the functions here
+take that image as a ``uint8`` RGB array with its downsample relative to level 0
+and the level-0 resolution, so they need no slide reader. Every size in
+:class:`TissueParams` is in µm or µm² and is converted to mask pixels with the mask
+resolution ``mpp0 * downsample`` (µm/px).
+
+Rules, in order (parameters in :class:`TissueParams`):
+
+1. **Glass.** The glass colour ``I0`` is estimated from the image: the brightest
+   mode of the grey-level histogram that holds at least ``glass_min_mode_fraction``
+   of the pixels, and ``I0`` per channel is the median colour of the pixels near that
+   mode. Without such a mode brighter than ``glass_min_grey`` (an image that is all
+   tissue), white (255) is taken.
+2. **Features.** Optical density ``OD = -log10(I / I0)`` (mean of the three channels,
+   clipped at 0) and the HSV saturation of the glass-balanced colour ``I / I0``, both
+   smoothed with a Gaussian of ``smooth_um``.
+3. **Tissue threshold.** Otsu's threshold on each smoothed feature, raised to a floor
+   (``min_od``, ``min_saturation``). Otsu always splits, even pure glass (it would
+   split the noise), so a feature whose two Otsu classes differ by less than
+   ``min_od_contrast`` / ``min_saturation_contrast`` finds no tissue at all. A pixel
+   is core tissue when either feature is above its threshold. Faint tissue (fat:
+   white vacuoles in thin pink membranes, nearly glass at low resolution) is added
+   by hysteresis: connected regions of saturation above ``faint_saturation`` that
+   touch core tissue.
+4. **Clean-up.** Morphological closing (disk of radius ``close_um``) then opening
+   (``open_um``); objects smaller than ``min_object_um2`` removed; holes smaller than
+   ``max_hole_um2`` filled (background touching the image border is never a hole).
+5. **Pen ink**, each colour its own mask, on the glass-balanced, smoothed colour
+   (hue in degrees, saturation and value 0-1):
+
+   - green: hue in ``green_hue_deg``, G > R, saturation >= ``pen_min_saturation``;
+   - blue: hue in ``blue_hue_deg``, B > R, saturation >= ``blue_min_saturation``
+     (higher than for green because hematoxylin is blue-purple too; its hue lies
+     above the blue band's upper end and it is less saturated than ink);
+   - black: value <= ``black_max_value`` and saturation <= ``black_max_saturation``
+     (dense nuclei clusters are darker than stroma but stay blue-purple, i.e.
+     saturated, and lighter than ink at low resolution), and only as regions of at
+     least ``black_min_area_um2`` so that a few dark nuclei never count.
+
+   Green and blue regions smaller than ``pen_min_area_um2`` are dropped; each mask is
+   dilated by ``pen_dilate_um`` to take the ink's faint rim. Pen pixels are removed
+   from the tissue mask (ink on glass is never tissue; tissue under ink is unusable).
+6. **Blur.** Local sharpness = local mean of the squared Laplacian of the grey image
+   divided by the local grey variance (both Gaussian-weighted over ``blur_window_um``),
+   on ``sharpness_rgb`` (a higher-resolution read of the same area) when given, else
+   on the image itself. Normalising by the local variance makes pale and dense tissue
+   comparable; defocus removes fine detail (Laplacian) much faster than contrast.
+   Tissue whose sharpness is below ``blur_fraction`` of the tissue median, and which
+   has enough contrast to judge (local grey std >= ``blur_min_std``, relative to
+   glass), is blurred; the mask is cleaned with an opening and regions smaller than
+   ``blur_min_area_um2`` dropped.
+7. **Folds.** Tissue lying doubled absorbs about twice as much: OD smoothed over
+   ``fold_smooth_um`` above ``p50 + fold_k_mad * 1.4826 * MAD`` of the tissue OD, and
+   saturation above the tissue median, as regions of at least ``fold_min_area_um2``.
+
+``usable = tissue & ~pen & ~blur & ~fold``. A slide without tissue gives empty masks
+(``TissueMasks.empty``), which is not an error: the summary says so.
+
+:func:`save_masks` writes ``tissue.png``, ``pen_{green,blue,black}.png``,
+``blur.png``, ``fold.png`` (255 = set) and ``tissue.json`` (written last, so a folder
+with ``tissue.json`` is complete) with the downsample, the mask resolution, the
+thresholds and the areas; every file is written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
+
+from services.common.errors import InvalidInput, NotFound
+
+#: Pen ink colours, in the order of their codes (1, 2, 3) in pen code images.
+PEN_COLOURS: tuple[str, ...] = ("green", "blue", "black")
+#: Name of the metadata file; it is written last.
+MASKS_JSON = "tissue.json"
+_FORMAT_VERSION = 1
+_MAD_TO_SIGMA = 1.4826
+
+
+@dataclass(frozen=True)
+class TissueParams:
+    """Parameters of tissue and artifact segmentation (sizes in µm, areas in µm²).
+
+    Attributes:
+        glass_min_mode_fraction: Least fraction of pixels in a histogram mode for it
+            to be taken as glass.
+        glass_min_grey: Darkest grey level (0-255) a glass mode may have.
+        smooth_um: Gaussian sigma of the feature smoothing before Otsu, µm.
+        min_od: Floor of the OD threshold (mean OD of the three channels).
+        min_saturation: Floor of the saturation threshold (0-1).
+        min_od_contrast: Least difference of the two Otsu class means of OD for the
+            OD threshold to count (below it the image is uniform: no tissue).
+        min_saturation_contrast: The same for saturation.
+        faint_saturation: Saturation above which faint tissue (fat) joins tissue
+            it touches; above the glass noise of the balanced, smoothed image.
+        close_um: Radius of the morphological closing, µm.
+        open_um: Radius of the morphological opening, µm.
+        min_object_um2: Smaller tissue objects are removed, µm².
+        max_hole_um2: Smaller holes in tissue are filled, µm².
+        green_hue_deg: Hue band of green ink, degrees.
+        blue_hue_deg: Hue band of blue ink, degrees.
+        pen_min_saturation: Least saturation of green ink.
+        blue_min_saturation: Least saturation of blue ink.
+        black_max_value: Largest HSV value (glass = 1) of black ink.
+        black_max_saturation: Largest saturation of black ink.
+        black_min_area_um2: Smallest black-ink region, µm².
+        pen_min_area_um2: Smallest green or blue ink region, µm².
+        pen_dilate_um: Dilation of every pen mask, µm.
+        blur_window_um: Gaussian sigma of the local sharpness window, µm.
+        blur_fraction: Blurred below this fraction of the tissue median sharpness.
+        blur_min_std: Least local grey standard deviation (glass = 1) to judge focus.
+        blur_min_area_um2: Smallest blurred region, µm².
+        fold_smooth_um: Gaussian sigma of the OD smoothing for folds, µm.
+        fold_k_mad: Folds lie this many robust standard deviations above the median.
+        fold_min_area_um2: Smallest fold region, µm².
+    """
+
+    glass_min_mode_fraction: float = 0.005
+    glass_min_grey: float = 170.0
+    smooth_um: float = 8.0
+    min_od: float = 0.04
+    min_saturation: float = 0.06
+    min_od_contrast: float = 0.05
+    min_saturation_contrast: float = 0.05
+    faint_saturation: float = 0.025
+    close_um: float = 16.0
+    open_um: float = 8.0
+    min_object_um2: float = 10_000.0
+    max_hole_um2: float = 20_000.0
+    green_hue_deg: tuple[float, float] = (80.0, 180.0)
+    blue_hue_deg: tuple[float, float] = (190.0, 250.0)
+    pen_min_saturation: float = 0.3
+    blue_min_saturation: float = 0.55
+    black_max_value: float = 0.35
+    black_max_saturation: float = 0.45
+    black_min_area_um2: float = 2_000.0
+    pen_min_area_um2: float = 500.0
+    pen_dilate_um: float = 8.0
+    blur_window_um: float = 24.0
+    blur_fraction: float = 0.5
+    blur_min_std: float = 0.02
+    blur_min_area_um2: float = 5_000.0
+    fold_smooth_um: float = 16.0
+    fold_k_mad: float = 3.0
+    fold_min_area_um2: float = 5_000.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if not all(math.isfinite(v) and v >= 0 for v in values):
+                raise InvalidInput(f"tissue parameter {f.name} must be finite and >= 0")
+        for name in ("green_hue_deg", "blue_hue_deg"):
+            low, high = getattr(self, name)
+            if not low < high <= 360:
+                raise InvalidInput(f"tissue parameter {name} must be (low, high) in 0-360")
+        if not 0 < self.blur_fraction < 1:
+            raise InvalidInput("tissue parameter blur_fraction must be in (0, 1)")
+
+
+@dataclass
+class TissueMasks:
+    """Masks of one slide at one low resolution (all of the same shape).
+
+    Attributes:
+        tissue: Tissue, pen already removed.
+        pen: Pen ink per colour (``green``, ``blue``, ``black``), glass included.
+        blur: Out-of-focus tissue.
+        fold: Folded (doubled) tissue.
+        usable: ``tissue & ~pen & ~blur & ~fold``.
+        downsample: Level-0 px per mask px.
+        mpp: Resolution of the mask pixels, µm/px.
+        thresholds: Thresholds used (glass colour, OD, saturation, blur, fold).
+    """
+
+    tissue: np.ndarray
+    pen: dict[str, np.ndarray]
+    blur: np.ndarray
+    fold: np.ndarray
+    usable: np.ndarray
+    downsample: float
+    mpp: float
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        """True when no tissue was found (not an error: the grid is empty)."""
+        return not bool(self.tissue.any())
+
+    def pen_any(self) -> np.ndarray:
+        """Union of the pen masks of every colour."""
+        out = np.zeros(self.tissue.shape, dtype=bool)
+        for mask in self.pen.values():
+            out |= mask
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able areas (mm²), fractions of the tissue area and thresholds."""
+        px_mm2 = (self.mpp / 1000.0) ** 2
+        tissue_px = int(self.tissue.sum())
+
+        def area(mask: np.ndarray) -> float:
+            return round(float(mask.sum()) * px_mm2, 6)
+
+        def fraction(mask: np.ndarray) -> float:
+            return round(float((mask & self.tissue).sum()) / tissue_px, 6) if tissue_px else 0.0
+
+        pen_any = self.pen_any()
+        return {
+            "empty": self.empty,
+            "message": "no tissue found" if self.empty else "tissue found",
+            "downsample": float(self.downsample),
+            "mpp": float(self.mpp),
+            "size_px": [int(self.tissue.shape[1]), int(self.tissue.shape[0])],
+            "area_mm2": {
+                "tissue": area(self.tissue),
+                "usable": area(self.usable),
+                "pen": area(pen_any),
+                **{f"pen_{name}": area(mask) for name, mask in self.pen.items()},
+                "blur": area(self.blur),
+                "fold": area(self.fold),
+            },
+            "fraction_of_tissue": {
+                "usable": fraction(self.usable),
+                "blur": fraction(self.blur),
+                "fold": fraction(self.fold),
+            },
+            # Non-finite thresholds (e.g. no OD split on blank glass) are not JSON: null.
+            "thresholds": {
+                k: (round(float(v), 6) if math.isfinite(v) else None)
+                for k, v in self.thresholds.items()
+            },
+        }
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _disk(radius_px: float) -> np.ndarray | None:
+    """A disk structuring element, or None when it would be under one pixel."""
+    r = round(radius_px)
+    if r < 1:
+        return None
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+
+
+def _morph(mask: np.ndarray, op: int, radius_px: float) -> np.ndarray:
+    kernel = _disk(radius_px)
+    if kernel is None or not mask.any():
+        return mask
+    # Pad so that closing does not glue objects to the border nor erode from it.
+    pad = kernel.shape[0]
+    padded = cv2.copyMakeBorder(mask.astype(np.uint8), pad, pad, pad, pad, cv2.BORDER_CONSTANT)
+    out = cv2.morphologyEx(padded, op, kernel)
+    return np.asarray(out[pad:-pad, pad:-pad], dtype=bool)
+
+
+def _remove_small(mask: np.ndarray, min_px: float) -> np.ndarray:
+    """Drop 8-connected objects of fewer than ``min_px`` pixels."""
+    if min_px <= 1 or not mask.any():
+        return mask
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        mask.astype(np.uint8), connectivity=8
+    )
+    keep = np.zeros(count, dtype=bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_px
+    return np.asarray(keep[labels], dtype=bool)
+
+
+def _fill_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
+    """Fill 4-connected background regions under ``max_px`` not touching the border."""
+    if max_px <= 0 or not mask.any():
+        return mask
+    _, labels, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8), connectivity=4)
+    h, w = mask.shape
+    x, y = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+    bw, bh = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
+    inner = (x > 0) & (y > 0) & (x + bw < w) & (y + bh < h)
+    fill = inner & (stats[:, cv2.CC_STAT_AREA] < max_px)
+    fill[0] = False  # label 0 is the tissue itself
+    return mask | fill[labels]
+
+
+def _smooth(image: np.ndarray, sigma_px: float) -> np.ndarray:
+    if sigma_px < 0.3:
+        return image
+    return np.asarray(cv2.GaussianBlur(image, (0, 0), sigma_px), dtype=np.float32)
+
+
+def estimate_glass(rgb: np.ndarray, params: TissueParams = TissueParams()) -> np.ndarray:
+    """The glass (background) colour: the median colour of the brightest histogram mode.
+
+    Args:
+        rgb: ``uint8`` RGB image, shape (height, width, 3).
+        params: Segmentation parameters (``glass_min_mode_fraction``, ``glass_min_grey``).
+
+    Returns:
+        Glass colour (R, G, B), 0-255 floats; white when no glass mode is found.
+    """
+    grey = rgb.astype(np.float32).mean(axis=2)
+    hist = np.bincount(np.clip(grey + 0.5, 0, 255).astype(np.int64).ravel(), minlength=256)
+    smooth = ndi.gaussian_filter1d(hist.astype(np.float64), 2.0)
+    least = params.glass_min_mode_fraction * grey.size
+    peaks = [
+        g
+        for g in range(int(params.glass_min_grey), 256)
+        if smooth[g] >= least
+        and smooth[g] >= smooth[max(g - 1, 0)]
+        and smooth[g] >= smooth[min(g + 1, 255)]
+    ]
+    if not peaks:
+        return np.full(3, 255.0)
+    mode = peaks[-1]
+    near = np.abs(grey - mode) <= 4
+    glass = np.median(rgb[near].astype(np.float64), axis=0)
+    return np.asarray(np.clip(glass, 1.0, 255.0), dtype=np.float64)
+
+
+def _otsu_threshold(values: np.ndarray, floor: float, min_contrast: float) -> float:
+    """Otsu's threshold raised to ``floor``; +inf when the classes barely differ."""
+    if values.size == 0 or float(values.max() - values.min()) < 1e-6:
+        return math.inf
+    t = float(threshold_otsu(values))
+    low, high = values[values <= t], values[values > t]
+    if high.size == 0 or low.size == 0 or float(high.mean() - low.mean()) < min_contrast:
+        return math.inf
+    return max(t, floor)
+
+
+def _hsv(balanced: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hue (degrees), saturation and value (0-1) of a float RGB image in 0-1."""
+    hsv = cv2.cvtColor(np.ascontiguousarray(balanced, dtype=np.float32), cv2.COLOR_RGB2HSV)
+    return hsv[..., 0], hsv[..., 1], hsv[..., 2]
+
+
+def _pen_masks(
+    hue: np.ndarray,
+    sat: np.ndarray,
+    val: np.ndarray,
+    balanced: np.ndarray,
+    px_area_um2: float,
+    px_um: float,
+    params: TissueParams,
+) -> dict[str, np.ndarray]:
+    r, g, b = balanced[..., 0], balanced[..., 1], balanced[..., 2]
+    green = (
+        (hue >= params.green_hue_deg[0])
+        & (hue <= params.green_hue_deg[1])
+        & (g > r)
+        & (sat >= params.pen_min_saturation)
+    )
+    blue = (
+        (hue >= params.blue_hue_deg[0])
+        & (hue <= params.blue_hue_deg[1])
+        & (b > r)
+        & (sat >= params.blue_min_saturation)
+    )
+    black = (val <= params.black_max_value) & (sat <= params.black_max_saturation)
+    raw = {
+        "green": _remove_small(green, params.pen_min_area_um2 / px_area_um2),
+        "blue": _remove_small(blue, params.pen_min_area_um2 / px_area_um2),
+        "black": _remove_small(black, params.black_min_area_um2 / px_area_um2),
+    }
+    return {
+        name: _morph(mask, cv2.MORPH_DILATE, params.pen_dilate_um / px_um)
+        for name, mask in raw.items()
+    }
+
+
+def _sharpness(grey: np.ndarray, sigma_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Local Laplacian energy over local variance, and the local standard deviation."""
+    lap = cv2.Laplacian(grey, cv2.CV_32F, ksize=3)
+    energy = _smooth(lap * lap, sigma_px)
+    mean = _smooth(grey, sigma_px)
+    var = np.maximum(_smooth(grey * grey, sigma_px) - mean * mean, 0.0)
+    return energy / (var + 1e-4), np.sqrt(var)
+
+
+def _blur_mask(
+    sharp_source: np.ndarray,
+    glass: np.ndarray,
+    tissue: np.ndarray,
+    px_um: float,
+    px_area_um2: float,
+    params: TissueParams,
+) -> tuple[np.ndarray, float]:
+    h, w = tissue.shape
+    scale = sharp_source.shape[1] / w  # source px per mask px
+    grey = (sharp_source.astype(np.float32) / glass.astype(np.float32)).mean(axis=2)
+    sharp, std = _sharpness(grey, params.blur_window_um / (px_um / scale))
+    if sharp.shape != tissue.shape:
+        sharp = cv2.resize(sharp, (w, h), interpolation=cv2.INTER_AREA)
+        std = cv2.resize(std, (w, h), interpolation=cv2.INTER_AREA)
+    judged = tissue & (std >= params.blur_min_std)
+    if not judged.any():
+        return np.zeros_like(tissue), math.nan
+    threshold = params.blur_fraction * float(np.median(sharp[judged]))
+    blur = judged & (_smooth(sharp, 1.0) < threshold)
+    blur = _morph(blur, cv2.MORPH_OPEN, params.open_um / px_um)
+    blur = _morph(blur, cv2.MORPH_CLOSE, params.close_um / px_um)
+    blur = _remove_small(blur, params.blur_min_area_um2 / px_area_um2) & tissue
+    return blur, threshold
+
+
+def _fold_mask(
+    od: np.ndarray,
+    sat: np.ndarray,
+    tissue: np.ndarray,
+    px_um: float,
+    px_area_um2: float,
+    params: TissueParams,
+) -> tuple[np.ndarray, float]:
+    if not tissue.any():
+        return np.zeros_like(tissue), math.nan
+    od_s = _smooth(od, params.fold_smooth_um / px_um)
+    values = od_s[tissue]
+    p50 = float(np.median(values))
+    mad = float(np.median(np.abs(values - p50)))
+    threshold = p50 + params.fold_k_mad * _MAD_TO_SIGMA * mad
+    sat_p50 = float(np.median(sat[tissue]))
+    fold = tissue & (od_s > threshold) & (sat > sat_p50)
+    fold = _morph(fold, cv2.MORPH_OPEN, params.open_um / px_um)
+    fold = _remove_small(fold, params.fold_min_area_um2 / px_area_um2) & tissue
+    return fold, threshold
+
+
+def _check_rgb(name: str, image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        raise InvalidInput(f"{name} must be a uint8 numpy array")
+    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 2:
+        raise InvalidInput(f"{name} must be RGB of shape (height, width, 3), got {image.shape}")
+
+
+# -------------------------------------------------------------------------------- API
+
+
+def segment_tissue(
+    rgb: np.ndarray,
+    downsample: float,
+    mpp0: float,
+    params: TissueParams = TissueParams(),
+    sharpness_rgb: np.ndarray | None = None,
+) -> TissueMasks:
+    """Tissue, pen, blur and fold masks of a low-resolution slide image.
+
+    Args:
+        rgb: ``uint8`` RGB image of the whole slide, shape (height, width, 3),
+            transparent areas already composited on white.
+        downsample: Level-0 px per image px.
+        mpp0: Level-0 resolution, µm/px.
+        params: Segmentation parameters (µm / µm²).
+        sharpness_rgb: Optional higher-resolution ``uint8`` RGB image of the same
+            area, used only to judge focus (its size sets its scale).
+
+    Returns:
+        The masks at the image's resolution (``mpp = mpp0 * downsample``) and the
+        thresholds used. No tissue gives empty masks, not an error.
+
+    Raises:
+        InvalidInput: Bad image, downsample or resolution.
+    """
+    _check_rgb("rgb", rgb)
+    if sharpness_rgb is not None:
+        _check_rgb("sharpness_rgb", sharpness_rgb)
+    for name, value in (("downsample", downsample), ("mpp0", mpp0)):
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise InvalidInput(f"{name} must be a positive number, got {value!r}")
+    px_um = float(mpp0) * float(downsample)
+    px_area_um2 = px_um * px_um
+
+    glass = estimate_glass(rgb, params)
+    image = rgb.astype(np.float32)
+    balanced = np.clip(image / glass.astype(np.float32), 0.0, 1.0)
+    od = (-np.log10(np.maximum(balanced, 1.0 / 255.0))).mean(axis=2).astype(np.float32)
+    sigma = params.smooth_um / px_um
+    od_s = _smooth(od, sigma)
+    balanced_s = np.clip(_smooth(balanced, sigma), 0.0, 1.0)
+    hue, sat_s, val_s = _hsv(balanced_s)
+
+    pen = _pen_masks(hue, sat_s, val_s, balanced_s, px_area_um2, px_um, params)
+    pen_any = np.zeros(od.shape, dtype=bool)
+    for mask in pen.values():
+        pen_any |= mask
+    # Ink is far darker and more saturated than tissue: left in, it would pull Otsu's
+    # threshold between tissue and ink instead of between glass and tissue.
+    sample = ~pen_any if (~pen_any).any() else np.ones_like(pen_any)
+    t_od = _otsu_threshold(od_s[sample], params.min_od, params.min_od_contrast)
+    t_sat = _otsu_threshold(sat_s[sample], params.min_saturation, params.min_saturation_contrast)
+    core = ((od_s > t_od) | (sat_s > t_sat)) & sample
+    # Hysteresis: faint tissue (fat, thin smears) counts where it touches the core.
+    # On a lightly smoothed image: the full smoothing would smear the rim of strong
+    # tissue outwards past the faint threshold and grow the mask by a kernel width.
+    _, sat_fine, _ = _hsv(np.clip(_smooth(balanced, sigma / 4), 0.0, 1.0))
+    faint = (sat_fine > params.faint_saturation) | core
+    count, labels = cv2.connectedComponents(faint.astype(np.uint8), connectivity=8)
+    seeded = np.zeros(count, dtype=bool)
+    seeded[np.unique(labels[core])] = True
+    seeded[0] = False
+    raw = seeded[labels]
+
+    tissue = raw & ~pen_any
+    tissue = _morph(tissue, cv2.MORPH_CLOSE, params.close_um / px_um)
+    tissue = _morph(tissue, cv2.MORPH_OPEN, params.open_um / px_um)
+    tissue = _remove_small(tissue & ~pen_any, params.min_object_um2 / px_area_um2)
+    tissue = _fill_holes(tissue, params.max_hole_um2 / px_area_um2) & ~pen_any
+    # Pen often cuts tissue into slivers along its edges; drop those again.
+    tissue = _remove_small(tissue, params.min_object_um2 / px_area_um2)
+
+    source = sharpness_rgb if sharpness_rgb is not None else rgb
+    blur, t_blur = _blur_mask(source, glass, tissue, px_um, px_area_um2, params)
+    fold, t_fold = _fold_mask(od, sat_s, tissue, px_um, px_area_um2, params)
+    usable = tissue & ~pen_any & ~blur & ~fold
+    thresholds = {
+        "glass_r": float(glass[0]),
+        "glass_g": float(glass[1]),
+        "glass_b": float(glass[2]),
+        "od": t_od,
+        "saturation": t_sat,
+        "blur_sharpness": t_blur,
+        "fold_od": t_fold,
+    }
+    return TissueMasks(
+        tissue=tissue,
+        pen=pen,
+        blur=blur,
+        fold=fold,
+        usable=usable,
+        downsample=float(downsample),
+        mpp=px_um,
+        thresholds=thresholds,
+    )
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _mask_files(masks_pen: dict[str, Any]) -> dict[str, str]:
+    files = {"tissue": "tissue.png", "blur": "blur.png", "fold": "fold.png"}
+    files.update({f"pen_{name}": f"pen_{name}.png" for name in masks_pen})
+    return files
+
+
+def save_masks(masks: TissueMasks, folder: str | Path) -> Path:
+    """Write the masks as PNGs (255 = set) and ``tissue.json`` last, atomically.
+
+    Args:
+        masks: The masks to save.
+        folder: Output folder (created).
+
+    Returns:
+        Path of ``tissue.json``.
+    """
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    images = {"tissue": masks.tissue, "blur": masks.blur, "fold": masks.fold}
+    images.update({f"pen_{name}": mask for name, mask in masks.pen.items()})
+    files = _mask_files(masks.pen)
+    for key, name in files.items():
+        ok, encoded = cv2.imencode(".png", np.where(images[key], 255, 0).astype(np.uint8))
+        if not ok:
+            raise RuntimeError(f"cannot encode {name}")
+        _write_atomic(out / name, encoded.tobytes())
+    meta = {"format_version": _FORMAT_VERSION, "files": files, **masks.summary()}
+    path = out / MASKS_JSON
+    _write_atomic(path, json.dumps(meta, indent=1, sort_keys=True).encode())
+    return path
+
+
+def load_masks(folder: str | Path) -> TissueMasks:
+    """Read masks written by :func:`save_masks`.
+
+    Args:
+        folder: Folder holding ``tissue.json`` and the PNGs.
+
+    Returns:
+        The masks, with ``usable`` recomputed.
+
+    Raises:
+        NotFound: ``tissue.json`` or a mask file is missing.
+        InvalidInput: The files are malformed or their sizes disagree.
+    """
+    root = Path(folder)
+    path = root / MASKS_JSON
+    if not path.is_file():
+        raise NotFound(f"no {MASKS_JSON} in {root}")
+    try:
+        meta = json.loads(path.read_text())
+        files: dict[str, str] = meta["files"]
+        size = tuple(meta["size_px"])
+        downsample, mpp = float(meta["downsample"]), float(meta["mpp"])
+        thresholds = {
+            k: (math.nan if v is None else float(v)) for k, v in meta["thresholds"].items()
+        }
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidInput(f"{path} is not a tissue mask file: {exc}") from None
+    loaded: dict[str, np.ndarray] = {}
+    for key, name in files.items():
+        file = root / name
+        if not file.is_file():
+            raise NotFound(f"mask {name} listed in {path} is missing")
+        image = cv2.imread(str(file), cv2.IMREAD_GRAYSCALE)
+        if image is None or (image.shape[1], image.shape[0]) != size:
+            raise InvalidInput(f"{file} is unreadable or not of size {size}")
+        loaded[key] = image > 127
+    pen = {name: loaded[f"pen_{name}"] for name in PEN_COLOURS if f"pen_{name}" in loaded}
+    tissue, blur, fold = loaded["tissue"], loaded["blur"], loaded["fold"]
+    pen_any = np.zeros(tissue.shape, dtype=bool)
+    for mask in pen.values():
+        pen_any |= mask
+    return TissueMasks(
+        tissue=tissue,
+        pen=pen,
+        blur=blur,
+        fold=fold,
+        usable=tissue & ~pen_any & ~blur & ~fold,
+        downsample=downsample,
+        mpp=mpp,
+        thresholds=thresholds,
+    )
