@@ -82,6 +82,12 @@ def _synth(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _tile(args: argparse.Namespace) -> dict[str, Any]:
+    from services.tiling.cli_tile import run_tile
+
+    return run_tile(args)
+
+
 def _normalize(args: argparse.Namespace) -> dict[str, Any]:
     from services.tiling.images import read_image, write_png
     from services.tiling.stain import normalize_image
@@ -144,7 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     tile.add_argument("slide", metavar="SLIDE", help="whole-slide image file")
     tile.add_argument("out", metavar="OUT", help="output folder")
     tile.add_argument("--mpp", type=float, help="microns per pixel, if the slide lacks it")
-    tile.set_defaults(handler=_planned("histomarker tile", 5))
+    tile.add_argument("--magnification", type=float, default=20.0, help="patch magnification")
+    tile.add_argument("--patch-size", type=int, default=512, help="patch side, px")
+    tile.add_argument("--min-tissue", type=float, default=0.5, help="least tissue share")
+    tile.add_argument("--overlap", type=int, default=0, help="patch overlap, px")
+    tile.add_argument(
+        "--reference",
+        default="none",
+        metavar="NAME|IMAGE|none",
+        help="stain reference: a stored name, an image file, or none (no normalization)",
+    )
+    tile.add_argument("--method", default="vahadane", choices=["vahadane", "macenko", "reinhard"])
+    tile.add_argument("--format", default="jpeg", choices=["jpeg", "png"], dest="image_format")
+    tile.set_defaults(handler=_tile)
 
     normalize = sub.add_parser("normalize", help="Vahadane stain normalization of an image")
     normalize.add_argument("image", metavar="IMAGE")

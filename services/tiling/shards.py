@@ -90,7 +90,8 @@ class ShardWriter:
         return "jpg" if self.image_format == "jpeg" else "png"
 
     def _shard_key(self) -> str:
-        return f"{self.prefix}/shards/{self.name}-{self._index:05d}.tar"
+        name = f"shards/{self.name}-{self._index:05d}.tar"
+        return f"{self.prefix}/{name}" if self.prefix else name
 
     def add(self, rgb: np.ndarray, **meta: Any) -> dict[str, Any]:
         """Add one patch; ``meta`` must hold its level-0 ``x`` and ``y``.
