@@ -4,9 +4,11 @@
   ``x-request-id`` metadata or a new one) and tags the call's log lines with it.
 - ``AuthInterceptor``: requires ``authorization: Bearer <token>``; health checks are
   exempt so that orchestrators can probe without the secret.
-- ``ErrorMappingInterceptor``: turns the typed exceptions of ``services.common.errors``
-  into gRPC status codes with their readable message; anything else becomes INTERNAL
-  with the traceback logged on the server and only the request id sent to the client.
+- ``ErrorMappingInterceptor``: refuses unparsable requests and bad object references
+  (INVALID_ARGUMENT) before the RPC runs, and turns the typed exceptions of
+  ``services.common.errors`` into gRPC status codes with their readable message;
+  anything else becomes INTERNAL with the traceback logged on the server and only the
+  request id sent to the client.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from services.common.errors import HistomarkerError, InvalidInput
 from services.common.logs import current_request_id, log_context
+from services.common.refs import validate_refs
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +222,14 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 
 def _refuse_malformed(request: Any) -> Any:
-    """Raise InvalidInput for a malformed request; pass streams through checked."""
+    """Raise InvalidInput for a malformed request or a bad object reference in it;
+    pass streams through, checked item by item."""
     if isinstance(request, _Malformed):
         raise InvalidInput(f"malformed request message ({request.reason})")
     if isinstance(request, Iterator):
         return _checked_stream(request)
+    if isinstance(request, Message):
+        validate_refs(request)
     return request
 
 
@@ -230,6 +237,8 @@ def _checked_stream(requests: Iterator[Any]) -> Iterator[Any]:
     for item in requests:
         if isinstance(item, _Malformed):
             raise InvalidInput(f"malformed request message in the stream ({item.reason})")
+        if isinstance(item, Message):
+            validate_refs(item)
         yield item
 
 

@@ -132,6 +132,12 @@ def _sample_for_stains(reader: SlideReader, grid: pd.DataFrame, params: TilePara
     return np.concatenate([patch.reshape(-1, 3) for patch in patches])
 
 
+def tiling_digest(params: TileParams, reference: StainMatrix | LabStats | None) -> str:
+    """The hash naming a tiling result: parameters, reference stains and version."""
+    reference_id = None if reference is None else reference.to_json()
+    return params_hash(params, {"reference": reference_id, "version": PIPELINE_VERSION})
+
+
 def tile_slide(
     reader: SlideReader,
     slide_id: str,
@@ -160,8 +166,7 @@ def tile_slide(
     """
     budget = budget or WorkBudget.unlimited()
     started = time.perf_counter()
-    reference_id = None if reference is None else reference.to_json()
-    digest = params_hash(params, {"reference": reference_id, "version": PIPELINE_VERSION})
+    digest = tiling_digest(params, reference)
     found = _existing(store, prefix, digest)
     if found is not None:
         return found

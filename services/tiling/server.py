@@ -1,19 +1,45 @@
 """gRPC adapter of the TilingService: `histomarker serve tiling`.
 
-The service's logic lives beside this file without any gRPC import; this module
-only binds it to `histomarker.v1.TilingService`. RPCs that have not landed yet
-answer UNIMPLEMENTED naming issue #5, after the request's object references
-are checked.
+The logic lives beside this file without any gRPC import (reader, tissue, grid,
+stain, pipeline); this module converts messages and binds it to
+``histomarker.v1.TilingService``. RPCs not built yet answer UNIMPLEMENTED naming
+issue #5, after the request's object references are checked.
 """
 
 from __future__ import annotations
 
+import queue
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import grpc
+import numpy as np
+
+from services.common.cancellation import WorkBudget
+from services.common.errors import InvalidInput
 from services.common.grpc_server import HistomarkerServer, ServiceBinding, create_server, serve
+from services.common.objectstore import ObjectStore, open_store
 from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
-from services.common.stubs.histomarker.v1 import tiling_pb2, tiling_pb2_grpc
+from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2, tiling_pb2_grpc
+from services.tiling.grid import GridParams
+from services.tiling.pipeline import TileParams, TileResult, tile_slide, tiling_digest
+from services.tiling.reader import open_slide
+from services.tiling.slides import SlideCache, slide_id_for
+from services.tiling.stain import StainMatrix, get_normalizer
 
 SERVICE_NAME = "histomarker.v1.TilingService"
+#: Images one NormalizePatches call may carry, and their largest side, px.
+MAX_IMAGES = 256
+MAX_IMAGE_SIDE_PX = 4096
+_METHODS = {
+    tiling_pb2.STAIN_METHOD_VAHADANE: "vahadane",
+    tiling_pb2.STAIN_METHOD_MACENKO: "macenko",
+}
 
 
 class TilingSettings(ServiceSettings):
@@ -21,32 +47,323 @@ class TilingSettings(ServiceSettings):
 
     service_name: str = "tiling"
     port: int = DEFAULT_PORTS["tiling"]
+    #: The bucket this service serves (refs naming another bucket are refused).
+    bucket: str = "histomarker"
+    #: Local folder for downloaded slides; a temporary folder when unset.
+    slide_cache_dir: Path | None = None
+
+
+def _store_of(settings: TilingSettings) -> ObjectStore:
+    access = settings.s3_access_key.get_secret_value() if settings.s3_access_key else None
+    secret = settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None
+    return open_store(
+        settings.store_url, access_key=access, secret_key=secret, secure=settings.s3_secure
+    )
+
+
+def stain_to_proto(matrix: StainMatrix) -> tiling_pb2.StainMatrix:
+    """Our stain matrix as a message."""
+    method: Any = {v: k for k, v in _METHODS.items()}.get(matrix.method, 0)
+    return tiling_pb2.StainMatrix(
+        hematoxylin=[float(v) for v in matrix.matrix[0]],
+        eosin=[float(v) for v in matrix.matrix[1]],
+        max_concentrations=[float(v) for v in matrix.max_concentrations],
+        method=method,
+    )
+
+
+def stain_from_proto(message: tiling_pb2.StainMatrix, what: str) -> StainMatrix:
+    """A stain matrix message as ours (InvalidInput naming ``what`` if malformed)."""
+    if len(message.hematoxylin) != 3 or len(message.eosin) != 3:
+        raise InvalidInput(f"{what}: hematoxylin and eosin need 3 values each (R, G, B)")
+    if len(message.max_concentrations) != 2:
+        raise InvalidInput(f"{what}: max_concentrations needs 2 values (H, E)")
+    return StainMatrix(
+        np.array([list(message.hematoxylin), list(message.eosin)], np.float32),
+        np.array(list(message.max_concentrations), np.float32),
+        method=_METHODS.get(message.method, "vahadane"),
+    )
+
+
+def _decode_image(image: common_pb2.Image, index: int) -> np.ndarray:
+    data = np.frombuffer(image.data, np.uint8)
+    if data.size == 0:
+        raise InvalidInput(f"images[{index}] is empty")
+    header = cv2.imdecode(data, cv2.IMREAD_REDUCED_COLOR_8)
+    if header is None:
+        raise InvalidInput(f"images[{index}] is not a PNG, JPEG or TIFF image")
+    if max(header.shape[:2]) * 8 > MAX_IMAGE_SIDE_PX + 8:
+        raise InvalidInput(f"images[{index}] is larger than {MAX_IMAGE_SIDE_PX} px a side")
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise InvalidInput(f"images[{index}] cannot be decoded")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _encode_image(rgb: np.ndarray, image_format: Any) -> common_pb2.Image:
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    if image_format == common_pb2.IMAGE_FORMAT_JPEG:
+        ok, data = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    else:
+        image_format = common_pb2.IMAGE_FORMAT_PNG
+        ok, data = cv2.imencode(".png", bgr)
+    if not ok:
+        raise InvalidInput("cannot encode the normalized image")
+    return common_pb2.Image(data=data.tobytes(), format=image_format)
 
 
 class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
-    """Implements ``histomarker.v1.TilingService``."""
+    """Implements ``histomarker.v1.TilingService`` over one object store."""
+
+    def __init__(self, settings: TilingSettings) -> None:
+        self.settings = settings
+        self.store = _store_of(settings)
+        cache = settings.slide_cache_dir or Path(tempfile.mkdtemp(prefix="histomarker-slides-"))
+        self.slides = SlideCache(self.store, cache)
+
+    # -- helpers ---------------------------------------------------------------------
+    def _key(self, ref: common_pb2.ObjectRef, what: str) -> str:
+        if ref.bucket and ref.bucket != self.settings.bucket:
+            raise InvalidInput(
+                f"{what}: bucket {ref.bucket!r} is not served here (this service serves "
+                f"{self.settings.bucket!r})"
+            )
+        if not ref.key:
+            raise InvalidInput(f"{what}: an object key is required")
+        return ref.key
+
+    def _ref(self, key: str) -> common_pb2.ObjectRef:
+        return common_pb2.ObjectRef(bucket=self.settings.bucket, key=key)
+
+    def _slide(self, slide: common_pb2.SlideRef) -> tuple[str, Path]:
+        if not slide.HasField("object"):
+            raise InvalidInput("slide: the slide's object reference is required")
+        key = self._key(slide.object, "slide.object")
+        return slide_id_for(slide.slide_id, key), self.slides.local_path(key)
+
+    def _tile_params(self, message: tiling_pb2.TilingParams) -> tuple[TileParams, Any]:
+        which = message.WhichOneof("resolution")
+        magnification = 20.0
+        if which == "magnification":
+            magnification = message.magnification
+        elif which == "mpp":
+            if message.mpp <= 0:
+                raise InvalidInput("params.mpp must be positive")
+            magnification = 10.0 / message.mpp
+        grid = GridParams(
+            magnification=magnification,
+            patch_px=message.patch_size_px or 512,
+            min_tissue=message.min_tissue_fraction
+            if message.HasField("min_tissue_fraction")
+            else 0.5,
+            overlap_px=message.overlap_px,
+        )
+        method = _METHODS.get(message.stain_method, "vahadane")
+        reference = None
+        if message.stain_method != tiling_pb2.STAIN_METHOD_NONE and message.HasField(
+            "stain_reference"
+        ):
+            key = self._key(message.stain_reference, "params.stain_reference")
+            reference = StainMatrix.from_json(self.store.get_bytes(key).decode())
+        return TileParams(grid=grid, stain_method=method), reference
+
+    def _result(self, result: TileResult, params: TileParams, prefix: str) -> Any:
+        def key(name: str) -> str:
+            return f"{prefix}/{name}"
+
+        tissue = tiling_pb2.TissueMask(
+            mask=self._ref(key("tissue.png")),
+            info=self._ref(key("tissue.json")),
+            mpp=result.mpp,
+            width=result.dimensions[0],
+            height=result.dimensions[1],
+        )
+        message = tiling_pb2.TilingResult(
+            slide_id=result.slide_id,
+            params_hash=result.params_hash,
+            tissue=tissue,
+            grid=self._ref(key("grid.parquet")),
+            shards=[self._ref(shard) for shard in result.shards],
+            patch_count=result.patch_count,
+            patch_resolution=common_pb2.Resolution(
+                mpp_x=params.grid.target_mpp,
+                mpp_y=params.grid.target_mpp,
+                magnification=params.grid.magnification,
+            ),
+            patch_size_px=params.grid.patch_px,
+            reused=result.reused,
+        )
+        if self.store.exists(key("stain.json")):
+            message.stain.CopyFrom(self._ref(key("stain.json")))
+        return message
+
+    def _run_tiling(self, request: Any, context: grpc.ServicerContext, progress: Any = None) -> Any:
+        slide_id, path = self._slide(request.slide)
+        params, reference = self._tile_params(request.params)
+        prefix = f"tiles/{slide_id}/{tiling_digest(params, reference)}"
+        if request.force and self.store.exists(f"{prefix}/tile.json"):
+            self.store.delete(f"{prefix}/tile.json")
+        budget = WorkBudget(context.time_remaining(), lambda: not context.is_active())
+        with open_slide(path) as reader:
+            result = tile_slide(
+                reader,
+                slide_id,
+                self.store,
+                prefix,
+                params,
+                reference,
+                progress=progress,
+                budget=budget,
+            )
+        return self._result(result, params, prefix)
+
+    # -- RPCs ------------------------------------------------------------------------
+    def GetSlideInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
+        slide_id, path = self._slide(request.slide)
+        if not 0 <= request.thumbnail_max_px <= 2048:
+            raise InvalidInput("thumbnail_max_px must be within 0-2048")
+        with open_slide(path) as reader:
+            mpp_x, mpp_y = reader.mpp
+            power = 10.0 / mpp_x
+            levels = [
+                tiling_pb2.SlideLevel(
+                    index=i,
+                    width=w,
+                    height=h,
+                    downsample=float(reader.level_downsamples[i]),
+                    resolution=common_pb2.Resolution(
+                        mpp_x=mpp_x * reader.level_downsamples[i],
+                        mpp_y=mpp_y * reader.level_downsamples[i],
+                        magnification=power / reader.level_downsamples[i],
+                    ),
+                )
+                for i, (w, h) in enumerate(reader.level_dimensions)
+            ]
+            response = tiling_pb2.GetSlideInfoResponse(
+                slide_id=slide_id,
+                width=reader.dimensions[0],
+                height=reader.dimensions[1],
+                resolution=common_pb2.Resolution(mpp_x=mpp_x, mpp_y=mpp_y, magnification=power),
+                levels=levels,
+                vendor=reader.vendor or "",
+                reader=tiling_pb2.SLIDE_READER_TIFFFILE
+                if reader.backend == "tifffile"
+                else tiling_pb2.SLIDE_READER_OPENSLIDE,
+                has_native_40x=mpp_x <= 0.25 * 1.05,
+                object=request.slide.object,
+            )
+            if request.thumbnail_max_px:
+                limit = request.thumbnail_max_px
+                level = reader.level_count - 1
+                for i, (w, h) in enumerate(reader.level_dimensions):
+                    if max(w, h) <= 4 * limit:
+                        level = i
+                        break
+                image = reader.read_level(level)
+                scale = limit / max(image.shape[:2])
+                if scale < 1:
+                    size = (
+                        max(1, round(image.shape[1] * scale)),
+                        max(1, round(image.shape[0] * scale)),
+                    )
+                    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+                response.thumbnail.CopyFrom(_encode_image(image, common_pb2.IMAGE_FORMAT_PNG))
+        return response
+
+    def TileSlide(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return tiling_pb2.TileSlideResponse(result=self._run_tiling(request, context))
+
+    def TileSlideStream(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        events: queue.Queue[Any] = queue.Queue()
+        outcome: dict[str, Any] = {}
+
+        def progress(done: int, total: int) -> None:
+            events.put((done, total))
+
+        def work() -> None:
+            try:
+                outcome["result"] = self._run_tiling(request, context, progress)
+            except BaseException as exc:  # handed to the RPC thread below
+                outcome["error"] = exc
+            finally:
+                events.put(None)
+
+        worker = threading.Thread(target=work, name="tile-slide", daemon=True)
+        worker.start()
+        last = -1.0
+        while True:
+            event = events.get()
+            if event is None:
+                break
+            done, total = event
+            fraction = done / max(total, 1)
+            if fraction - last >= 0.01 or done == total:
+                last = fraction
+                yield tiling_pb2.TileSlideStreamResponse(
+                    progress=common_pb2.Progress(
+                        stage="patches", done=done, total=total, fraction=fraction
+                    )
+                )
+        worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        yield tiling_pb2.TileSlideStreamResponse(result=outcome["result"])
+
+    def NormalizePatches(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if not request.images:
+            raise InvalidInput("images: at least one image is required")
+        if len(request.images) > MAX_IMAGES:
+            raise InvalidInput(f"images: at most {MAX_IMAGES} per call")
+        which = request.WhichOneof("reference")
+        if which == "reference_object":
+            key = self._key(request.reference_object, "reference_object")
+            target = StainMatrix.from_json(self.store.get_bytes(key).decode())
+        elif which == "reference_matrix":
+            target = stain_from_proto(request.reference_matrix, "reference_matrix")
+        else:
+            raise InvalidInput("a reference (reference_object or reference_matrix) is required")
+        method = _METHODS.get(request.method, target.method)
+        normalizer = get_normalizer(method)
+        normalizer.load_target(target)  # type: ignore[arg-type]
+        source = None
+        if request.HasField("source_matrix"):
+            source = stain_from_proto(request.source_matrix, "source_matrix")
+        images = [_decode_image(image, i) for i, image in enumerate(request.images)]
+        response = tiling_pb2.NormalizePatchesResponse(reference=stain_to_proto(target))
+        for rgb in images:
+            patch_source = source
+            if patch_source is None:
+                try:
+                    patch_source = normalizer.stain_matrix_of(rgb)  # type: ignore[assignment]
+                    response.source_matrices.append(stain_to_proto(patch_source))  # type: ignore[arg-type]
+                except InvalidInput:
+                    response.source_matrices.append(tiling_pb2.StainMatrix())
+            normalized = normalizer.transform(rgb, patch_source)  # type: ignore[arg-type]
+            response.images.append(_encode_image(normalized, request.output_format))
+        return response
 
 
 complete_servicer(TilingServicer, tiling_pb2.DESCRIPTOR.services_by_name["TilingService"], 5)
 
 
-def bindings() -> list[ServiceBinding]:
+def bindings(settings: TilingSettings | None = None) -> list[ServiceBinding]:
     """The service this process hosts."""
+    servicer = TilingServicer(settings or TilingSettings())
     return [
-        ServiceBinding(
-            SERVICE_NAME, TilingServicer(), tiling_pb2_grpc.add_TilingServiceServicer_to_server
-        )
+        ServiceBinding(SERVICE_NAME, servicer, tiling_pb2_grpc.add_TilingServiceServicer_to_server)
     ]
 
 
 def create(settings: ServiceSettings | None = None) -> tuple[HistomarkerServer, int]:
     """Build the server (bound, not started) and return it with its port."""
-    return create_server(settings or TilingSettings(), bindings())
+    tiling = TilingSettings(**settings.model_dump()) if settings is not None else TilingSettings()
+    return create_server(tiling, bindings(tiling))
 
 
 def main() -> None:
     """Serve until SIGTERM/SIGINT."""
-    serve(TilingSettings(), bindings())
+    settings = TilingSettings()
+    serve(settings, bindings(settings))
 
 
 if __name__ == "__main__":

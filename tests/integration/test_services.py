@@ -46,9 +46,12 @@ def _server_module(name: str) -> ModuleType:
 
 
 @pytest.fixture(params=SERVICES)
-def running(request: pytest.FixtureRequest) -> Iterator[tuple[ModuleType, grpc.Channel]]:
+def running(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[ModuleType, grpc.Channel]]:
     module = _server_module(request.param)
-    server, port = module.create(ServiceSettings(service_name=request.param, port=0))
+    settings = ServiceSettings(service_name=request.param, port=0, store_url=tmp_path.as_uri())
+    server, port = module.create(settings)
     server.start()
     channel = open_channel(f"127.0.0.1:{port}")
     try:
@@ -93,8 +96,9 @@ def _slide_info(stub: tiling_pb2_grpc.TilingServiceStub, key: str) -> grpc.RpcEr
     return info.value
 
 
-def test_bad_request_is_invalid_argument_and_server_keeps_serving() -> None:
-    server, port = _server_module("tiling").create(ServiceSettings(port=0))
+def test_bad_request_is_invalid_argument_and_server_keeps_serving(tmp_path: Path) -> None:
+    settings = ServiceSettings(port=0, store_url=tmp_path.as_uri())
+    server, port = _server_module("tiling").create(settings)
     server.start()
     channel = open_channel(f"127.0.0.1:{port}")
     try:
@@ -109,13 +113,17 @@ def test_bad_request_is_invalid_argument_and_server_keeps_serving() -> None:
             details = error.details()
             assert details.startswith("slide.object:"), details
             assert reason in details, details
-        # Still serving: health is fine and a well-formed request reaches the RPC,
-        # which says plainly that it is not built yet.
+        # Still serving: health is fine and a well-formed request reaches the RPC.
         health = health_pb2_grpc.HealthStub(channel)
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
         error = _slide_info(stub, "slides/s1.svs")
-        assert error.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "issue #5" in error.details()
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        assert "slides/s1.svs" in error.details()
+        # An RPC that has not landed yet says so plainly.
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ExtractPatches40x(tiling_pb2.ExtractPatches40xRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "issue #5" in info.value.details()
     finally:
         channel.close()
         server.stop(0).wait()
