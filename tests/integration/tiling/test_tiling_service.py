@@ -1,0 +1,122 @@
+"""TilingService over real gRPC on 127.0.0.1, with slides in a real object store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+
+from services.common.grpc_client import open_channel
+from services.common.objectstore import open_store
+from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2, tiling_pb2_grpc
+from services.synth.cohort import generate_cohort
+from services.tiling.reader import open_slide
+from services.tiling.server import TilingSettings, create, stain_to_proto
+from services.tiling.stain import get_normalizer
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, Path, Path]]:
+    root = tmp_path_factory.mktemp("tiling")
+    generate_cohort(root / "cohort", n_slides=1, seed=2, preset="tiny", truth_crops=0)
+    slide = next((root / "cohort" / "slides").glob("*.tiff"))
+    store = open_store((root / "store").as_uri())
+    store.put_file(f"slides/{slide.name}", slide)
+    settings = TilingSettings(
+        port=0, store_url=(root / "store").as_uri(), slide_cache_dir=root / "cache"
+    )
+    server, port = create(settings)
+    server.start()
+    channel = open_channel(f"127.0.0.1:{port}")
+    try:
+        yield tiling_pb2_grpc.TilingServiceStub(channel), slide, root / "store"
+    finally:
+        channel.close()
+        server.stop(0).wait()
+
+
+def _slide_ref(name: str) -> common_pb2.SlideRef:
+    return common_pb2.SlideRef(object=common_pb2.ObjectRef(key=f"slides/{name}"))
+
+
+def test_slide_info_with_thumbnail(stack) -> None:
+    stub, slide, _ = stack
+    info = stub.GetSlideInfo(
+        tiling_pb2.GetSlideInfoRequest(slide=_slide_ref(slide.name), thumbnail_max_px=256),
+        timeout=30,
+    )
+    assert (info.width, info.height) == (4096, 3072)
+    assert info.resolution.mpp_x == pytest.approx(0.25)
+    assert info.resolution.magnification == pytest.approx(40)
+    assert len(info.levels) >= 4 and info.has_native_40x
+    assert info.slide_id == slide.name.split(".")[0]
+    thumb = cv2.imdecode(np.frombuffer(info.thumbnail.data, np.uint8), cv2.IMREAD_COLOR)
+    assert max(thumb.shape[:2]) == 256
+
+
+def test_tile_slide_stream_reports_progress_then_result(stack) -> None:
+    stub, slide, store_dir = stack
+    request = tiling_pb2.TileSlideStreamRequest(
+        slide=_slide_ref(slide.name), params=tiling_pb2.TilingParams(magnification=20)
+    )
+    events = list(stub.TileSlideStream(request, timeout=120))
+    progress = [e.progress for e in events if e.HasField("progress")]
+    results = [e.result for e in events if e.HasField("result")]
+    assert len(results) == 1 and events[-1].HasField("result")
+    result = results[0]
+    assert result.patch_count > 0 and progress[-1].done == progress[-1].total == result.patch_count
+    store = open_store(store_dir.as_uri())
+    assert store.exists(result.grid.key) and result.grid.key.startswith("tiles/")
+    assert all(store.exists(shard.key) for shard in result.shards)
+    again = stub.TileSlide(
+        tiling_pb2.TileSlideRequest(slide=request.slide, params=request.params), timeout=60
+    )
+    assert again.result.reused and again.result.params_hash == result.params_hash
+
+
+def test_normalize_patches(stack) -> None:
+    stub, slide, _ = stack
+    with open_slide(slide) as reader:
+        patch = reader.read_region(1024, 1024, 1, 256, 256)
+        reference = reader.read_region(0, 1024, 1, 512, 512)
+    target = get_normalizer("macenko").fit(reference).target
+    ok, png = cv2.imencode(".png", cv2.cvtColor(patch, cv2.COLOR_RGB2BGR))
+    request = tiling_pb2.NormalizePatchesRequest(
+        images=[common_pb2.Image(data=png.tobytes(), format=common_pb2.IMAGE_FORMAT_PNG)] * 2,
+        method=tiling_pb2.STAIN_METHOD_MACENKO,
+        reference_matrix=stain_to_proto(target),
+    )
+    response = stub.NormalizePatches(request, timeout=30)
+    assert len(response.images) == 2 and len(response.source_matrices) == 2
+    out = cv2.imdecode(np.frombuffer(response.images[0].data, np.uint8), cv2.IMREAD_COLOR)
+    assert out.shape == (256, 256, 3)
+    bad = tiling_pb2.NormalizePatchesRequest(
+        images=[common_pb2.Image(data=b"not an image")], reference_matrix=request.reference_matrix
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.NormalizePatches(bad, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "images[0]" in info.value.details()
+
+
+def test_bad_slides_are_refused_and_the_service_stays_up(stack) -> None:
+    stub, slide, store_dir = stack
+    store = open_store(store_dir.as_uri())
+    store.put_bytes("slides/garbage.svs", b"\x00" * 1000)
+    for key, code in (
+        ("slides/garbage.svs", grpc.StatusCode.INVALID_ARGUMENT),
+        ("slides/missing.svs", grpc.StatusCode.NOT_FOUND),
+    ):
+        request = tiling_pb2.TileSlideRequest(
+            slide=common_pb2.SlideRef(object=common_pb2.ObjectRef(key=key))
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            stub.TileSlide(request, timeout=30)
+        assert info.value.code() == code, info.value.details()
+    assert not any(i.key.startswith("tiles/garbage") for i in store.list("tiles/"))
+    info = stub.GetSlideInfo(tiling_pb2.GetSlideInfoRequest(slide=_slide_ref(slide.name)))
+    assert info.width == 4096
