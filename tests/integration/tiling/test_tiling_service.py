@@ -84,7 +84,7 @@ def test_normalize_patches(stack) -> None:
         patch = reader.read_region(1024, 1024, 1, 256, 256)
         reference = reader.read_region(0, 1024, 1, 512, 512)
     target = get_normalizer("macenko").fit(reference).target
-    ok, png = cv2.imencode(".png", cv2.cvtColor(patch, cv2.COLOR_RGB2BGR))
+    _, png = cv2.imencode(".png", cv2.cvtColor(patch, cv2.COLOR_RGB2BGR))
     request = tiling_pb2.NormalizePatchesRequest(
         images=[common_pb2.Image(data=png.tobytes(), format=common_pb2.IMAGE_FORMAT_PNG)] * 2,
         method=tiling_pb2.STAIN_METHOD_MACENKO,
