@@ -309,6 +309,34 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
             raise outcome["error"]
         yield tiling_pb2.TileSlideStreamResponse(result=outcome["result"])
 
+    def FitStainReference(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if not request.images:
+            raise InvalidInput("images: at least one reference image is required")
+        if len(request.images) > MAX_IMAGES:
+            raise InvalidInput(f"images: at most {MAX_IMAGES} per call")
+        method = _METHODS.get(request.method, "vahadane")
+        pixels = np.concatenate(
+            [_decode_image(image, i).reshape(-1, 3) for i, image in enumerate(request.images)]
+        )
+        normalizer = get_normalizer(method)
+        name = request.output.key.split("/")[-2] if request.output.key.count("/") >= 2 else ""
+        target = normalizer.stain_matrix_of(pixels, name=name)
+        response = tiling_pb2.FitStainReferenceResponse(reference=stain_to_proto(target))  # type: ignore[arg-type]
+        if request.HasField("output"):
+            key = self._key(request.output, "output")
+            info = self.store.put_bytes(
+                key, target.to_json().encode(), content_type="application/json"
+            )
+            response.stored.CopyFrom(
+                common_pb2.ObjectRef(
+                    bucket=self.settings.bucket,
+                    key=key,
+                    sha256=info.sha256 or "",
+                    size_bytes=info.size_bytes,
+                )
+            )
+        return response
+
     def NormalizePatches(self, request: Any, context: grpc.ServicerContext) -> Any:
         if not request.images:
             raise InvalidInput("images: at least one image is required")

@@ -120,3 +120,38 @@ def test_bad_slides_are_refused_and_the_service_stays_up(stack) -> None:
     assert not any(i.key.startswith("tiles/garbage") for i in store.list("tiles/"))
     info = stub.GetSlideInfo(tiling_pb2.GetSlideInfoRequest(slide=_slide_ref(slide.name)))
     assert info.width == 4096
+
+
+def test_fit_a_stored_reference_then_tile_with_it(stack) -> None:
+    stub, slide, store_dir = stack
+    with open_slide(slide) as reader:
+        reference = reader.read_region(0, 1024, 1, 512, 512)
+    _, png = cv2.imencode(".png", cv2.cvtColor(reference, cv2.COLOR_RGB2BGR))
+    fitted = stub.FitStainReference(
+        tiling_pb2.FitStainReferenceRequest(
+            images=[common_pb2.Image(data=png.tobytes(), format=common_pb2.IMAGE_FORMAT_PNG)],
+            method=tiling_pb2.STAIN_METHOD_VAHADANE,
+            output=common_pb2.ObjectRef(key="references/lab-a/stain.json"),
+        ),
+        timeout=60,
+    )
+    assert len(fitted.reference.hematoxylin) == 3 and fitted.stored.key
+    assert len(fitted.stored.sha256) == 64
+    params = tiling_pb2.TilingParams(
+        magnification=20,
+        stain_method=tiling_pb2.STAIN_METHOD_VAHADANE,
+        stain_reference=fitted.stored,
+    )
+    result = stub.TileSlide(
+        tiling_pb2.TileSlideRequest(slide=_slide_ref(slide.name), params=params), timeout=120
+    ).result
+    assert result.patch_count > 0 and result.stain.key.endswith("stain.json")
+    plain = stub.TileSlide(
+        tiling_pb2.TileSlideRequest(
+            slide=_slide_ref(slide.name), params=tiling_pb2.TilingParams(magnification=20)
+        ),
+        timeout=120,
+    ).result
+    assert plain.params_hash != result.params_hash
+    store = open_store(store_dir.as_uri())
+    assert store.exists(result.stain.key)
