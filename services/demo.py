@@ -33,7 +33,7 @@ class PlannedStage:
 
 
 PLANNED = (
-    PlannedStage("tissue masks, patch grid and stain normalization", 5),
+    PlannedStage("40x patches of the cancer patches (ExtractPatches40x)", 5),
     PlannedStage("cancer detector and biomarker models on TorchServe", 6),
     PlannedStage("nuclei segmentation and the 75 features", 7),
     PlannedStage("metrics, ablation, statistics and the HTML report", 8),
@@ -64,6 +64,25 @@ def _synth_cohort(folder: Path, progress: bool) -> dict[str, Any]:
         folder, n_slides=4, seed=0, preset="tiny", progress=progress, overwrite=True
     )
     return {key: summary[key] for key in ("manifest", "slides", "cancer", "normal")}
+
+
+def _tile_first_cancer_slide(cohort: Path, store_url: str) -> dict[str, Any]:
+    import csv
+
+    from services.tiling.pipeline import tile_slide
+    from services.tiling.reader import open_slide
+
+    with (cohort / "manifest.csv").open() as handle:
+        row = next(r for r in csv.DictReader(handle) if r["kind"] == "cancer")
+    store = open_store(store_url)
+    with open_slide(cohort / row["slide_path"]) as reader:
+        result = tile_slide(reader, row["slide_id"], store, f"tiles/{row['slide_id']}/demo")
+    return {
+        "slide_id": result.slide_id,
+        "status": result.status,
+        "patches": result.patch_count,
+        "grid": f"tiles/{row['slide_id']}/demo/grid.parquet",
+    }
 
 
 def _check_services() -> dict[str, str]:
@@ -105,6 +124,7 @@ def run_demo(out_dir: str | Path = "demo-out", progress: bool = True) -> dict[st
     store_url = (out / "store").resolve().as_uri()
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("synthetic cohort", lambda: _synth_cohort(out / "cohort", progress)),
+        ("tiling", lambda: _tile_first_cancer_slide(out / "cohort", store_url)),
         ("object store", lambda: _check_store(store_url)),
         ("gRPC services (health)", _check_services),
     ]
@@ -118,5 +138,6 @@ def run_demo(out_dir: str | Path = "demo-out", progress: bool = True) -> dict[st
     if missing:
         _say(progress, "still missing: " + "; ".join(missing))
     ok = ran["synthetic cohort"]["slides"] == 4 and bool(ran["object store"]["round_trip"])
+    ok = ok and ran["tiling"]["status"] == "ok"
     ok = ok and all(status == "SERVING" for status in ran["gRPC services (health)"].values())
     return {"ok": ok, "ran": ran, "missing": missing, "out_dir": str(out)}

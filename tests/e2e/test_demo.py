@@ -25,6 +25,9 @@ def test_demo_runs_the_stages_that_exist_and_lists_the_rest(tmp_path: Path) -> N
     assert cohort["slides"] == 4 and cohort["cancer"] >= 1 and cohort["normal"] >= 1
     assert Path(cohort["manifest"]).is_file()
     assert len(list((tmp_path / "out" / "cohort" / "slides").glob("*.tiff"))) == 4
+    tiling = report["ran"]["tiling"]
+    assert tiling["status"] == "ok" and tiling["patches"] > 0
+    assert (tmp_path / "out" / "store" / tiling["grid"]).is_file()
     health = report["ran"]["gRPC services (health)"]
     assert set(health) == {
         f"histomarker.v1.{name}Service" for name in ("Tiling", "Nuclei", "Analysis", "Prediction")
