@@ -14,9 +14,7 @@ that stops half-way leaves no manifest that looks finished.
 
 from __future__ import annotations
 
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,35 +22,12 @@ import pandas as pd
 
 from services.cohort.manifest import Manifest
 from services.common.errors import InvalidInput
+from services.common.progress import ProgressBar
 from services.synth.labels import BIOMARKERS, manifest_rows, sample_cohort
 from services.synth.slide import generate_slide, preset_size
 
 MANIFEST_NAME = "manifest.csv"
 TRUTH_COLUMNS = ("truth_masks", "tissue_mask", "tumour_mask", "nuclei_truth")
-
-
-def _bar(prefix: str) -> Callable[[int, int], None]:
-    """A one-line progress bar on standard error."""
-    started = time.perf_counter()
-    last_shown = [0.0]
-
-    def show(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if done < total and now - last_shown[0] < 0.25:
-            return
-        last_shown[0] = now
-        width = 30
-        filled = int(width * done / max(total, 1))
-        elapsed = time.perf_counter() - started
-        sys.stderr.write(
-            f"\r{prefix} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} tiles "
-            f"{elapsed:5.1f} s"
-        )
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return show
 
 
 def generate_cohort(
@@ -91,7 +66,8 @@ def generate_cohort(
     started = time.perf_counter()
     rows = manifest_rows(specs)
     for index, (spec, row) in enumerate(zip(specs, rows, strict=True), start=1):
-        bar = _bar(f"slide {index}/{len(specs)} {spec.slide_id}") if progress else None
+        label = f"slide {index}/{len(specs)} {spec.slide_id}"
+        bar = ProgressBar(label, "tiles") if progress else None
         files = generate_slide(spec, out, preset, truth_crops=truth_crops, progress=bar)
         row["slide_path"] = files.slide
         row["truth_masks"] = files.masks

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from services.common.errors import InvalidInput, NotFound
 from services.common.objectstore import open_store
+from services.common.progress import ProgressBar
 from services.common.settings import ServiceSettings
 from services.tiling.grid import GridParams
 from services.tiling.images import read_image
@@ -43,23 +42,6 @@ def resolve_reference(value: str, method: str) -> StainMatrix | LabStats | None:
     return LabStats.from_json(text) if method == "reinhard" else StainMatrix.from_json(text)
 
 
-def _bar() -> Any:
-    last = [0.0]
-
-    def show(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if done < total and now - last[0] < 0.25:
-            return
-        last[0] = now
-        filled = int(30 * done / max(total, 1))
-        sys.stderr.write(f"\rpatches [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return show
-
-
 def run_tile(args: argparse.Namespace) -> dict[str, Any]:
     """Run the CLI's tiling and return its JSON-able summary."""
     params = TileParams(
@@ -87,7 +69,7 @@ def run_tile(args: argparse.Namespace) -> dict[str, Any]:
             "",
             params,
             reference,
-            progress=None if args.json else _bar(),
+            progress=None if args.json else ProgressBar(slide_id, "patches"),
         )
     summary = result.as_dict()
     summary["out"] = str(out)
