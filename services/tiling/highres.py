@@ -9,12 +9,20 @@ bottom-right) with their level-0 origins.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+from dataclasses import dataclass
 from enum import StrEnum
 
 import cv2
 import numpy as np
+import pandas as pd
 
-from services.common.errors import InvalidInput
+from services.common.errors import FailedPrecondition, InvalidInput
+from services.common.objectstore import ObjectStore
+from services.tiling.reader import SlideReader
+from services.tiling.shards import ShardWriter
 
 
 class HighResSource(StrEnum):
@@ -50,3 +58,117 @@ def upsample_quadrants(patch: np.ndarray) -> list[np.ndarray]:
         for r in (0, 1)
         for c in (0, 1)
     ]
+
+
+@dataclass
+class HighResResult:
+    """The 40x patches made from a set of 20x patches.
+
+    Attributes:
+        source: Native 40x level or Lanczos upsampling.
+        level: Pyramid level read (the 40x level, or the 20x level when upsampled).
+        mpp: Resolution of the 40x patches, µm/px.
+        shards: Keys of the shard files.
+        index_key: Key of the parquet index (one row per 40x patch).
+        patch_count: Number of 40x patches.
+    """
+
+    source: HighResSource
+    level: int
+    mpp: float
+    shards: list[str]
+    index_key: str
+    patch_count: int
+
+
+def choose_source(reader: SlideReader, policy: str, high_mpp: float = 0.25) -> HighResSource:
+    """Native when the slide has a level at least as fine as ``high_mpp`` (and the
+    policy allows it), else upsampled; ``native`` on a slide without one is refused."""
+    native = float(reader.mpp[0]) <= high_mpp * 1.02
+    if policy == "native":
+        if not native:
+            raise FailedPrecondition(
+                f"the slide's finest level is {reader.mpp[0]:.3g} µm/px: it has no native 40x "
+                "level; use the auto or upsample policy"
+            )
+        return HighResSource.NATIVE
+    if policy == "upsample":
+        return HighResSource.UPSAMPLED
+    if policy != "auto":
+        raise InvalidInput(f"unknown 40x policy {policy!r}; use auto, native or upsample")
+    return HighResSource.NATIVE if native else HighResSource.UPSAMPLED
+
+
+def extract_40x(
+    reader: SlideReader,
+    store: ObjectStore,
+    prefix: str,
+    patches: list[tuple[int, int, float]],
+    *,
+    policy: str = "auto",
+    patch_px: int = 512,
+    low_mpp: float = 0.5,
+    patches_per_shard: int = 1000,
+) -> HighResResult:
+    """Make the four 40x patches of each 20x patch and store them as shards.
+
+    Args:
+        reader: The open slide.
+        store: Where the shards and index go.
+        prefix: Key prefix (the slide's tiling folder).
+        patches: The 20x patches as (x, y, footprint) in level-0 px.
+        policy: ``auto`` (native when there is a 40x level), ``native`` or ``upsample``.
+        patch_px: Patch side, px (the same at 20x and 40x).
+        low_mpp: Resolution of the 20x patches, µm/px.
+        patches_per_shard: Members per shard.
+
+    Returns:
+        Where the 40x patches are and how they were made.
+    """
+    source = choose_source(reader, policy, low_mpp / 2)
+    selection = json.dumps([source.value, patch_px, low_mpp, sorted(patches)])
+    digest = hashlib.sha256(selection.encode()).hexdigest()[:12]
+    name = f"40x-{digest}"
+    writer = ShardWriter(store, prefix, name, patches_per_shard=patches_per_shard)
+    rows = []
+    try:
+        for x, y, footprint in patches:
+            if source is HighResSource.NATIVE:
+                quads = [
+                    reader.read_patch(qx, qy, patch_px, low_mpp / 2)
+                    for qx, qy in quadrant_origins(x, y, footprint)
+                ]
+            else:
+                quads = upsample_quadrants(reader.read_patch(x, y, patch_px, low_mpp))
+            for (qx, qy), quad in zip(quadrant_origins(x, y, footprint), quads, strict=True):
+                rows.append(
+                    writer.add(
+                        quad,
+                        x=qx,
+                        y=qy,
+                        width=round(footprint / 2),
+                        height=round(footprint / 2),
+                        parent_x=x,
+                        parent_y=y,
+                        source=source.value,
+                    )
+                )
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    index_key = f"{prefix}/{name}-index.parquet"
+    buffer = io.BytesIO()
+    pd.DataFrame(rows).to_parquet(buffer, index=False)
+    store.put_bytes(index_key, buffer.getvalue())
+    level = reader.best_level_for_downsample(
+        (low_mpp / 2 if source is HighResSource.NATIVE else low_mpp) / float(reader.mpp[0])
+    )
+    return HighResResult(
+        source=source,
+        level=level,
+        mpp=low_mpp / 2,
+        shards=sorted({row["shard"] for row in rows}),
+        index_key=index_key,
+        patch_count=len(rows),
+    )

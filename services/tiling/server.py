@@ -2,13 +2,14 @@
 
 The logic lives beside this file without any gRPC import (reader, tissue, grid,
 stain, pipeline); this module converts messages and binds it to
-``histomarker.v1.TilingService``. RPCs not built yet answer UNIMPLEMENTED naming
-issue #5, after the request's object references are checked.
+``histomarker.v1.TilingService``. SegmentTissue on its own, not built yet, answers UNIMPLEMENTED naming issue #5
+(TileSlide computes and stores the masks).
 """
 
 from __future__ import annotations
 
 import queue
+import re
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
 from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2, tiling_pb2_grpc
 from services.tiling.grid import GridParams
+from services.tiling.highres import HighResSource, extract_40x
 from services.tiling.pipeline import TileParams, TileResult, tile_slide, tiling_digest
 from services.tiling.reader import open_slide
 from services.tiling.slides import SlideCache, slide_id_for
@@ -36,6 +38,11 @@ SERVICE_NAME = "histomarker.v1.TilingService"
 #: Images one NormalizePatches call may carry, and their largest side, px.
 MAX_IMAGES = 256
 MAX_IMAGE_SIDE_PX = 4096
+_PARAMS_HASH = re.compile(r"^[0-9a-f]{16}$")
+_POLICIES = {
+    common_pb2.HIGH_RES_POLICY_NATIVE: "native",
+    common_pb2.HIGH_RES_POLICY_UPSAMPLE: "upsample",
+}
 _METHODS = {
     tiling_pb2.STAIN_METHOD_VAHADANE: "vahadane",
     tiling_pb2.STAIN_METHOD_MACENKO: "macenko",
@@ -336,6 +343,44 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
                 )
             )
         return response
+
+    def ExtractPatches40x(self, request: Any, context: grpc.ServicerContext) -> Any:
+        slide_id, path = self._slide(request.slide)
+        if not _PARAMS_HASH.match(request.params_hash):
+            raise InvalidInput("params_hash must be the 16 hex digits TileSlide returned")
+        if not request.patches:
+            raise InvalidInput("patches: at least one 20x patch is required")
+        patches = []
+        for i, patch in enumerate(request.patches):
+            if patch.width <= 0 or patch.x < 0 or patch.y < 0:
+                raise InvalidInput(f"patches[{i}]: needs x, y >= 0 and a positive width")
+            patches.append((int(patch.x), int(patch.y), float(patch.width)))
+        first = request.patches[0]
+        with open_slide(path) as reader:
+            result = extract_40x(
+                reader,
+                self.store,
+                f"tiles/{slide_id}/{request.params_hash}",
+                patches,
+                policy=_POLICIES.get(request.policy, "auto"),
+                patch_px=first.size_px or 512,
+                low_mpp=first.mpp or 0.5,
+                patches_per_shard=request.patches_per_shard or 1000,
+            )
+        native = result.source is HighResSource.NATIVE
+        return tiling_pb2.ExtractPatches40xResponse(
+            slide_id=slide_id,
+            source=common_pb2.HIGH_RES_SOURCE_NATIVE
+            if native
+            else common_pb2.HIGH_RES_SOURCE_UPSAMPLED,
+            level=result.level,
+            resolution=common_pb2.Resolution(
+                mpp_x=result.mpp, mpp_y=result.mpp, magnification=10.0 / result.mpp
+            ),
+            shards=[self._ref(key) for key in result.shards],
+            index=self._ref(result.index_key),
+            patch_count=result.patch_count,
+        )
 
     def NormalizePatches(self, request: Any, context: grpc.ServicerContext) -> Any:
         if not request.images:

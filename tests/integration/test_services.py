@@ -121,7 +121,7 @@ def test_bad_request_is_invalid_argument_and_server_keeps_serving(tmp_path: Path
         assert "slides/s1.svs" in error.details()
         # An RPC that has not landed yet says so plainly.
         with pytest.raises(grpc.RpcError) as info:
-            stub.ExtractPatches40x(tiling_pb2.ExtractPatches40xRequest(), timeout=5)
+            stub.SegmentTissue(tiling_pb2.SegmentTissueRequest(), timeout=5)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert "issue #5" in info.value.details()
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,3 +157,70 @@ def test_fit_a_stored_reference_then_tile_with_it(stack) -> None:
     assert plain.params_hash != result.params_hash
     store = open_store(store_dir.as_uri())
     assert store.exists(result.stain.key)
+
+
+def test_extract_40x_patches_native_and_upsampled(stack) -> None:
+    import pandas as pd
+
+    stub, slide, store_dir = stack
+    tiled = stub.TileSlide(
+        tiling_pb2.TileSlideRequest(
+            slide=_slide_ref(slide.name), params=tiling_pb2.TilingParams(magnification=20)
+        ),
+        timeout=120,
+    ).result
+    store = open_store(store_dir.as_uri())
+    grid = pd.read_parquet(io.BytesIO(store.get_bytes(tiled.grid.key))).head(2)
+    patches = [
+        common_pb2.PatchRef(
+            x=int(r.x), y=int(r.y), width=int(r.width), height=int(r.height), mpp=0.5, size_px=512
+        )
+        for r in grid.itertuples()
+    ]
+    for policy, source in (
+        (common_pb2.HIGH_RES_POLICY_AUTO, common_pb2.HIGH_RES_SOURCE_NATIVE),
+        (common_pb2.HIGH_RES_POLICY_UPSAMPLE, common_pb2.HIGH_RES_SOURCE_UPSAMPLED),
+    ):
+        response = stub.ExtractPatches40x(
+            tiling_pb2.ExtractPatches40xRequest(
+                slide=_slide_ref(slide.name),
+                params_hash=tiled.params_hash,
+                patches=patches,
+                policy=policy,
+            ),
+            timeout=120,
+        )
+        assert response.source == source and response.patch_count == 4 * len(patches)
+        assert response.resolution.mpp_x == pytest.approx(0.25)
+        index = pd.read_parquet(io.BytesIO(store.get_bytes(response.index.key)))
+        assert set(index["source"]) == {"native" if source == 1 else "upsampled"}
+        first = index.iloc[0]
+        assert (first["x"], first["y"]) == (first["parent_x"], first["parent_y"])
+        with tarfile.open(fileobj=io.BytesIO(store.get_bytes(first["shard"]))) as tar:
+            data = tar.extractfile(first["member"]).read()
+        quad = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), 1), cv2.COLOR_BGR2RGB)
+        with open_slide(slide) as reader:
+            native = reader.read_region(int(first["x"]), int(first["y"]), 0, 512, 512)
+        error = np.abs(quad.astype(int) - native).mean()
+        # Native quadrants are the 40x pixels; upsampled ones only approximate them.
+        assert error < (3 if source == common_pb2.HIGH_RES_SOURCE_NATIVE else 25)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ExtractPatches40x(
+            tiling_pb2.ExtractPatches40xRequest(
+                slide=_slide_ref(slide.name), params_hash="../../x", patches=patches
+            ),
+            timeout=30,
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_native_policy_needs_a_40x_level(tmp_path: Path) -> None:
+    from services.common.errors import FailedPrecondition
+    from services.tiling.highres import choose_source
+
+    path = tmp_path / "twenty.png"
+    cv2.imwrite(str(path), np.full((600, 600, 3), 200, np.uint8))
+    with open_slide(path, mpp=0.5) as reader:
+        assert choose_source(reader, "auto").value == "upsampled"
+        with pytest.raises(FailedPrecondition, match="no native 40x"):
+            choose_source(reader, "native")
