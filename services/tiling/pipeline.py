@@ -38,7 +38,7 @@ from services.tiling.grid import GridParams, params_hash, patch_grid
 from services.tiling.reader import SlideReader
 from services.tiling.shards import ShardWriter
 from services.tiling.stain import LabStats, StainMatrix, get_normalizer
-from services.tiling.tissue import TissueParams, save_masks, segment_tissue
+from services.tiling.tissue import TissueMasks, TissueParams, save_masks, segment_tissue
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,37 @@ def tile_slide(
     return result
 
 
+def compute_masks(
+    reader: SlideReader, slide_id: str, params: TissueParams, mask_downsample: float
+) -> TissueMasks:
+    """Tissue and artifact masks from the slide level nearest ``mask_downsample``."""
+    level = reader.best_level_for_downsample(mask_downsample)
+    lw, lh = reader.level_dimensions[level]
+    if lw * lh > MAX_MASK_PX:
+        raise InvalidInput(
+            f"slide {slide_id} has no level small enough for the tissue mask "
+            f"(level {level} is {lw}x{lh} px)"
+        )
+    thumbnail = reader.read_level(level)
+    downsample = float(reader.level_downsamples[level])
+    return segment_tissue(thumbnail, downsample, float(reader.mpp[0]), params)
+
+
+def store_masks(
+    store: ObjectStore, prefix: str, masks: TissueMasks, written: list[str] | None = None
+) -> list[str]:
+    """Put the mask PNGs and ``tissue.json`` (last) under ``prefix``; returns the keys."""
+    keys = written if written is not None else []
+    with tempfile.TemporaryDirectory() as folder:
+        save_masks(masks, folder)
+        paths = sorted(Path(folder).iterdir(), key=lambda p: (p.name == "tissue.json", p.name))
+        for path in paths:
+            key = _key(prefix, path.name)
+            store.put_file(key, path)
+            keys.append(key)
+    return keys
+
+
 def _run(
     reader: SlideReader,
     slide_id: str,
@@ -202,22 +233,9 @@ def _run(
 ) -> TileResult:
     mpp0 = float(reader.mpp[0])
     width, height = reader.dimensions
-    level = reader.best_level_for_downsample(params.mask_downsample)
-    lw, lh = reader.level_dimensions[level]
-    if lw * lh > MAX_MASK_PX:
-        raise InvalidInput(
-            f"slide {slide_id} has no level small enough for the tissue mask "
-            f"(level {level} is {lw}x{lh} px)"
-        )
-    thumbnail = reader.read_level(level)
-    downsample = float(reader.level_downsamples[level])
-    masks = segment_tissue(thumbnail, downsample, mpp0, params.tissue)
-    with tempfile.TemporaryDirectory() as folder:
-        save_masks(masks, folder)
-        for path in sorted(Path(folder).iterdir()):
-            key = _key(prefix, path.name)
-            store.put_file(key, path)
-            written.append(key)
+    masks = compute_masks(reader, slide_id, params.tissue, params.mask_downsample)
+    store_masks(store, prefix, masks, written)
+    downsample = masks.downsample
     grid = patch_grid((width, height), mpp0, masks.tissue, downsample, params.grid)
     everywhere = replace(params.grid, min_tissue=0.0)
     total_positions = len(

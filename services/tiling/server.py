@@ -1,13 +1,13 @@
 """gRPC adapter of the TilingService: `histomarker serve tiling`.
 
 The logic lives beside this file without any gRPC import (reader, tissue, grid,
-stain, pipeline); this module converts messages and binds it to
-``histomarker.v1.TilingService``. SegmentTissue on its own, not built yet, answers UNIMPLEMENTED naming issue #5
-(TileSlide computes and stores the masks).
+stain, pipeline, highres); this module converts messages and binds it to
+``histomarker.v1.TilingService``.
 """
 
 from __future__ import annotations
 
+import json
 import queue
 import re
 import tempfile
@@ -27,12 +27,21 @@ from services.common.objectstore import ObjectStore, open_store
 from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
 from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2, tiling_pb2_grpc
-from services.tiling.grid import GridParams
+from services.tiling.grid import GridParams, params_hash
 from services.tiling.highres import HighResSource, extract_40x
-from services.tiling.pipeline import TileParams, TileResult, tile_slide, tiling_digest
+from services.tiling.pipeline import (
+    PIPELINE_VERSION,
+    TileParams,
+    TileResult,
+    compute_masks,
+    store_masks,
+    tile_slide,
+    tiling_digest,
+)
 from services.tiling.reader import open_slide
 from services.tiling.slides import SlideCache, slide_id_for
 from services.tiling.stain import StainMatrix, get_normalizer
+from services.tiling.tissue import MASKS_JSON, TissueParams
 
 SERVICE_NAME = "histomarker.v1.TilingService"
 #: Images one NormalizePatches call may carry, and their largest side, px.
@@ -276,6 +285,52 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
                     image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
                 response.thumbnail.CopyFrom(_encode_image(image, common_pb2.IMAGE_FORMAT_PNG))
         return response
+
+    def SegmentTissue(self, request: Any, context: grpc.ServicerContext) -> Any:
+        slide_id, path = self._slide(request.slide)
+        tissue = TissueParams(min_object_um2=request.params.min_region_um2 or 10_000.0)
+        mask_mpp = request.params.mask_mpp or 2.0
+        if mask_mpp <= 0 or mask_mpp > 64:
+            raise InvalidInput("params.mask_mpp must be within 0-64 µm/px")
+        digest = params_hash(tissue, {"mask_mpp": mask_mpp, "version": PIPELINE_VERSION})
+        prefix = f"tiles/{slide_id}/tissue-{digest}"
+        reused = self.store.exists(f"{prefix}/{MASKS_JSON}") and not request.force
+        with open_slide(path) as reader:
+            if not reused:
+                masks = compute_masks(reader, slide_id, tissue, mask_mpp / float(reader.mpp[0]))
+                store_masks(self.store, prefix, masks)
+            width, height = reader.dimensions
+            slide_mm2 = width * height * (float(reader.mpp[0]) * float(reader.mpp[1])) / 1e6
+        summary = json.loads(self.store.get_bytes(f"{prefix}/{MASKS_JSON}"))
+        message = tiling_pb2.TissueMask(
+            mask=self._ref(f"{prefix}/tissue.png"),
+            info=self._ref(f"{prefix}/{MASKS_JSON}"),
+            downsample=float(summary.get("downsample", 0.0)),
+            mpp=float(summary.get("mpp", 0.0)),
+            width=width,
+            height=height,
+            tissue_fraction=summary["area_mm2"]["tissue"] / max(slide_mm2, 1e-12),
+        )
+        for kind, name in (
+            (tiling_pb2.ARTIFACT_KIND_BLUR, "blur"),
+            (tiling_pb2.ARTIFACT_KIND_FOLD, "fold"),
+        ):
+            message.artifacts.append(
+                tiling_pb2.ArtifactMask(
+                    kind=kind,
+                    mask=self._ref(f"{prefix}/{name}.png"),
+                    tissue_fraction=summary["fraction_of_tissue"][name],
+                )
+            )
+        for colour in ("green", "blue", "black"):
+            message.artifacts.append(
+                tiling_pb2.ArtifactMask(
+                    kind=tiling_pb2.ARTIFACT_KIND_PEN, mask=self._ref(f"{prefix}/pen_{colour}.png")
+                )
+            )
+        return tiling_pb2.SegmentTissueResponse(
+            slide_id=slide_id, params_hash=digest, tissue=message, reused=reused
+        )
 
     def TileSlide(self, request: Any, context: grpc.ServicerContext) -> Any:
         return tiling_pb2.TileSlideResponse(result=self._run_tiling(request, context))

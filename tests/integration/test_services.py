@@ -119,11 +119,11 @@ def test_bad_request_is_invalid_argument_and_server_keeps_serving(tmp_path: Path
         error = _slide_info(stub, "slides/s1.svs")
         assert error.code() == grpc.StatusCode.NOT_FOUND
         assert "slides/s1.svs" in error.details()
-        # An RPC that has not landed yet says so plainly.
+        # A request without its required slide is refused with the reason.
         with pytest.raises(grpc.RpcError) as info:
             stub.SegmentTissue(tiling_pb2.SegmentTissueRequest(), timeout=5)
-        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "issue #5" in info.value.details()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "slide" in info.value.details()
     finally:
         channel.close()
         server.stop(0).wait()

@@ -224,3 +224,23 @@ def test_native_policy_needs_a_40x_level(tmp_path: Path) -> None:
         assert choose_source(reader, "auto").value == "upsampled"
         with pytest.raises(FailedPrecondition, match="no native 40x"):
             choose_source(reader, "native")
+
+
+def test_segment_tissue_stores_masks_and_reuses_them(stack) -> None:
+    stub, slide, store_dir = stack
+    request = tiling_pb2.SegmentTissueRequest(
+        slide=_slide_ref(slide.name), params=tiling_pb2.TissueParams(mask_mpp=2.0)
+    )
+    first = stub.SegmentTissue(request, timeout=60)
+    assert not first.reused and first.tissue.downsample == pytest.approx(8)
+    assert 0.2 < first.tissue.tissue_fraction < 0.8
+    kinds = [a.kind for a in first.tissue.artifacts]
+    assert kinds.count(tiling_pb2.ARTIFACT_KIND_PEN) == 3
+    store = open_store(store_dir.as_uri())
+    assert all(store.exists(a.mask.key) for a in first.tissue.artifacts)
+    mask = cv2.imdecode(
+        np.frombuffer(store.get_bytes(first.tissue.mask.key), np.uint8), cv2.IMREAD_GRAYSCALE
+    )
+    assert mask.shape == (3072 // 8, 4096 // 8)
+    second = stub.SegmentTissue(request, timeout=60)
+    assert second.reused and second.params_hash == first.params_hash
