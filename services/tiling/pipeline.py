@@ -24,7 +24,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ import pandas as pd
 from services.common.cancellation import WorkBudget
 from services.common.errors import InvalidInput
 from services.common.objectstore import ObjectStore
-from services.tiling.grid import GridParams, params_hash, patch_grid
+from services.tiling.grid import GridParams, grid_shape, params_hash, patch_grid
 from services.tiling.reader import SlideReader
 from services.tiling.shards import ShardWriter
 from services.tiling.stain import LabStats, StainMatrix, get_normalizer
@@ -237,10 +237,8 @@ def _run(
     store_masks(store, prefix, masks, written)
     downsample = masks.downsample
     grid = patch_grid((width, height), mpp0, masks.tissue, downsample, params.grid)
-    everywhere = replace(params.grid, min_tissue=0.0)
-    total_positions = len(
-        patch_grid((width, height), mpp0, np.ones_like(masks.tissue), downsample, everywhere)
-    )
+    grid_rows, grid_cols = grid_shape((width, height), mpp0, params.grid)
+    total_positions = grid_rows * grid_cols
 
     def result(status: str, message: str, count: int, shard_keys: list[str]) -> TileResult:
         return TileResult(
