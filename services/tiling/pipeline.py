@@ -70,7 +70,7 @@ class TileParams:
 
     grid: GridParams = field(default_factory=GridParams)
     tissue: TissueParams = field(default_factory=TissueParams)
-    mask_downsample: float = 8.0
+    mask_downsample: float = 16.0
     stain_method: str = "vahadane"
     image_format: str = "jpeg"
     quality: int = 90
