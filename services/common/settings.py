@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.objectstore import ObjectStore, open_store
+
 #: The embedded default object store: a folder in the user's home.
 DEFAULT_STORE_URL = (Path.home() / ".histomarker" / "store").as_uri()
 
@@ -73,6 +75,14 @@ class ServiceSettings(BaseSettings):
     def max_message_bytes(self) -> int:
         """Largest gRPC message in bytes."""
         return self.max_message_mb * 1024 * 1024
+
+    def open_store(self) -> ObjectStore:
+        """The object store these settings name, with their S3 credentials."""
+        access = self.s3_access_key.get_secret_value() if self.s3_access_key else None
+        secret = self.s3_secret_key.get_secret_value() if self.s3_secret_key else None
+        return open_store(
+            self.store_url, access_key=access, secret_key=secret, secure=self.s3_secure
+        )
 
     @property
     def tls_enabled(self) -> bool:

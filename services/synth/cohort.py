@@ -27,7 +27,6 @@ from services.synth.labels import BIOMARKERS, manifest_rows, sample_cohort
 from services.synth.slide import generate_slide, preset_size
 
 MANIFEST_NAME = "manifest.csv"
-TRUTH_COLUMNS = ("truth_masks", "tissue_mask", "tumour_mask", "nuclei_truth")
 
 
 def generate_cohort(

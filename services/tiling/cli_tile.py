@@ -32,7 +32,7 @@ def resolve_reference(value: str, method: str) -> StainMatrix | LabStats | None:
         normalizer.fit(read_image(path), name=path.stem)
         return normalizer.target
     key = f"references/{value}/stain.json"
-    store = open_store(ServiceSettings().store_url)
+    store = ServiceSettings().open_store()
     if not store.exists(key):
         raise NotFound(
             f"no stain reference {value!r}: give an image file, 'none', or a name stored "

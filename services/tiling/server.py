@@ -23,7 +23,6 @@ import numpy as np
 from services.common.cancellation import WorkBudget
 from services.common.errors import InvalidInput
 from services.common.grpc_server import HistomarkerServer, ServiceBinding, create_server, serve
-from services.common.objectstore import ObjectStore, open_store
 from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
 from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2, tiling_pb2_grpc
@@ -67,14 +66,6 @@ class TilingSettings(ServiceSettings):
     bucket: str = "histomarker"
     #: Local folder for downloaded slides; a temporary folder when unset.
     slide_cache_dir: Path | None = None
-
-
-def _store_of(settings: TilingSettings) -> ObjectStore:
-    access = settings.s3_access_key.get_secret_value() if settings.s3_access_key else None
-    secret = settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None
-    return open_store(
-        settings.store_url, access_key=access, secret_key=secret, secure=settings.s3_secure
-    )
 
 
 def stain_to_proto(matrix: StainMatrix) -> tiling_pb2.StainMatrix:
@@ -133,7 +124,7 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
 
     def __init__(self, settings: TilingSettings) -> None:
         self.settings = settings
-        self.store = _store_of(settings)
+        self.store = settings.open_store()
         cache = settings.slide_cache_dir or Path(tempfile.mkdtemp(prefix="histomarker-slides-"))
         self.slides = SlideCache(self.store, cache)
 
