@@ -33,7 +33,7 @@ class PlannedStage:
 
 
 PLANNED = (
-    PlannedStage("40x patches of the cancer patches (ExtractPatches40x)", 5),
+    PlannedStage("40x patches of the cancer patches (UpsampleTo40x)", 5),
     PlannedStage("cancer detector and biomarker models on TorchServe", 6),
     PlannedStage("nuclei segmentation and the 75 features", 7),
     PlannedStage("metrics, ablation, statistics and the HTML report", 8),

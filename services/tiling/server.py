@@ -43,7 +43,8 @@ from services.tiling.stain import StainMatrix, get_normalizer
 from services.tiling.tissue import MASKS_JSON, TissueParams
 
 SERVICE_NAME = "histomarker.v1.TilingService"
-#: Images one NormalizePatches call may carry, and their largest side, px.
+#: Images one NormalizePatches message (or FitStainReference call) may carry, and their
+#: largest side, px.
 MAX_IMAGES = 256
 MAX_IMAGE_SIDE_PX = 4096
 _PARAMS_HASH = re.compile(r"^[0-9a-f]{16}$")
@@ -76,6 +77,7 @@ def stain_to_proto(matrix: StainMatrix) -> tiling_pb2.StainMatrix:
         eosin=[float(v) for v in matrix.matrix[1]],
         max_concentrations=[float(v) for v in matrix.max_concentrations],
         method=method,
+        glass_rgb=[float(v) for v in matrix.glass_rgb],
     )
 
 
@@ -85,25 +87,32 @@ def stain_from_proto(message: tiling_pb2.StainMatrix, what: str) -> StainMatrix:
         raise InvalidInput(f"{what}: hematoxylin and eosin need 3 values each (R, G, B)")
     if len(message.max_concentrations) != 2:
         raise InvalidInput(f"{what}: max_concentrations needs 2 values (H, E)")
-    return StainMatrix(
-        np.array([list(message.hematoxylin), list(message.eosin)], np.float32),
-        np.array(list(message.max_concentrations), np.float32),
-        method=_METHODS.get(message.method, "vahadane"),
-    )
+    if len(message.glass_rgb) not in (0, 3):
+        raise InvalidInput(f"{what}: glass_rgb needs 3 values (R, G, B) or none")
+    try:
+        return StainMatrix(
+            np.array([list(message.hematoxylin), list(message.eosin)], np.float32),
+            np.array(list(message.max_concentrations), np.float32),
+            glass_rgb=np.array(list(message.glass_rgb) or [255.0] * 3, np.float32),
+            method=_METHODS.get(message.method, "vahadane"),
+        )
+    except InvalidInput as exc:
+        raise InvalidInput(f"{what}: {exc}") from exc
 
 
-def _decode_image(image: common_pb2.Image, index: int) -> np.ndarray:
+def _decode_image(image: common_pb2.Image, index: int, where: str = "") -> np.ndarray:
+    name = f"{where}: images[{index}]" if where else f"images[{index}]"
     data = np.frombuffer(image.data, np.uint8)
     if data.size == 0:
-        raise InvalidInput(f"images[{index}] is empty")
+        raise InvalidInput(f"{name} is empty")
     header = cv2.imdecode(data, cv2.IMREAD_REDUCED_COLOR_8)
     if header is None:
-        raise InvalidInput(f"images[{index}] is not a PNG, JPEG or TIFF image")
+        raise InvalidInput(f"{name} is not a PNG, JPEG or TIFF image")
     if max(header.shape[:2]) * 8 > MAX_IMAGE_SIDE_PX + 8:
-        raise InvalidInput(f"images[{index}] is larger than {MAX_IMAGE_SIDE_PX} px a side")
+        raise InvalidInput(f"{name} is larger than {MAX_IMAGE_SIDE_PX} px a side")
     bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if bgr is None:
-        raise InvalidInput(f"images[{index}] cannot be decoded")
+        raise InvalidInput(f"{name} cannot be decoded")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
@@ -323,10 +332,7 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
             slide_id=slide_id, params_hash=digest, tissue=message, reused=reused
         )
 
-    def TileSlide(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return tiling_pb2.TileSlideResponse(result=self._run_tiling(request, context))
-
-    def TileSlideStream(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    def TileSlide(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         events: queue.Queue[Any] = queue.Queue()
         outcome: dict[str, Any] = {}
 
@@ -352,7 +358,7 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
             fraction = done / max(total, 1)
             if fraction - last >= 0.01 or done == total:
                 last = fraction
-                yield tiling_pb2.TileSlideStreamResponse(
+                yield tiling_pb2.TileSlideResponse(
                     progress=common_pb2.Progress(
                         stage="patches", done=done, total=total, fraction=fraction
                     )
@@ -360,7 +366,7 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
         worker.join()
         if "error" in outcome:
             raise outcome["error"]
-        yield tiling_pb2.TileSlideStreamResponse(result=outcome["result"])
+        yield tiling_pb2.TileSlideResponse(result=outcome["result"])
 
     def FitStainReference(self, request: Any, context: grpc.ServicerContext) -> Any:
         if not request.images:
@@ -390,7 +396,7 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
             )
         return response
 
-    def ExtractPatches40x(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def UpsampleTo40x(self, request: Any, context: grpc.ServicerContext) -> Any:
         slide_id, path = self._slide(request.slide)
         if not _PARAMS_HASH.match(request.params_hash):
             raise InvalidInput("params_hash must be the 16 hex digits TileSlide returned")
@@ -414,7 +420,7 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
                 patches_per_shard=request.patches_per_shard or 1000,
             )
         native = result.source is HighResSource.NATIVE
-        return tiling_pb2.ExtractPatches40xResponse(
+        return tiling_pb2.UpsampleTo40xResponse(
             slide_id=slide_id,
             source=common_pb2.HIGH_RES_SOURCE_NATIVE
             if native
@@ -428,38 +434,69 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
             patch_count=result.patch_count,
         )
 
-    def NormalizePatches(self, request: Any, context: grpc.ServicerContext) -> Any:
-        if not request.images:
-            raise InvalidInput("images: at least one image is required")
-        if len(request.images) > MAX_IMAGES:
-            raise InvalidInput(f"images: at most {MAX_IMAGES} per call")
+    def _stain_target(self, request: Any) -> StainMatrix:
         which = request.WhichOneof("reference")
         if which == "reference_object":
             key = self._key(request.reference_object, "reference_object")
-            target = StainMatrix.from_json(self.store.get_bytes(key).decode())
-        elif which == "reference_matrix":
-            target = stain_from_proto(request.reference_matrix, "reference_matrix")
-        else:
-            raise InvalidInput("a reference (reference_object or reference_matrix) is required")
-        method = _METHODS.get(request.method, target.method)
-        normalizer = get_normalizer(method)
-        normalizer.load_target(target)  # type: ignore[arg-type]
+            return StainMatrix.from_json(self.store.get_bytes(key).decode())
+        if which == "reference_matrix":
+            return stain_from_proto(request.reference_matrix, "reference_matrix")
+        raise InvalidInput(
+            "the first message needs a reference (reference_object or reference_matrix)"
+        )
+
+    def NormalizePatches(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        first: Any = None
+        normalizer: Any = None
+        target: StainMatrix | None = None
+        for number, request in enumerate(requests):
+            if first is None:
+                first = request
+                target = self._stain_target(request)
+                normalizer = get_normalizer(_METHODS.get(request.method, target.method))
+                normalizer.load_target(target)
+            else:
+                _check_same_settings(first, request, number)
+            yield self._normalize_message(request, normalizer, target, number)
+
+    def _normalize_message(
+        self, request: Any, normalizer: Any, target: StainMatrix | None, number: int
+    ) -> Any:
+        where = f"message {number}"
+        if not request.images:
+            raise InvalidInput(f"{where}: images: at least one image is required")
+        if len(request.images) > MAX_IMAGES:
+            raise InvalidInput(f"{where}: images: at most {MAX_IMAGES} per message")
         source = None
         if request.HasField("source_matrix"):
-            source = stain_from_proto(request.source_matrix, "source_matrix")
-        images = [_decode_image(image, i) for i, image in enumerate(request.images)]
-        response = tiling_pb2.NormalizePatchesResponse(reference=stain_to_proto(target))
+            source = stain_from_proto(request.source_matrix, f"{where}: source_matrix")
+        images = [_decode_image(image, i, where) for i, image in enumerate(request.images)]
+        response = tiling_pb2.NormalizePatchesResponse()
+        if number == 0 and target is not None:
+            response.reference.CopyFrom(stain_to_proto(target))
         for rgb in images:
             patch_source = source
             if patch_source is None:
                 try:
-                    patch_source = normalizer.stain_matrix_of(rgb)  # type: ignore[assignment]
-                    response.source_matrices.append(stain_to_proto(patch_source))  # type: ignore[arg-type]
+                    patch_source = normalizer.stain_matrix_of(rgb)
+                    response.source_matrices.append(stain_to_proto(patch_source))
                 except InvalidInput:
                     response.source_matrices.append(tiling_pb2.StainMatrix())
-            normalized = normalizer.transform(rgb, patch_source)  # type: ignore[arg-type]
+            normalized = normalizer.transform(rgb, patch_source)
             response.images.append(_encode_image(normalized, request.output_format))
         return response
+
+
+def _check_same_settings(first: Any, later: Any, number: int) -> None:
+    """Later messages of a NormalizePatches stream may repeat, not change, the
+    stream's method and reference."""
+    if later.method and later.method != first.method:
+        raise InvalidInput(f"message {number}: method differs from the first message's")
+    which = later.WhichOneof("reference")
+    if which is not None and (
+        which != first.WhichOneof("reference") or getattr(later, which) != getattr(first, which)
+    ):
+        raise InvalidInput(f"message {number}: reference differs from the first message's")
 
 
 complete_servicer(TilingServicer, tiling_pb2.DESCRIPTOR.services_by_name["TilingService"], 5)

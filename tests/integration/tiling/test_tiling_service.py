@@ -16,6 +16,7 @@ from services.common.grpc_client import open_channel
 from services.common.objectstore import open_store
 from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2, tiling_pb2_grpc
 from services.synth.cohort import generate_cohort
+from services.tiling.client import normalize_batches, tile_slide
 from services.tiling.reader import open_slide
 from services.tiling.server import TilingSettings, create, stain_to_proto
 from services.tiling.stain import get_normalizer
@@ -62,10 +63,10 @@ def test_slide_info_with_thumbnail(stack) -> None:
 
 def test_tile_slide_stream_reports_progress_then_result(stack) -> None:
     stub, slide, store_dir = stack
-    request = tiling_pb2.TileSlideStreamRequest(
+    request = tiling_pb2.TileSlideRequest(
         slide=_slide_ref(slide.name), params=tiling_pb2.TilingParams(magnification=20)
     )
-    events = list(stub.TileSlideStream(request, timeout=120))
+    events = list(stub.TileSlide(request, timeout=120))
     progress = [e.progress for e in events if e.HasField("progress")]
     results = [e.result for e in events if e.HasField("result")]
     assert len(results) == 1 and events[-1].HasField("result")
@@ -74,35 +75,80 @@ def test_tile_slide_stream_reports_progress_then_result(stack) -> None:
     store = open_store(store_dir.as_uri())
     assert store.exists(result.grid.key) and result.grid.key.startswith("tiles/")
     assert all(store.exists(shard.key) for shard in result.shards)
-    again = stub.TileSlide(
-        tiling_pb2.TileSlideRequest(slide=request.slide, params=request.params), timeout=60
+    seen: list = []
+    again = tile_slide(
+        stub,
+        tiling_pb2.TileSlideRequest(slide=request.slide, params=request.params),
+        timeout_s=60,
+        on_progress=seen.append,
     )
-    assert again.result.reused and again.result.params_hash == result.params_hash
+    assert again.reused and again.params_hash == result.params_hash and not seen
 
 
-def test_normalize_patches(stack) -> None:
+def test_normalize_patches_streams_one_answer_per_message(stack) -> None:
     stub, slide, _ = stack
     with open_slide(slide) as reader:
         patch = reader.read_region(1024, 1024, 1, 256, 256)
         reference = reader.read_region(0, 1024, 1, 512, 512)
-    target = get_normalizer("macenko").fit(reference).target
+    normalizer = get_normalizer("macenko").fit(reference)
     _, png = cv2.imencode(".png", cv2.cvtColor(patch, cv2.COLOR_RGB2BGR))
-    request = tiling_pb2.NormalizePatchesRequest(
-        images=[common_pb2.Image(data=png.tobytes(), format=common_pb2.IMAGE_FORMAT_PNG)] * 2,
+    image = common_pb2.Image(data=png.tobytes(), format=common_pb2.IMAGE_FORMAT_PNG)
+    first = tiling_pb2.NormalizePatchesRequest(
+        images=[image] * 2,
         method=tiling_pb2.STAIN_METHOD_MACENKO,
-        reference_matrix=stain_to_proto(target),
+        reference_matrix=stain_to_proto(normalizer.target),
     )
-    response = stub.NormalizePatches(request, timeout=30)
-    assert len(response.images) == 2 and len(response.source_matrices) == 2
-    out = cv2.imdecode(np.frombuffer(response.images[0].data, np.uint8), cv2.IMREAD_COLOR)
+    later = [
+        tiling_pb2.NormalizePatchesRequest(
+            images=[image], output_format=common_pb2.IMAGE_FORMAT_JPEG
+        )
+    ] * 3
+    responses = list(normalize_batches(stub, [first, *later], timeout_s=30))
+    assert [len(r.images) for r in responses] == [2, 1, 1, 1]
+    assert len(responses[0].source_matrices) == 2 and len(responses[0].reference.hematoxylin) == 3
+    assert responses[1].images[0].format == common_pb2.IMAGE_FORMAT_JPEG
+    out = cv2.imdecode(np.frombuffer(responses[0].images[0].data, np.uint8), cv2.IMREAD_COLOR)
+    expected = normalizer.transform(patch, normalizer.stain_matrix_of(patch))
     assert out.shape == (256, 256, 3)
-    bad = tiling_pb2.NormalizePatchesRequest(
-        images=[common_pb2.Image(data=b"not an image")], reference_matrix=request.reference_matrix
+    assert np.abs(cv2.cvtColor(out, cv2.COLOR_BGR2RGB).astype(int) - expected).max() == 0
+
+
+@pytest.mark.parametrize(
+    ("messages", "reason"),
+    [
+        ([tiling_pb2.NormalizePatchesRequest(images=[common_pb2.Image(data=b"x")])], "reference"),
+        ("bad image", "message 1: images[0]"),
+        ("other reference", "message 1: reference differs"),
+        ("no images", "message 1: images: at least one"),
+    ],
+)
+def test_normalize_patches_refuses_bad_messages(stack, messages, reason: str) -> None:
+    stub, slide, _ = stack
+    with open_slide(slide) as reader:
+        patch = reader.read_region(1024, 1024, 1, 128, 128)
+    matrix = stain_to_proto(get_normalizer("macenko").fit(patch).target)
+    _, png = cv2.imencode(".png", patch)
+    good = tiling_pb2.NormalizePatchesRequest(
+        images=[common_pb2.Image(data=png.tobytes())], reference_matrix=matrix
     )
+    second = {
+        "bad image": tiling_pb2.NormalizePatchesRequest(images=[common_pb2.Image(data=b"nope")]),
+        "other reference": tiling_pb2.NormalizePatchesRequest(
+            images=good.images, reference_object=common_pb2.ObjectRef(key="refs/x/stain.json")
+        ),
+        "no images": tiling_pb2.NormalizePatchesRequest(),
+    }
+    if isinstance(messages, str):
+        messages = [good, second[messages]]
+    received = []
     with pytest.raises(grpc.RpcError) as info:
-        stub.NormalizePatches(bad, timeout=30)
+        for response in normalize_batches(stub, messages, timeout_s=30):
+            received.append(response)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "images[0]" in info.value.details()
+    assert reason in info.value.details()
+    assert len(received) == len(messages) - 1  # the good first message was answered
+    # The service stays up.
+    assert next(iter(normalize_batches(stub, [good], timeout_s=30))).images
 
 
 def test_bad_slides_are_refused_and_the_service_stays_up(stack) -> None:
@@ -117,7 +163,7 @@ def test_bad_slides_are_refused_and_the_service_stays_up(stack) -> None:
             slide=common_pb2.SlideRef(object=common_pb2.ObjectRef(key=key))
         )
         with pytest.raises(grpc.RpcError) as info:
-            stub.TileSlide(request, timeout=30)
+            tile_slide(stub, request, timeout_s=30)
         assert info.value.code() == code, info.value.details()
     assert not any(i.key.startswith("tiles/garbage") for i in store.list("tiles/"))
     info = stub.GetSlideInfo(tiling_pb2.GetSlideInfoRequest(slide=_slide_ref(slide.name)))
@@ -144,31 +190,33 @@ def test_fit_a_stored_reference_then_tile_with_it(stack) -> None:
         stain_method=tiling_pb2.STAIN_METHOD_VAHADANE,
         stain_reference=fitted.stored,
     )
-    result = stub.TileSlide(
-        tiling_pb2.TileSlideRequest(slide=_slide_ref(slide.name), params=params), timeout=120
-    ).result
+    result = tile_slide(
+        stub, tiling_pb2.TileSlideRequest(slide=_slide_ref(slide.name), params=params), 120
+    )
     assert result.patch_count > 0 and result.stain.key.endswith("stain.json")
-    plain = stub.TileSlide(
+    plain = tile_slide(
+        stub,
         tiling_pb2.TileSlideRequest(
             slide=_slide_ref(slide.name), params=tiling_pb2.TilingParams(magnification=20)
         ),
-        timeout=120,
-    ).result
+        120,
+    )
     assert plain.params_hash != result.params_hash
     store = open_store(store_dir.as_uri())
     assert store.exists(result.stain.key)
 
 
-def test_extract_40x_patches_native_and_upsampled(stack) -> None:
+def test_upsample_to_40x_native_and_upsampled(stack) -> None:
     import pandas as pd
 
     stub, slide, store_dir = stack
-    tiled = stub.TileSlide(
+    tiled = tile_slide(
+        stub,
         tiling_pb2.TileSlideRequest(
             slide=_slide_ref(slide.name), params=tiling_pb2.TilingParams(magnification=20)
         ),
-        timeout=120,
-    ).result
+        120,
+    )
     store = open_store(store_dir.as_uri())
     grid = pd.read_parquet(io.BytesIO(store.get_bytes(tiled.grid.key))).head(2)
     patches = [
@@ -181,8 +229,8 @@ def test_extract_40x_patches_native_and_upsampled(stack) -> None:
         (common_pb2.HIGH_RES_POLICY_AUTO, common_pb2.HIGH_RES_SOURCE_NATIVE),
         (common_pb2.HIGH_RES_POLICY_UPSAMPLE, common_pb2.HIGH_RES_SOURCE_UPSAMPLED),
     ):
-        response = stub.ExtractPatches40x(
-            tiling_pb2.ExtractPatches40xRequest(
+        response = stub.UpsampleTo40x(
+            tiling_pb2.UpsampleTo40xRequest(
                 slide=_slide_ref(slide.name),
                 params_hash=tiled.params_hash,
                 patches=patches,
@@ -205,8 +253,8 @@ def test_extract_40x_patches_native_and_upsampled(stack) -> None:
         # Native quadrants are the 40x pixels; upsampled ones only approximate them.
         assert error < (3 if source == common_pb2.HIGH_RES_SOURCE_NATIVE else 25)
     with pytest.raises(grpc.RpcError) as info:
-        stub.ExtractPatches40x(
-            tiling_pb2.ExtractPatches40xRequest(
+        stub.UpsampleTo40x(
+            tiling_pb2.UpsampleTo40xRequest(
                 slide=_slide_ref(slide.name), params_hash="../../x", patches=patches
             ),
             timeout=30,
