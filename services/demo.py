@@ -33,7 +33,6 @@ class PlannedStage:
 
 
 PLANNED = (
-    PlannedStage("40x patches of the cancer patches (UpsampleTo40x)", 5),
     PlannedStage("cancer detector and biomarker models on TorchServe", 6),
     PlannedStage("nuclei segmentation and the 75 features", 7),
     PlannedStage("metrics, ablation, statistics and the HTML report", 8),
@@ -68,20 +67,31 @@ def _synth_cohort(folder: Path, progress: bool) -> dict[str, Any]:
 
 def _tile_first_cancer_slide(cohort: Path, store_url: str) -> dict[str, Any]:
     import csv
+    import io
 
+    import pandas as pd
+
+    from services.tiling.highres import extract_40x
     from services.tiling.pipeline import tile_slide
     from services.tiling.reader import open_slide
 
     with (cohort / "manifest.csv").open() as handle:
         row = next(r for r in csv.DictReader(handle) if r["kind"] == "cancer")
     store = open_store(store_url)
+    prefix = f"tiles/{row['slide_id']}/demo"
     with open_slide(cohort / row["slide_path"]) as reader:
-        result = tile_slide(reader, row["slide_id"], store, f"tiles/{row['slide_id']}/demo")
+        result = tile_slide(reader, row["slide_id"], store, prefix)
+        grid = pd.read_parquet(io.BytesIO(store.get_bytes(f"{prefix}/grid.parquet")))
+        # The 40x step on a few 20x patches, the way the cancer patches get it.
+        chosen = [(int(r.x), int(r.y), float(r.width)) for r in grid.head(4).itertuples()]
+        high = extract_40x(reader, store, prefix, chosen) if chosen else None
     return {
         "slide_id": result.slide_id,
         "status": result.status,
         "patches": result.patch_count,
-        "grid": f"tiles/{row['slide_id']}/demo/grid.parquet",
+        "grid": f"{prefix}/grid.parquet",
+        "patches_40x": high.patch_count if high else 0,
+        "source_40x": high.source.value if high else "",
     }
 
 
