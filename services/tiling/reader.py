@@ -56,6 +56,7 @@ import math
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,9 @@ DEFAULT_MAX_IMAGE_PX = 1_500_000_000
 
 #: Default largest region one read may return, in pixels (about 300 MB as RGB).
 DEFAULT_MAX_READ_PX = 100_000_000
+#: Decoded tiles the tifffile reader keeps (least recently used dropped first),
+#: bytes: neighbouring patches share tiles, and a grid reads neighbours in turn.
+DEFAULT_TILE_CACHE_BYTES = 256 * 2**20
 
 #: Largest declared level-0 side accepted, pixels.
 MAX_SIDE_PX = 1_000_000
@@ -550,12 +554,22 @@ class _TiffLevel:
 class _TiffReader(SlideReader):
     """Decodes only the tiles a region needs, straight from the file."""
 
-    def __init__(self, path: Path, mpp: float | None, max_read_px: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        mpp: float | None,
+        max_read_px: int,
+        tile_cache_bytes: int = DEFAULT_TILE_CACHE_BYTES,
+    ) -> None:
         import tifffile
 
         self.path = path
         self.backend = "tifffile"
         self.max_read_px = max_read_px
+        self._cache: OrderedDict[tuple[int, int], np.ndarray | None] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_limit = max(0, tile_cache_bytes)
+        self._cache_lock = threading.Lock()
         file_size = path.stat().st_size
         try:
             with tifffile.TiffFile(path) as tif:
@@ -636,7 +650,7 @@ class _TiffReader(SlideReader):
         tw, th = info.tile_width, info.tile_height
         for row in range(y0 // th, (y1 - 1) // th + 1):
             for col in range(x0 // tw, (x1 - 1) // tw + 1):
-                tile = self._tile(info, row * info.tiles_across + col)
+                tile = self._cached_tile(level, info, row * info.tiles_across + col)
                 if tile is None:
                     continue  # an empty tile is transparent: stays white
                 tile_x, tile_y = col * tw, row * th
@@ -647,6 +661,26 @@ class _TiffReader(SlideReader):
                     iy0 - tile_y : iy1 - tile_y, ix0 - tile_x : ix1 - tile_x
                 ]
         return out
+
+    def _cached_tile(self, level: int, info: _TiffLevel, index: int) -> np.ndarray | None:
+        key = (level, index)
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        tile = self._tile(info, index)
+        if self._cache_limit:
+            size = tile.nbytes if tile is not None else 0
+            with self._cache_lock:
+                if key not in self._cache:
+                    if tile is not None:
+                        tile.setflags(write=False)
+                    self._cache[key] = tile
+                    self._cache_bytes += size
+                while self._cache_bytes > self._cache_limit and self._cache:
+                    _, dropped = self._cache.popitem(last=False)
+                    self._cache_bytes -= dropped.nbytes if dropped is not None else 0
+        return tile
 
     def _tile(self, info: _TiffLevel, index: int) -> np.ndarray | None:
         byte_count = int(info.byte_counts[index])
@@ -667,6 +701,9 @@ class _TiffReader(SlideReader):
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+        with self._cache_lock:
+            self._cache.clear()
+            self._cache_bytes = 0
 
 
 # -- plain images ----------------------------------------------------------------------
@@ -822,6 +859,7 @@ def open_slide(
     backend: str = "auto",
     max_image_px: int = DEFAULT_MAX_IMAGE_PX,
     max_read_px: int = DEFAULT_MAX_READ_PX,
+    tile_cache_bytes: int = DEFAULT_TILE_CACHE_BYTES,
 ) -> SlideReader:
     """Open a whole-slide image or a plain image for reading.
 
@@ -833,6 +871,7 @@ def open_slide(
             docstring).
         max_image_px: Largest plain image decoded whole, pixels.
         max_read_px: Largest region one read may return, pixels.
+        tile_cache_bytes: Decoded tiles kept by the tifffile backend, bytes (0: none).
 
     Returns:
         An open :class:`SlideReader`; close it (or use it in a ``with`` block).
@@ -872,7 +911,7 @@ def open_slide(
         if not _is_tiff(open_path):
             raise InvalidInput(f"{slide_path.name}: not a TIFF file")
         try:
-            return _TiffReader(slide_path, mpp, max_read_px)
+            return _TiffReader(slide_path, mpp, max_read_px, tile_cache_bytes)
         except _Unsuitable as exc:
             raise InvalidInput(f"{slide_path.name}: not a tiled TIFF pyramid ({exc})") from None
 
@@ -888,7 +927,7 @@ def open_slide(
     # auto
     if vendor in _FAST_VENDORS:
         try:
-            return _TiffReader(slide_path, mpp, max_read_px)
+            return _TiffReader(slide_path, mpp, max_read_px, tile_cache_bytes)
         except _Unsuitable:
             return _OpenSlideReader(slide_path, open_path, mpp, max_read_px, vendor or "")
     if vendor is not None:
@@ -897,5 +936,5 @@ def open_slide(
         # Tiled TIFFs OpenSlide refuses (16-bit, truncated, ...): the fast path reads
         # them or says precisely what is wrong; untiled ones are plain images.
         with contextlib.suppress(_Unsuitable):
-            return _TiffReader(slide_path, mpp, max_read_px)
+            return _TiffReader(slide_path, mpp, max_read_px, tile_cache_bytes)
     return _ImageReader(slide_path, mpp, max_read_px, max_image_px)

@@ -34,14 +34,25 @@ Rules, in order (parameters in :class:`TissueParams`):
    - blue: hue in ``blue_hue_deg``, B > R, saturation >= ``blue_min_saturation``
      (higher than for green because hematoxylin is blue-purple too; its hue lies
      above the blue band's upper end and it is less saturated than ink);
-   - black: value <= ``black_max_value`` and saturation <= ``black_max_saturation``
-     (dense nuclei clusters are darker than stroma but stay blue-purple, i.e.
-     saturated, and lighter than ink at low resolution), and only as regions of at
-     least ``black_min_area_um2`` so that a few dark nuclei never count.
+   - black, by hysteresis. Ink absorbs in every channel: it adds about the same OD
+     to all three, on glass or over tissue, whereas haematoxylin and eosin each
+     leave one channel nearly clear. Cores: value <= ``black_max_value`` (least
+     channel OD >= ``-log10`` of it, darker than any nucleus cluster at low
+     resolution) and either saturation <= ``black_max_saturation`` (ink on glass)
+     or *neutrality* (least / largest channel OD) >= ``black_min_neutrality`` (ink
+     over tissue keeps the tissue's channel ratios, hence its saturation, but its
+     OD is mostly the ink's grey). Cores grow into the 8-connected pixels of the
+     lightly smoothed image (sigma ``smooth_um / 4``) with least channel OD >=
+     ``black_grow_min_od`` and neutrality >= ``black_grow_min_neutrality``: the
+     stroke's blurred edges and ink thinned over tissue. Grown strokes smaller than
+     ``black_min_area_um2`` are dropped so that a few dark nuclei or dust never
+     count (judged after growth: thin strokes have small cores).
 
-   Green and blue regions smaller than ``pen_min_area_um2`` are dropped; each mask is
-   dilated by ``pen_dilate_um`` to take the ink's faint rim. Pen pixels are removed
-   from the tissue mask (ink on glass is never tissue; tissue under ink is unusable).
+   Green and blue regions smaller than ``pen_min_area_um2`` are dropped; green and
+   blue masks are dilated by ``pen_dilate_um`` to take the ink's faint rim, black
+   (already grown into its rim) by ``black_dilate_um``, a margin for the
+   anti-aliased edge. Pen pixels are removed from the tissue mask (ink on glass is
+   never tissue; tissue under ink is unusable).
 6. **Blur.** Local sharpness = local mean of the squared Laplacian of the grey image
    divided by the local grey variance (both Gaussian-weighted over ``blur_window_um``),
    on ``sharpness_rgb`` (a higher-resolution read of the same area) when given, else
@@ -112,11 +123,19 @@ class TissueParams:
         blue_hue_deg: Hue band of blue ink, degrees.
         pen_min_saturation: Least saturation of green ink.
         blue_min_saturation: Least saturation of blue ink.
-        black_max_value: Largest HSV value (glass = 1) of black ink.
-        black_max_saturation: Largest saturation of black ink.
-        black_min_area_um2: Smallest black-ink region, µm².
+        black_max_value: Largest HSV value (glass = 1) of a black-ink core.
+        black_max_saturation: Largest saturation of a black-ink core on glass.
+        black_min_area_um2: Smallest black-ink region (after growth), µm².
+        black_min_neutrality: Least neutrality (least / largest channel OD, 0-1)
+            of a black-ink core that is more saturated than
+            ``black_max_saturation`` (ink over tissue).
+        black_grow_min_od: Least channel OD (the smallest of the three) of the
+            pixels black-ink cores grow into (stroke edges, thin ink).
+        black_grow_min_neutrality: Least neutrality (0-1) of those pixels.
+        black_dilate_um: Dilation of the black-ink mask, µm (less than
+            ``pen_dilate_um``: the growth already reaches the faint rim).
         pen_min_area_um2: Smallest green or blue ink region, µm².
-        pen_dilate_um: Dilation of every pen mask, µm.
+        pen_dilate_um: Dilation of the green and blue ink masks, µm.
         blur_window_um: Gaussian sigma of the local sharpness window, µm.
         blur_fraction: Blurred below this fraction of the tissue median sharpness.
         blur_min_std: Least local grey standard deviation (glass = 1) to judge focus.
@@ -145,6 +164,10 @@ class TissueParams:
     black_max_value: float = 0.35
     black_max_saturation: float = 0.45
     black_min_area_um2: float = 2_000.0
+    black_min_neutrality: float = 0.55
+    black_grow_min_od: float = 0.3
+    black_grow_min_neutrality: float = 0.6
+    black_dilate_um: float = 4.0
     pen_min_area_um2: float = 500.0
     pen_dilate_um: float = 8.0
     blur_window_um: float = 24.0
@@ -165,6 +188,9 @@ class TissueParams:
             low, high = getattr(self, name)
             if not low < high <= 360:
                 raise InvalidInput(f"tissue parameter {name} must be (low, high) in 0-360")
+        for name in ("black_min_neutrality", "black_grow_min_neutrality"):
+            if getattr(self, name) > 1:
+                raise InvalidInput(f"tissue parameter {name} must be in 0-1")
         if not 0 < self.blur_fraction < 1:
             raise InvalidInput("tissue parameter blur_fraction must be in (0, 1)")
 
@@ -344,11 +370,70 @@ def _hsv(balanced: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return hsv[..., 0], hsv[..., 1], hsv[..., 2]
 
 
+def _neutral_dark(balanced: np.ndarray, min_od: float, min_neutrality: float) -> np.ndarray:
+    """Pixels whose least channel OD is >= ``min_od`` and neutrality >= ``min_neutrality``.
+
+    Neutrality is the least over the largest channel OD of the glass-balanced colour:
+    1 for a grey absorber, about 0.4 or less for haematoxylin and eosin. Computed on
+    the dark pixels only (a few percent of a slide).
+    """
+    # Channel by channel, not .max(axis=2): numpy reduces a short last axis slowly.
+    lightest = np.maximum(np.maximum(balanced[..., 0], balanced[..., 1]), balanced[..., 2])
+    out = lightest <= np.float32(10.0**-min_od)
+    if not out.any():
+        return out
+    floor = np.float32(1.0 / 255.0)
+    od_min = -np.log10(np.maximum(lightest[out], floor))
+    od_max = -np.log10(np.maximum(balanced[out].min(axis=1), floor))
+    out[out] = od_min >= min_neutrality * np.maximum(od_max, np.float32(1e-3))
+    return out
+
+
+def _grow(core: np.ndarray, weak: np.ndarray) -> np.ndarray:
+    """Hysteresis: the 8-connected regions of ``weak | core`` that hold core pixels."""
+    if not core.any():
+        return core
+    count, labels = cv2.connectedComponents((weak | core).astype(np.uint8), connectivity=8)
+    seeded = np.zeros(count, dtype=bool)
+    seeded[np.unique(labels[core])] = True
+    seeded[0] = False
+    return np.asarray(seeded[labels], dtype=bool)
+
+
+def _black_ink(
+    balanced: np.ndarray,
+    val: np.ndarray,
+    sat: np.ndarray,
+    balanced_fine: np.ndarray,
+    px_area_um2: float,
+    params: TissueParams,
+) -> np.ndarray:
+    """Black ink: confident dark, grey cores grown into their fainter, greyish rims.
+
+    Ink absorbs in every channel, so it adds about the same OD to all three; over
+    tissue the stain's OD adds on top. The least channel OD (``-log10`` of the HSV
+    value) is therefore high on ink wherever it lies, while haematoxylin and eosin
+    each leave one channel nearly clear (blue, red) so that their least/largest OD
+    ratio stays low even in nucleus-dense tissue. HSV saturation alone fails over
+    tissue: ink multiplies the tissue's colour, whose channel ratios (hence its
+    saturation) it keeps.
+    """
+    core = (val <= params.black_max_value) & (sat <= params.black_max_saturation)
+    core_od = -math.log10(max(params.black_max_value, 1e-6))
+    core |= _neutral_dark(balanced, core_od, params.black_min_neutrality)
+    # The rim, on the lightly smoothed image: the full smoothing would spread the
+    # stroke (and the tissue next to it) and move its edge outwards.
+    weak = _neutral_dark(balanced_fine, params.black_grow_min_od, params.black_grow_min_neutrality)
+    # The area is judged on the grown stroke: a thin or faint stroke has a small core.
+    return _remove_small(_grow(core, weak), params.black_min_area_um2 / px_area_um2)
+
+
 def _pen_masks(
     hue: np.ndarray,
     sat: np.ndarray,
     val: np.ndarray,
     balanced: np.ndarray,
+    balanced_fine: np.ndarray,
     px_area_um2: float,
     px_um: float,
     params: TissueParams,
@@ -366,14 +451,14 @@ def _pen_masks(
         & (b > r)
         & (sat >= params.blue_min_saturation)
     )
-    black = (val <= params.black_max_value) & (sat <= params.black_max_saturation)
     raw = {
         "green": _remove_small(green, params.pen_min_area_um2 / px_area_um2),
         "blue": _remove_small(blue, params.pen_min_area_um2 / px_area_um2),
-        "black": _remove_small(black, params.black_min_area_um2 / px_area_um2),
+        "black": _black_ink(balanced, val, sat, balanced_fine, px_area_um2, params),
     }
+    dilate_um = {"black": params.black_dilate_um}
     return {
-        name: _morph(mask, cv2.MORPH_DILATE, params.pen_dilate_um / px_um)
+        name: _morph(mask, cv2.MORPH_DILATE, dilate_um.get(name, params.pen_dilate_um) / px_um)
         for name, mask in raw.items()
     }
 
@@ -488,7 +573,10 @@ def segment_tissue(
     balanced_s = np.clip(_smooth(balanced, sigma), 0.0, 1.0)
     hue, sat_s, val_s = _hsv(balanced_s)
 
-    pen = _pen_masks(hue, sat_s, val_s, balanced_s, px_area_um2, px_um, params)
+    # Lightly smoothed colour for the hysteresis steps (black ink rims, faint tissue).
+    balanced_fine = np.clip(_smooth(balanced, sigma / 4), 0.0, 1.0)
+
+    pen = _pen_masks(hue, sat_s, val_s, balanced_s, balanced_fine, px_area_um2, px_um, params)
     pen_any = np.zeros(od.shape, dtype=bool)
     for mask in pen.values():
         pen_any |= mask
@@ -501,13 +589,8 @@ def segment_tissue(
     # Hysteresis: faint tissue (fat, thin smears) counts where it touches the core.
     # On a lightly smoothed image: the full smoothing would smear the rim of strong
     # tissue outwards past the faint threshold and grow the mask by a kernel width.
-    _, sat_fine, _ = _hsv(np.clip(_smooth(balanced, sigma / 4), 0.0, 1.0))
-    faint = (sat_fine > params.faint_saturation) | core
-    count, labels = cv2.connectedComponents(faint.astype(np.uint8), connectivity=8)
-    seeded = np.zeros(count, dtype=bool)
-    seeded[np.unique(labels[core])] = True
-    seeded[0] = False
-    raw = seeded[labels]
+    _, sat_fine, _ = _hsv(balanced_fine)
+    raw = _grow(core, sat_fine > params.faint_saturation)
 
     tissue = raw & ~pen_any
     tissue = _morph(tissue, cv2.MORPH_CLOSE, params.close_um / px_um)

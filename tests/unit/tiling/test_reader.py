@@ -330,3 +330,19 @@ def test_bad_arguments(tmp_path: Path, slide_path: Path) -> None:
         open_slide(tmp_path / "p.png", backend="tifffile", mpp=1.0)
     with pytest.raises(InvalidInput, match="not a format OpenSlide reads"):
         open_slide(tmp_path / "p.png", backend="openslide", mpp=1.0)
+
+
+def test_tile_cache_is_bounded_and_changes_no_pixel(slide_path: Path) -> None:
+    regions = [(x, y) for y in (0, 700, 1500) for x in (0, 900, 2100)] * 2
+    with (
+        open_slide(slide_path, backend="tifffile", tile_cache_bytes=0) as plain,
+        open_slide(slide_path, backend="tifffile", tile_cache_bytes=2**20) as cached,
+    ):
+        for x, y in regions:
+            np.testing.assert_array_equal(
+                plain.read_region(x, y, 0, 600, 500), cached.read_region(x, y, 0, 600, 500)
+            )
+        assert 0 < cached._cache_bytes <= 2**20  # type: ignore[attr-defined]
+        assert not plain._cache  # type: ignore[attr-defined]
+        with pytest.raises(ValueError):
+            next(iter(cached._cache.values())).fill(0)  # type: ignore[attr-defined,union-attr]

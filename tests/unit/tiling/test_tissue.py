@@ -28,6 +28,8 @@ from services.tiling.tissue import (
 
 #: Seed whose 6 tiny slides hold 3 green, 4 blue and 3 black pen-marked slides.
 COHORT_SEED = 4
+#: A cohort the parameters were not chosen on: black ink over tissue on two slides.
+UNSEEN_SEED = 0
 PEN_CODES = {"green": 1, "blue": 2, "black": 3}
 MPP0 = 0.25
 
@@ -49,10 +51,8 @@ def _to_grid(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(small > 0.5)
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    root = tmp_path_factory.mktemp("tissue_cohort")
-    generate_cohort(root, n_slides=6, seed=COHORT_SEED, preset="tiny", truth_crops=0)
+def _load_cohort(root: Path, seed: int) -> list[dict]:
+    generate_cohort(root, n_slides=6, seed=seed, preset="tiny", truth_crops=0)
     slides = []
     for path in sorted((root / "slides").glob("*.tiff")):
         truth = root / "truth" / path.stem
@@ -70,6 +70,11 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
             }
         )
     return slides
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return _load_cohort(tmp_path_factory.mktemp("tissue_cohort"), COHORT_SEED)
 
 
 def test_fixture_has_pen_of_every_colour(cohort: list[dict]) -> None:
@@ -108,6 +113,49 @@ def test_pen_colours_are_found_and_spare_tissue(cohort: list[dict]) -> None:
         clean_tissue = s["tissue"] & (s["pen"] == 0)
         flagged = _to_grid(s["masks"].pen_any(), clean_tissue.shape) & clean_tissue
         assert flagged.sum() < 0.02 * s["tissue"].sum(), s["id"]
+
+
+def test_unseen_cohort_meets_targets(tmp_path_factory: pytest.TempPathFactory) -> None:
+    slides = _load_cohort(tmp_path_factory.mktemp("tissue_unseen"), UNSEEN_SEED)
+    ious, pen_total, pen_excluded, black_found, black_total = [], 0, 0, 0, 0
+    for s in slides:
+        truth_pen = s["pen"] > 0
+        truth = s["tissue"] & ~truth_pen
+        ours = _to_grid(s["masks"].tissue, truth.shape)
+        ious.append((ours & truth).sum() / (ours | truth).sum())
+        pen_total += int(truth_pen.sum())
+        pen_excluded += int((truth_pen & ~ours).sum())
+        black = s["pen"] == PEN_CODES["black"]
+        black_found += int((black & _to_grid(s["masks"].pen["black"], black.shape)).sum())
+        black_total += int(black.sum())
+        clean_tissue = s["tissue"] & ~truth_pen
+        flagged = _to_grid(s["masks"].pen_any(), clean_tissue.shape) & clean_tissue
+        assert flagged.sum() < 0.02 * s["tissue"].sum(), s["id"]
+    assert black_total > 0
+    assert np.mean(ious) >= 0.90 and min(ious) >= 0.85
+    assert pen_excluded / pen_total >= 0.95
+    assert black_found / black_total >= 0.9
+
+
+def test_translucent_blurred_ink_over_tissue_is_removed(cohort: list[dict]) -> None:
+    """Real ink: it multiplies the tissue's transmittance and its edges are soft."""
+    s = next(s for s in cohort if not (s["pen"] > 0).any())
+    rgb = s["rgb"].astype(np.float32)
+    before = segment_tissue(s["rgb"], 8, MPP0).tissue
+    ys, xs = np.nonzero(before)
+    cx, cy = int(xs.mean()), int(ys.mean())
+    stroke = np.zeros(rgb.shape[:2], np.float32)
+    cv2.line(stroke, (cx - 100, cy + 30), (cx + 100, cy - 30), 1.0, 12)
+    stroke = cv2.GaussianBlur(stroke, (0, 0), 2.0)
+    # Blue-black ink of OD about 0.75 / 0.7 / 0.6 (R, G, B) at full coverage.
+    ink = 10.0 ** -np.array([0.75, 0.7, 0.6], np.float32)
+    inked = rgb * (1.0 - stroke[..., None] * (1.0 - ink))
+    masks = segment_tissue(np.clip(inked + 0.5, 0, 255).astype(np.uint8), 8, MPP0)
+    core = (stroke > 0.5) & before
+    assert core.sum() > 1000
+    assert (masks.pen["black"] & core).sum() >= 0.98 * core.sum()
+    assert (masks.tissue & core).sum() <= 0.01 * core.sum()
+    assert (masks.pen["black"] & before & (stroke < 0.01)).sum() < 0.02 * before.sum()
 
 
 def test_masks_are_consistent(cohort: list[dict]) -> None:
@@ -206,7 +254,13 @@ def test_bad_input(image: np.ndarray, downsample: float, mpp0: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"min_od": -1.0}, {"blur_fraction": 1.5}, {"blue_hue_deg": (250.0, 190.0)}]
+    "kwargs",
+    [
+        {"min_od": -1.0},
+        {"blur_fraction": 1.5},
+        {"blue_hue_deg": (250.0, 190.0)},
+        {"black_min_neutrality": 1.5},
+    ],
 )
 def test_bad_parameters(kwargs: dict) -> None:
     with pytest.raises(InvalidInput):
