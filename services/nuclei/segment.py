@@ -1,0 +1,350 @@
+"""Nuclei segmentation by hierarchical multilevel thresholding (Phoulady et al. 2016).
+
+The hematoxylin channel of the patch (colour deconvolution with Ruifrok and
+Johnston's H&E vectors) is thresholded at a ladder of levels. Regions at a low level
+are large (nuclei with their surroundings, or several nuclei together); as the level
+rises they shrink and split. The levels form a tree of nested regions, and each
+nucleus is taken at the lowest level — its widest extent — at which it is still one
+nucleus-like region: size within limits (µm², scaled by the patch's mpp) and solid
+enough (area / convex hull area). Touching nuclei that no level separates are then
+split with a distance-transform watershed.
+
+Everything works on whole label images per level (OpenCV connected components and
+contours, NumPy gathers); there is no Python loop over pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+
+from services.common.errors import InvalidInput
+
+#: Ruifrok & Johnston's optical-density vectors of hematoxylin, eosin and DAB (rows).
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_RGB_FROM_HED = _RGB_FROM_HED / np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
+#: Column of the unmixing matrix that gives the hematoxylin concentration.
+_H_FROM_OD = np.linalg.inv(_RGB_FROM_HED)[:, 0].astype(np.float32)
+#: Hematoxylin optical density (natural log) mapped to grey level 255; darker
+#: nuclei saturate, which only merges the top levels of the ladder.
+H_OD_FULL_SCALE = 3.0
+#: Largest clump of touching nuclei split by shape, in nuclei of the largest size.
+CLUMP_MAX_NUCLEI = 4
+#: Least solidity of a clump worth splitting (a chain of blobs, not a smear).
+CLUMP_MIN_SOLIDITY = 0.6
+#: Largest image side accepted, px (a 40x patch is 512; 4096 covers big crops).
+MAX_SIDE_PX = 4096
+
+
+@dataclass(frozen=True)
+class SegmentationParams:
+    """Parameters of the nuclei segmentation.
+
+    Attributes:
+        min_area_um2: Smallest nucleus, µm² (a small lymphocyte is ~20 µm²).
+        max_area_um2: Largest nucleus, µm² (large pleomorphic tumour nuclei reach
+            ~250 µm²).
+        min_solidity: Least area / convex-hull area of a nucleus (0-1).
+        threshold_step: Step between levels, in 8-bit grey levels of the
+            hematoxylin channel (255 = H optical density 3.0).
+        min_level: Lowest level tried, grey levels; below it is unstained tissue.
+        min_contrast: Least rise of the hematoxylin level from a region's outline to
+            its darkest part, grey levels: flat texture is not a nucleus.
+        split_below_solidity: Nuclei less solid than this are tried for a
+            watershed split into touching nuclei (0 disables the split).
+        min_split_distance_um: Least distance between the centres of two touching
+            nuclei to split, µm.
+    """
+
+    min_area_um2: float = 12.0
+    max_area_um2: float = 300.0
+    min_solidity: float = 0.80
+    threshold_step: int = 8
+    min_level: int = 24
+    min_contrast: int = 48
+    split_below_solidity: float = 0.95
+    min_split_distance_um: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_area_um2 < self.max_area_um2:
+            raise InvalidInput("need 0 < min_area_um2 < max_area_um2")
+        if not 0 < self.min_solidity <= 1:
+            raise InvalidInput("min_solidity must be within (0, 1]")
+        if not 1 <= self.threshold_step <= 255:
+            raise InvalidInput("threshold_step must be within 1-255 grey levels")
+        if not 0 <= self.min_level <= 254:
+            raise InvalidInput("min_level must be within 0-254 grey levels")
+        if not 0 <= self.split_below_solidity <= 1:
+            raise InvalidInput("split_below_solidity must be within 0-1")
+
+
+def check_patch(rgb: np.ndarray, mpp: float) -> np.ndarray:
+    """Validate an RGB patch and its resolution; returns it as contiguous uint8.
+
+    Raises:
+        InvalidInput: Not an RGB uint8 image, empty, too large, or a bad mpp.
+    """
+    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3:
+        shape = getattr(rgb, "shape", None)
+        raise InvalidInput(f"need an RGB image (height, width, 3); got shape {shape}")
+    if rgb.dtype != np.uint8:
+        raise InvalidInput(f"need 8-bit RGB; got {rgb.dtype}")
+    if min(rgb.shape[:2]) < 8:
+        raise InvalidInput(f"image of {rgb.shape[1]}x{rgb.shape[0]} px is too small (< 8 px)")
+    if max(rgb.shape[:2]) > MAX_SIDE_PX:
+        raise InvalidInput(f"image side over {MAX_SIDE_PX} px: segment it in patches")
+    if not np.isfinite(mpp) or not 0.05 <= mpp <= 2.0:
+        raise InvalidInput(
+            f"mpp {mpp} µm/px is outside 0.05-2.0: nuclei need about 0.25 (40x) to 0.5 (20x)"
+        )
+    return np.ascontiguousarray(rgb)
+
+
+def hematoxylin_u8(rgb: np.ndarray) -> np.ndarray:
+    """The hematoxylin concentration as 8-bit grey levels (0 = none, 255 = OD >= 3)."""
+    od_lut = -np.log((np.arange(256, dtype=np.float32) + 1.0) / 256.0)
+    od = od_lut[rgb]
+    h = od @ _H_FROM_OD
+    return np.clip(h * (255.0 / H_OD_FULL_SCALE), 0, 255).astype(np.uint8)
+
+
+@dataclass
+class _Level:
+    labels: np.ndarray  # int32 label image of this level
+    count: int  # components + 1 (label 0 is background)
+    valid: np.ndarray  # bool per label: nucleus-like
+    clump: np.ndarray  # bool per label: may be several touching nuclei
+    parent: np.ndarray  # int per label: the label one level down containing it
+    boxes: np.ndarray  # (count, 4) int: x, y, width, height per label
+
+
+def _level_regions(
+    h: np.ndarray, level: int
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, list]:
+    """Regions of ``h >= level`` with their holes filled (vesicular nuclei have pale
+    centres): (count, labels, areas per label, boxes per label, outer contours)."""
+    binary = (h >= level).astype(np.uint8)
+    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros_like(binary)
+    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(filled, connectivity=8)
+    areas = stats[:, cv2.CC_STAT_AREA].astype(np.float64)
+    return count, labels, areas, stats[:, :4].astype(np.int64), list(contours)
+
+
+def _solidity(
+    contours: list, labels: np.ndarray, areas: np.ndarray, candidates: np.ndarray
+) -> np.ndarray:
+    """Area / convex-hull area per label, for ``candidates`` only (else 0).
+
+    The hull of the contour's pixel centres misses half a pixel all round; adding
+    half its perimeter (and one pixel for the corners) compares like with like.
+    """
+    solidity = np.zeros(len(areas), np.float64)
+    if not candidates.any():
+        return solidity
+    for contour in contours:
+        x, y = contour[0, 0]
+        label = labels[y, x]
+        if not candidates[label]:
+            continue
+        hull = cv2.convexHull(contour)
+        hull_px = cv2.contourArea(hull) + cv2.arcLength(hull, True) / 2 + 1
+        solidity[label] = min(1.0, areas[label] / hull_px)
+    return solidity
+
+
+def segment_nuclei(
+    rgb: np.ndarray, mpp: float = 0.25, params: SegmentationParams | None = None
+) -> np.ndarray:
+    """Instance labels of the nuclei of an H&E patch.
+
+    Args:
+        rgb: uint8 (height, width, 3) RGB patch, stain-normalized.
+        mpp: Resolution, µm/px (0.25 at 40x).
+        params: Size and shape limits; defaults when None.
+
+    Returns:
+        int32 (height, width): 0 background, 1..n one label per nucleus, numbered
+        in raster order of their first pixel.
+
+    Raises:
+        InvalidInput: Bad image or mpp.
+    """
+    params = params or SegmentationParams()
+    rgb = check_patch(rgb, mpp)
+    px_per_um2 = 1.0 / (mpp * mpp)
+    min_px = params.min_area_um2 * px_per_um2
+    max_px = params.max_area_um2 * px_per_um2
+    h = cv2.GaussianBlur(hematoxylin_u8(rgb), (0, 0), sigmaX=max(0.5, 0.25 / mpp))
+    top = int(h.max())
+    levels = list(range(params.min_level, top + 1, params.threshold_step))
+    if not levels:
+        return np.zeros(h.shape, np.int32)
+
+    tree: list[_Level] = []
+    previous: np.ndarray | None = None
+    for level in levels:
+        count, labels, areas, boxes, contours = _level_regions(h, level)
+        in_range = (areas >= min_px) & (areas <= max_px)
+        clump_size = (areas >= 2 * min_px) & (areas <= CLUMP_MAX_NUCLEI * max_px)
+        in_range[0] = clump_size[0] = False
+        solidity = _solidity(contours, labels, areas, in_range | clump_size)
+        valid = in_range & (solidity >= params.min_solidity)
+        clump = clump_size & ~valid & (solidity >= CLUMP_MIN_SOLIDITY)
+        parent = np.zeros(count, np.int64)
+        if previous is not None:
+            # Any pixel of a region gives its container one level down (nesting).
+            parent[labels.ravel()] = previous.ravel()
+        tree.append(_Level(labels, count, valid, clump, parent, boxes))
+        previous = labels
+
+    # Bottom-up (high levels to low): a valid region replaces the single nucleus
+    # below it; a region over two or more nuclei keeps them.
+    chosen: list[np.ndarray] = [np.zeros(t.count, bool) for t in tree]
+    clumps: dict[tuple[int, int], np.ndarray] = {}
+    below_count = np.zeros(0, np.int64)
+    below_peak = np.zeros(0, np.int64)
+    for k in range(len(tree) - 1, -1, -1):
+        t = tree[k]
+        peak = np.full(t.count, levels[k], np.int64)
+        if k + 1 < len(tree):
+            child = tree[k + 1]
+            nuclei_below = np.bincount(
+                child.parent, weights=below_count, minlength=t.count
+            ).astype(np.int64)
+            np.maximum.at(peak, child.parent, below_peak)
+        else:
+            nuclei_below = np.zeros(t.count, np.int64)
+        contrasted = peak - levels[k] >= params.min_contrast
+        chosen[k] = t.valid & contrasted & (nuclei_below <= 1)
+        chosen[k][0] = False
+        count_here = np.where(chosen[k], 1, nuclei_below).astype(np.int64)
+        # A clump over at most one nucleus found higher up: split it by shape.
+        for i in np.flatnonzero(t.clump & contrasted & (nuclei_below <= 1)):
+            x, y, w, hh = t.boxes[i]
+            parts = _split_region(t.labels[y : y + hh, x : x + w] == i, mpp, params)
+            if parts is not None and parts.max() >= max(2, nuclei_below[i]):
+                clumps[(k, int(i))] = parts
+                chosen[k][i] = True
+                count_here[i] = int(parts.max())
+        count_here[0] = 0
+        below_count = count_here
+        below_peak = peak
+
+    # Top-down: keep chosen regions that no chosen region contains.
+    out = np.zeros(h.shape, np.int32)
+    blocked = np.zeros(tree[0].count, bool)
+    next_label = 1
+    for k, t in enumerate(tree):
+        if k > 0:
+            blocked = (blocked | chosen[k - 1])[t.parent]
+            blocked[0] = False
+        final = chosen[k] & ~blocked
+        if final.any():
+            ids = np.zeros(t.count, np.int32)
+            ids[final] = np.arange(next_label, next_label + int(final.sum()), dtype=np.int32)
+            next_label += int(final.sum())
+            painted = ids[t.labels]
+            out = np.where(painted > 0, painted, out)
+            for i in np.flatnonzero(final):
+                parts = clumps.get((k, int(i)))
+                if parts is None:
+                    continue
+                x, y, w, hh = t.boxes[i]
+                window = out[y : y + hh, x : x + w]
+                inside = parts > 0
+                window[inside] = parts[inside] + next_label
+                next_label += int(parts.max()) + 1
+    out = _split_touching(out, mpp, params)
+    return _relabel(out)
+
+
+def _split_region(mask: np.ndarray, mpp: float, params: SegmentationParams) -> np.ndarray | None:
+    """Cut one region into nuclei along the watershed of its distance transform.
+
+    Seeds are maxima of the distance transform that stand out by half a micron, at
+    least ``min_split_distance_um`` apart. The cut counts only when every part is
+    nucleus-sized and solid.
+
+    Returns:
+        int32 labels 1..n of the parts over ``mask``'s box (n >= 2), or None.
+    """
+    from skimage.measure import regionprops
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    padded = np.pad(mask, 1).astype(np.uint8)
+    distance = cv2.distanceTransform(padded, cv2.DIST_L2, 5)
+    seeds = h_maxima(distance, max(1.0, 0.5 / mpp), footprint=np.ones((3, 3), bool))
+    markers, n = ndi.label(seeds)
+    if n > 2:
+        markers = _merge_close_seeds(markers, n, params.min_split_distance_um / mpp)
+        n = int(markers.max())
+    if n < 2:
+        return None
+    parts = watershed(-distance, markers, mask=padded.astype(bool))[1:-1, 1:-1]
+    px_per_um2 = 1.0 / (mpp * mpp)
+    for piece in regionprops(parts):
+        area_um2 = piece.area / px_per_um2
+        if not params.min_area_um2 <= area_um2 <= params.max_area_um2:
+            return None
+        if piece.solidity < params.min_solidity:
+            return None
+    return parts.astype(np.int32)
+
+
+def _split_touching(labels: np.ndarray, mpp: float, params: SegmentationParams) -> np.ndarray:
+    """Split nuclei that no threshold separated and that passed as one (two
+    overlapping nuclei can be as large and nearly as solid as one): a nucleus less
+    solid than ``split_below_solidity`` is cut when every part is more solid than
+    the whole was."""
+    if params.split_below_solidity <= 0 or labels.max() == 0:
+        return labels
+    from skimage.measure import regionprops
+
+    out = labels.copy()
+    next_label = int(labels.max()) + 1
+    for region in regionprops(labels):
+        whole = region.solidity
+        if whole >= params.split_below_solidity:
+            continue
+        parts = _split_region(region.image, mpp, params)
+        if parts is None:
+            continue
+        if any(p.solidity <= whole + 0.02 for p in regionprops(parts)):
+            continue
+        r0, c0, r1, c1 = region.bbox
+        window = out[r0:r1, c0:c1]
+        for part in range(2, int(parts.max()) + 1):
+            window[parts == part] = next_label
+            next_label += 1
+    return out
+
+
+def _merge_close_seeds(markers: np.ndarray, n: int, min_distance_px: float) -> np.ndarray:
+    """Merge seed regions whose centres are closer than ``min_distance_px``."""
+    centres = np.array(ndi.center_of_mass(markers > 0, markers, range(1, n + 1)))
+    target = np.arange(n + 1)
+    for i in range(n):
+        for j in range(i):
+            if np.hypot(*(centres[i] - centres[j])) < min_distance_px:
+                target[i + 1] = target[j + 1]
+                break
+    merged = target[markers]
+    _, dense = np.unique(merged, return_inverse=True)
+    return dense.reshape(markers.shape).astype(np.int32)
+
+
+def _relabel(labels: np.ndarray) -> np.ndarray:
+    """Labels 1..n in raster order of first appearance; 0 stays background."""
+    flat = labels.ravel()
+    present, first = np.unique(flat, return_index=True)
+    order = present[np.argsort(first)]
+    order = order[order != 0]
+    lut = np.zeros(int(labels.max()) + 1, np.int32)
+    lut[order] = np.arange(1, len(order) + 1, dtype=np.int32)
+    return lut[labels]
