@@ -263,8 +263,20 @@ def _run(
     if reference is not None:
         normalizer = get_normalizer(params.stain_method)
         normalizer.load_target(reference)  # type: ignore[arg-type]
-        source = normalizer.stain_matrix_of(_sample_for_stains(reader, grid, params))
-        stain = {"slide": json.loads(source.to_json()), "target": json.loads(reference.to_json())}
+        sample = _sample_for_stains(reader, grid, params)
+        estimate = "ok"
+        try:
+            source = normalizer.stain_matrix_of(sample)
+        except InvalidInput as exc:
+            # Too little tissue, or one stain only: normalize against the target's own
+            # stains (colours kept, glass mapped) rather than fail the slide.
+            source = normalizer.fallback_source(sample)
+            estimate = f"fallback: {exc}"
+        stain = {
+            "slide": json.loads(source.to_json()),
+            "target": json.loads(reference.to_json()),
+            "slide_estimate": estimate,
+        }
         key = _key(prefix, STAIN_JSON)
         store.put_bytes(key, json.dumps(stain, indent=1).encode())
         written.append(key)
