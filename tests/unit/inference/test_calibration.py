@@ -92,3 +92,38 @@ def test_reliability_diagram_is_a_png(tmp_path: Path) -> None:
         tmp_path / "reliability.png",
     )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_an_overconfident_network_is_calibrated_by_temperature() -> None:
+    """A real classifier made over-confident by scaling its logits: T repairs it."""
+    import torch
+
+    rng = np.random.default_rng(4)
+
+    def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = rng.integers(0, 2, n)
+        features = rng.normal(0, 1, (n, 8)) + 0.6 * labels[:, None]  # overlapping classes
+        return torch.tensor(features, dtype=torch.float32), torch.tensor(labels)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=100)
+    x_train, y_train = data(2000)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x_train), y_train)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():  # over-confidence, as from overfitting: logits x8
+        model.weight *= 8
+        model.bias *= 8
+    x_val, y_val = data(3000)
+    with torch.no_grad():
+        logits = model(x_val).numpy()
+    fit = fit_temperature(logits, y_val.numpy())
+    assert fit.temperature > 4
+    assert fit.before.ece > 0.1 and fit.after.ece < fit.before.ece / 3
+    assert fit.after.accuracy == fit.before.accuracy
