@@ -32,9 +32,10 @@ _H_FROM_OD = np.linalg.inv(_RGB_FROM_HED)[:, 0].astype(np.float32)
 #: nuclei saturate, which only merges the top levels of the ladder.
 H_OD_FULL_SCALE = 3.0
 #: Largest clump of touching nuclei split by shape, in nuclei of the largest size.
-CLUMP_MAX_NUCLEI = 4
+CLUMP_MAX_NUCLEI = 10
+FILL_ONLY_SMALL_HOLES = False
 #: Least solidity of a clump worth splitting (a chain of blobs, not a smear).
-CLUMP_MIN_SOLIDITY = 0.6
+CLUMP_MIN_SOLIDITY = 0.3
 #: Largest image side accepted, px (a 40x patch is 512; 4096 covers big crops).
 MAX_SIDE_PX = 4096
 
@@ -57,16 +58,19 @@ class SegmentationParams:
             watershed split into touching nuclei (0 disables the split).
         min_split_distance_um: Least distance between the centres of two touching
             nuclei to split, µm.
+        notch_depth_um: Least depth of the two outline notches where overlapping
+            nuclei meet, µm.
     """
 
     min_area_um2: float = 12.0
     max_area_um2: float = 300.0
-    min_solidity: float = 0.80
+    min_solidity: float = 0.85
     threshold_step: int = 8
     min_level: int = 24
     min_contrast: int = 48
-    split_below_solidity: float = 0.95
+    split_below_solidity: float = 0.98
     min_split_distance_um: float = 3.0
+    notch_depth_um: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0 < self.min_area_um2 < self.max_area_um2:
@@ -122,14 +126,28 @@ class _Level:
 
 
 def _level_regions(
-    h: np.ndarray, level: int
+    h: np.ndarray, level: int, max_hole_px: float
 ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, list]:
-    """Regions of ``h >= level`` with their holes filled (vesicular nuclei have pale
-    centres): (count, labels, areas per label, boxes per label, outer contours)."""
+    """Regions of ``h >= level`` with their nucleus-sized holes filled (vesicular
+    nuclei have pale centres; a gland's lumen inside a ring of nuclei stays open):
+    (count, labels, areas per label, boxes per label, outer contours)."""
     binary = (h >= level).astype(np.uint8)
-    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    found, hierarchy = cv2.findContours(binary, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     filled = np.zeros_like(binary)
-    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+    contours = []
+    if found:
+        outer = hierarchy[0, :, 3] < 0
+        contours = [c for c, is_outer in zip(found, outer, strict=True) if is_outer]
+        cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+        big_holes = [
+            c
+            for c, is_outer in zip(found, outer, strict=True)
+            if not is_outer and cv2.contourArea(c) > max_hole_px
+        ]
+        if big_holes and FILL_ONLY_SMALL_HOLES:
+            # Reopen large holes (their outline pixels belong to the region).
+            cv2.drawContours(filled, big_holes, -1, 0, thickness=cv2.FILLED)
+            filled |= binary
     count, labels, stats, _ = cv2.connectedComponentsWithStats(filled, connectivity=8)
     areas = stats[:, cv2.CC_STAT_AREA].astype(np.float64)
     return count, labels, areas, stats[:, :4].astype(np.int64), list(contours)
@@ -188,7 +206,7 @@ def segment_nuclei(
     tree: list[_Level] = []
     previous: np.ndarray | None = None
     for level in levels:
-        count, labels, areas, boxes, contours = _level_regions(h, level)
+        count, labels, areas, boxes, contours = _level_regions(h, level, max_px)
         in_range = (areas >= min_px) & (areas <= max_px)
         clump_size = (areas >= 2 * min_px) & (areas <= CLUMP_MAX_NUCLEI * max_px)
         in_range[0] = clump_size[0] = False
@@ -213,9 +231,9 @@ def segment_nuclei(
         peak = np.full(t.count, levels[k], np.int64)
         if k + 1 < len(tree):
             child = tree[k + 1]
-            nuclei_below = np.bincount(
-                child.parent, weights=below_count, minlength=t.count
-            ).astype(np.int64)
+            nuclei_below = np.bincount(child.parent, weights=below_count, minlength=t.count).astype(
+                np.int64
+            )
             np.maximum.at(peak, child.parent, below_peak)
         else:
             nuclei_below = np.zeros(t.count, np.int64)
@@ -226,7 +244,13 @@ def segment_nuclei(
         # A clump over at most one nucleus found higher up: split it by shape.
         for i in np.flatnonzero(t.clump & contrasted & (nuclei_below <= 1)):
             x, y, w, hh = t.boxes[i]
-            parts = _split_region(t.labels[y : y + hh, x : x + w] == i, mpp, params)
+            parts = _split_region(
+                t.labels[y : y + hh, x : x + w] == i,
+                mpp,
+                params,
+                h[y : y + hh, x : x + w],
+                levels[k] + params.min_contrast,
+            )
             if parts is not None and parts.max() >= max(2, nuclei_below[i]):
                 clumps[(k, int(i))] = parts
                 chosen[k][i] = True
@@ -263,12 +287,19 @@ def segment_nuclei(
     return _relabel(out)
 
 
-def _split_region(mask: np.ndarray, mpp: float, params: SegmentationParams) -> np.ndarray | None:
+def _split_region(
+    mask: np.ndarray,
+    mpp: float,
+    params: SegmentationParams,
+    h: np.ndarray | None = None,
+    min_peak: int = 0,
+) -> np.ndarray | None:
     """Cut one region into nuclei along the watershed of its distance transform.
 
     Seeds are maxima of the distance transform that stand out by half a micron, at
     least ``min_split_distance_um`` apart. The cut counts only when every part is
-    nucleus-sized and solid.
+    nucleus-sized and solid and, when the hematoxylin window ``h`` is given, reaches
+    ``min_peak`` somewhere (a pale part is cytoplasm, not a nucleus).
 
     Returns:
         int32 labels 1..n of the parts over ``mask``'s box (n >= 2), or None.
@@ -288,6 +319,10 @@ def _split_region(mask: np.ndarray, mpp: float, params: SegmentationParams) -> n
         return None
     parts = watershed(-distance, markers, mask=padded.astype(bool))[1:-1, 1:-1]
     px_per_um2 = 1.0 / (mpp * mpp)
+    if h is not None:
+        peaks = ndi.maximum(h, parts, np.arange(1, int(parts.max()) + 1))
+        if np.min(peaks) < min_peak:
+            return None
     for piece in regionprops(parts):
         area_um2 = piece.area / px_per_um2
         if not params.min_area_um2 <= area_um2 <= params.max_area_um2:
@@ -313,9 +348,9 @@ def _split_touching(labels: np.ndarray, mpp: float, params: SegmentationParams) 
         if whole >= params.split_below_solidity:
             continue
         parts = _split_region(region.image, mpp, params)
-        if parts is None:
-            continue
-        if any(p.solidity <= whole + 0.02 for p in regionprops(parts)):
+        if parts is None or any(p.solidity <= whole + 0.02 for p in regionprops(parts)):
+            parts = _split_at_notches(region.image, mpp, params)
+        if parts is None or any(p.solidity <= whole + 0.02 for p in regionprops(parts)):
             continue
         r0, c0, r1, c1 = region.bbox
         window = out[r0:r1, c0:c1]
@@ -323,6 +358,64 @@ def _split_touching(labels: np.ndarray, mpp: float, params: SegmentationParams) 
             window[parts == part] = next_label
             next_label += 1
     return out
+
+
+def _split_at_notches(
+    mask: np.ndarray, mpp: float, params: SegmentationParams
+) -> np.ndarray | None:
+    """Cut a region along the line between its two deepest outline notches.
+
+    Two overlapping nuclei meet at two concave notches of the outline even when
+    their union is nearly convex and its distance transform has one peak. Both
+    notches must be at least ``notch_depth_um`` deep and lie on opposite sides
+    (far apart along the outline); both parts must be nucleus-like.
+
+    Returns:
+        int32 labels 1..2 of the parts over ``mask``'s box, or None.
+    """
+    from skimage.measure import regionprops
+
+    padded = np.pad(mask, 1).astype(np.uint8)
+    contours, _ = cv2.findContours(padded, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return None
+    contour = max(contours, key=cv2.contourArea)
+    if len(contour) < 8:
+        return None
+    try:
+        defects = cv2.convexityDefects(contour, cv2.convexHull(contour, returnPoints=False))
+    except cv2.error:  # self-intersecting outlines
+        return None
+    if defects is None:
+        return None
+    defects = defects.reshape(-1, 4)
+    deep = defects[defects[:, 3] / 256.0 >= params.notch_depth_um / mpp]
+    if len(deep) < 2:
+        return None
+    deep = deep[np.argsort(-deep[:, 3])][:2]
+    i, j = sorted(int(d[2]) for d in deep)
+    along = min(j - i, len(contour) - (j - i))
+    if along < len(contour) / 4:
+        return None  # both notches on one side: a dent, not a waist
+    cut = padded.copy()
+    a, b = contour[i, 0], contour[j, 0]
+    cv2.line(cut, (int(a[0]), int(a[1])), (int(b[0]), int(b[1])), 0, thickness=2)
+    count, parts = cv2.connectedComponents(cut, connectivity=4)
+    if count != 3:
+        return None
+    # Give the cut line's pixels back to the nearer part.
+    line = (padded > 0) & (parts == 0)
+    if line.any():
+        _, indices = ndi.distance_transform_edt(parts == 0, return_indices=True)
+        parts[line] = parts[indices[0][line], indices[1][line]]
+    parts = parts[1:-1, 1:-1].astype(np.int32)
+    px_per_um2 = 1.0 / (mpp * mpp)
+    for piece in regionprops(parts):
+        if not params.min_area_um2 <= piece.area / px_per_um2 <= params.max_area_um2:
+            return None
+        if piece.solidity < params.min_solidity:
+            return None
+    return parts
 
 
 def _merge_close_seeds(markers: np.ndarray, n: int, min_distance_px: float) -> np.ndarray:
