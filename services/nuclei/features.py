@@ -25,6 +25,7 @@ defined (never NaN), and ``few_nuclei`` is set.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -225,7 +226,7 @@ def nucleus_table(labels: np.ndarray, rgb: np.ndarray, mpp: float) -> pd.DataFra
     rows, cols = np.indices(labels.shape)
     safe = np.maximum(area_px, 1.0)
 
-    def mean_of(values: np.ndarray) -> np.ndarray:
+    def mean_of(values: Any) -> np.ndarray:
         return np.bincount(flat, weights=values.ravel(), minlength=count) / safe
 
     cy, cx = mean_of(rows.astype(np.float64)), mean_of(cols.astype(np.float64))
