@@ -287,49 +287,111 @@ def segment_nuclei(
     return _relabel(out)
 
 
+def _mask_solidity(mask: np.ndarray) -> float:
+    """Area / convex-hull area of a binary mask (hull widened by half a pixel)."""
+    points = cv2.findNonZero(mask.astype(np.uint8))
+    if points is None:
+        return 0.0
+    hull = cv2.convexHull(points)
+    hull_px = cv2.contourArea(hull) + cv2.arcLength(hull, True) / 2 + 1
+    return min(1.0, float(np.count_nonzero(mask)) / hull_px)
+
+
+def _parts_ok(
+    parts: np.ndarray,
+    mpp: float,
+    params: SegmentationParams,
+    h: np.ndarray | None,
+    min_peak: int,
+    better_than: float = 0.0,
+) -> bool:
+    """Every part nucleus-sized, solid (and more solid than ``better_than``) and,
+    when ``h`` is given, dark enough somewhere (``min_peak``)."""
+    count = int(parts.max())
+    if count < 2:
+        return False
+    sizes = np.bincount(parts.ravel(), minlength=count + 1)[1:] * (mpp * mpp)
+    if (sizes < params.min_area_um2).any() or (sizes > params.max_area_um2).any():
+        return False
+    if h is not None:
+        peaks = ndi.maximum(h, parts, np.arange(1, count + 1))
+        if np.min(peaks) < min_peak:
+            return False
+    threshold = max(params.min_solidity, better_than)
+    return all(_mask_solidity(parts == part) >= threshold for part in range(1, count + 1))
+
+
+def _distance_seeds(
+    distance: np.ndarray, min_distance_px: float, prominence_px: float
+) -> np.ndarray:
+    """Markers of the distance transform's separate maxima.
+
+    Local maxima at least ``min_distance_px`` apart (strongest first); two maxima
+    belong to one seed unless the distance dips by ``prominence_px`` on the straight
+    line between them (a waist between two nuclei).
+    """
+    local = (distance >= cv2.dilate(distance, np.ones((3, 3), np.uint8))) & (distance >= 1)
+    ys, xs = np.nonzero(local)
+    markers = np.zeros(distance.shape, np.int32)
+    if len(ys) == 0:
+        return markers
+    order = np.argsort(-distance[ys, xs], kind="stable")
+    kept: list[tuple[int, int]] = []
+    for y, x in zip(ys[order], xs[order], strict=True):
+        if all((y - ky) ** 2 + (x - kx) ** 2 >= min_distance_px**2 for ky, kx in kept):
+            kept.append((int(y), int(x)))
+    group = list(range(len(kept)))
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    for i in range(len(kept)):
+        for j in range(i):
+            (y0, x0), (y1, x1) = kept[i], kept[j]
+            steps = int(max(abs(y1 - y0), abs(x1 - x0))) + 1
+            line = distance[
+                np.linspace(y0, y1, steps).round().astype(int),
+                np.linspace(x0, x1, steps).round().astype(int),
+            ]
+            lower = min(distance[y0, x0], distance[y1, x1])
+            if line.min() > lower - prominence_px:
+                group[root(i)] = root(j)
+    roots = sorted({root(i) for i in range(len(kept))})
+    for i, (y, x) in enumerate(kept):
+        markers[y, x] = roots.index(root(i)) + 1
+    return markers
+
+
 def _split_region(
     mask: np.ndarray,
     mpp: float,
     params: SegmentationParams,
     h: np.ndarray | None = None,
     min_peak: int = 0,
+    better_than: float = 0.0,
 ) -> np.ndarray | None:
     """Cut one region into nuclei along the watershed of its distance transform.
 
-    Seeds are maxima of the distance transform that stand out by half a micron, at
-    least ``min_split_distance_um`` apart. The cut counts only when every part is
-    nucleus-sized and solid and, when the hematoxylin window ``h`` is given, reaches
-    ``min_peak`` somewhere (a pale part is cytoplasm, not a nucleus).
+    Seeds are maxima of the distance transform at least ``min_split_distance_um``
+    apart with a waist of half a micron between them. The cut counts only when every
+    part is nucleus-sized and solid and, when the hematoxylin window ``h`` is given,
+    reaches ``min_peak`` somewhere (a pale part is cytoplasm, not a nucleus).
 
     Returns:
         int32 labels 1..n of the parts over ``mask``'s box (n >= 2), or None.
     """
-    from skimage.measure import regionprops
-    from skimage.morphology import h_maxima
     from skimage.segmentation import watershed
 
     padded = np.pad(mask, 1).astype(np.uint8)
     distance = cv2.distanceTransform(padded, cv2.DIST_L2, 5)
-    seeds = h_maxima(distance, max(1.0, 0.5 / mpp), footprint=np.ones((3, 3), bool))
-    markers, n = ndi.label(seeds)
-    if n > 2:
-        markers = _merge_close_seeds(markers, n, params.min_split_distance_um / mpp)
-        n = int(markers.max())
-    if n < 2:
+    markers = _distance_seeds(distance, params.min_split_distance_um / mpp, max(1.0, 0.5 / mpp))
+    if markers.max() < 2:
         return None
     parts = watershed(-distance, markers, mask=padded.astype(bool))[1:-1, 1:-1]
-    px_per_um2 = 1.0 / (mpp * mpp)
-    if h is not None:
-        peaks = ndi.maximum(h, parts, np.arange(1, int(parts.max()) + 1))
-        if np.min(peaks) < min_peak:
-            return None
-    for piece in regionprops(parts):
-        area_um2 = piece.area / px_per_um2
-        if not params.min_area_um2 <= area_um2 <= params.max_area_um2:
-            return None
-        if piece.solidity < params.min_solidity:
-            return None
-    return parts.astype(np.int32)
+    parts = parts.astype(np.int32)
+    return parts if _parts_ok(parts, mpp, params, h, min_peak, better_than) else None
 
 
 def _split_touching(labels: np.ndarray, mpp: float, params: SegmentationParams) -> np.ndarray:
@@ -339,29 +401,29 @@ def _split_touching(labels: np.ndarray, mpp: float, params: SegmentationParams) 
     the whole was."""
     if params.split_below_solidity <= 0 or labels.max() == 0:
         return labels
-    from skimage.measure import regionprops
-
     out = labels.copy()
     next_label = int(labels.max()) + 1
-    for region in regionprops(labels):
-        whole = region.solidity
+    for index, window in enumerate(ndi.find_objects(labels), start=1):
+        if window is None:
+            continue
+        mask = labels[window] == index
+        whole = _mask_solidity(mask)
         if whole >= params.split_below_solidity:
             continue
-        parts = _split_region(region.image, mpp, params)
-        if parts is None or any(p.solidity <= whole + 0.02 for p in regionprops(parts)):
-            parts = _split_at_notches(region.image, mpp, params)
-        if parts is None or any(p.solidity <= whole + 0.02 for p in regionprops(parts)):
+        parts = _split_region(mask, mpp, params, better_than=whole + 0.02)
+        if parts is None:
+            parts = _split_at_notches(mask, mpp, params, better_than=whole + 0.02)
+        if parts is None:
             continue
-        r0, c0, r1, c1 = region.bbox
-        window = out[r0:r1, c0:c1]
+        target = out[window]
         for part in range(2, int(parts.max()) + 1):
-            window[parts == part] = next_label
+            target[parts == part] = next_label
             next_label += 1
     return out
 
 
 def _split_at_notches(
-    mask: np.ndarray, mpp: float, params: SegmentationParams
+    mask: np.ndarray, mpp: float, params: SegmentationParams, better_than: float = 0.0
 ) -> np.ndarray | None:
     """Cut a region along the line between its two deepest outline notches.
 
@@ -373,8 +435,6 @@ def _split_at_notches(
     Returns:
         int32 labels 1..2 of the parts over ``mask``'s box, or None.
     """
-    from skimage.measure import regionprops
-
     padded = np.pad(mask, 1).astype(np.uint8)
     contours, _ = cv2.findContours(padded, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     if not contours:
@@ -409,27 +469,7 @@ def _split_at_notches(
         _, indices = ndi.distance_transform_edt(parts == 0, return_indices=True)
         parts[line] = parts[indices[0][line], indices[1][line]]
     parts = parts[1:-1, 1:-1].astype(np.int32)
-    px_per_um2 = 1.0 / (mpp * mpp)
-    for piece in regionprops(parts):
-        if not params.min_area_um2 <= piece.area / px_per_um2 <= params.max_area_um2:
-            return None
-        if piece.solidity < params.min_solidity:
-            return None
-    return parts
-
-
-def _merge_close_seeds(markers: np.ndarray, n: int, min_distance_px: float) -> np.ndarray:
-    """Merge seed regions whose centres are closer than ``min_distance_px``."""
-    centres = np.array(ndi.center_of_mass(markers > 0, markers, range(1, n + 1)))
-    target = np.arange(n + 1)
-    for i in range(n):
-        for j in range(i):
-            if np.hypot(*(centres[i] - centres[j])) < min_distance_px:
-                target[i + 1] = target[j + 1]
-                break
-    merged = target[markers]
-    _, dense = np.unique(merged, return_inverse=True)
-    return dense.reshape(markers.shape).astype(np.int32)
+    return parts if _parts_ok(parts, mpp, params, None, 0, better_than) else None
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
