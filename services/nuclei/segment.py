@@ -31,11 +31,18 @@ _H_FROM_OD = np.linalg.inv(_RGB_FROM_HED)[:, 0].astype(np.float32)
 #: Hematoxylin optical density (natural log) mapped to grey level 255; darker
 #: nuclei saturate, which only merges the top levels of the ladder.
 H_OD_FULL_SCALE = 3.0
+#: The full scale adapts to the image between these hematoxylin ODs: its 99.5th
+#: percentile maps near the top, so a pale counterstain (IHC, faded H&E) uses the
+#: whole ladder, while a nuclei-free patch is not stretched beyond 1 OD.
+H_OD_SCALE_RANGE = (1.0, 3.0)
+H_SCALE_PERCENTILE = 99.5
 #: Largest clump of touching nuclei split by shape, in nuclei of the largest size.
 CLUMP_MAX_NUCLEI = 10
-FILL_ONLY_SMALL_HOLES = False
+FILL_ONLY_SMALL_HOLES = True
 #: Least solidity of a clump worth splitting (a chain of blobs, not a smear).
 CLUMP_MIN_SOLIDITY = 0.3
+#: Radius of the opening that smooths nucleus outlines, µm.
+OPENING_UM = 1.0
 #: Largest image side accepted, px (a 40x patch is 512; 4096 covers big crops).
 MAX_SIDE_PX = 4096
 
@@ -107,12 +114,24 @@ def check_patch(rgb: np.ndarray, mpp: float) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-def hematoxylin_u8(rgb: np.ndarray) -> np.ndarray:
-    """The hematoxylin concentration as 8-bit grey levels (0 = none, 255 = OD >= 3)."""
+def hematoxylin_u8(rgb: np.ndarray, adaptive: bool = False) -> np.ndarray:
+    """The hematoxylin concentration as 8-bit grey levels (0 = none).
+
+    255 is an OD of 3 (``H_OD_FULL_SCALE``), or with ``adaptive`` the image's 99.5th
+    percentile clipped to ``H_OD_SCALE_RANGE``.
+    """
     od_lut = -np.log((np.arange(256, dtype=np.float32) + 1.0) / 256.0)
     od = od_lut[rgb]
     h = od @ _H_FROM_OD
-    return np.clip(h * (255.0 / H_OD_FULL_SCALE), 0, 255).astype(np.uint8)
+    full_scale = H_OD_FULL_SCALE
+    if adaptive:
+        top = float(
+            np.percentile(
+                h[:: max(1, h.shape[0] // 128), :: max(1, h.shape[1] // 128)], H_SCALE_PERCENTILE
+            )
+        )
+        full_scale = float(np.clip(top, *H_OD_SCALE_RANGE))
+    return np.clip(h * (255.0 / full_scale), 0, 255).astype(np.uint8)
 
 
 @dataclass
@@ -197,7 +216,7 @@ def segment_nuclei(
     px_per_um2 = 1.0 / (mpp * mpp)
     min_px = params.min_area_um2 * px_per_um2
     max_px = params.max_area_um2 * px_per_um2
-    h = cv2.GaussianBlur(hematoxylin_u8(rgb), (0, 0), sigmaX=max(0.5, 0.25 / mpp))
+    h = cv2.GaussianBlur(hematoxylin_u8(rgb, adaptive=True), (0, 0), sigmaX=max(0.5, 0.25 / mpp))
     top = int(h.max())
     levels = list(range(params.min_level, top + 1, params.threshold_step))
     if not levels:
@@ -244,14 +263,19 @@ def segment_nuclei(
         # A clump over at most one nucleus found higher up: split it by shape.
         for i in np.flatnonzero(t.clump & contrasted & (nuclei_below <= 1)):
             x, y, w, hh = t.boxes[i]
-            parts = _split_region(
-                t.labels[y : y + hh, x : x + w] == i,
-                mpp,
-                params,
-                h[y : y + hh, x : x + w],
-                levels[k] + params.min_contrast,
-            )
-            if parts is not None and parts.max() >= max(2, nuclei_below[i]):
+            region = t.labels[y : y + hh, x : x + w] == i
+            window = h[y : y + hh, x : x + w]
+            parts = None
+            unfilled = region & (window >= levels[k])
+            if unfilled.sum() < region.sum():
+                # Its holes were filled: a ring of nuclei round a lumen splits only
+                # with the lumen left open.
+                parts = _split_region(
+                    unfilled, mpp, params, window, levels[k] + params.min_contrast
+                )
+            if parts is None:
+                parts = _split_region(region, mpp, params, window, levels[k] + params.min_contrast)
+            if parts is not None and parts.max() >= 2:
                 clumps[(k, int(i))] = parts
                 chosen[k][i] = True
                 count_here[i] = int(parts.max())
@@ -280,11 +304,12 @@ def segment_nuclei(
                     continue
                 x, y, w, hh = t.boxes[i]
                 window = out[y : y + hh, x : x + w]
+                window[t.labels[y : y + hh, x : x + w] == i] = 0  # e.g. a lumen
                 inside = parts > 0
                 window[inside] = parts[inside] + next_label
                 next_label += int(parts.max()) + 1
     out = _split_touching(out, mpp, params)
-    return _relabel(out)
+    return _relabel(_smooth_outlines(out, mpp))
 
 
 def _mask_solidity(mask: np.ndarray) -> float:
@@ -297,6 +322,29 @@ def _mask_solidity(mask: np.ndarray) -> float:
     return min(1.0, float(np.count_nonzero(mask)) / hull_px)
 
 
+def _nucleus_like_parts(
+    parts: np.ndarray,
+    mpp: float,
+    params: SegmentationParams,
+    h: np.ndarray | None,
+    min_peak: int,
+    better_than: float = 0.0,
+) -> np.ndarray:
+    """Per part (index 0 unused): nucleus-sized, solid (and more solid than
+    ``better_than``) and, when ``h`` is given, dark enough somewhere (``min_peak``)."""
+    count = int(parts.max())
+    sizes = np.bincount(parts.ravel(), minlength=count + 1) * (mpp * mpp)
+    good = (sizes >= params.min_area_um2) & (sizes <= params.max_area_um2)
+    good[0] = False
+    if h is not None and count:
+        peaks = ndi.maximum(h, parts, np.arange(1, count + 1))
+        good[1:] &= np.asarray(peaks) >= min_peak
+    threshold = max(params.min_solidity, better_than)
+    for part in np.flatnonzero(good):
+        good[part] = _mask_solidity(parts == part) >= threshold
+    return good
+
+
 def _parts_ok(
     parts: np.ndarray,
     mpp: float,
@@ -305,20 +353,10 @@ def _parts_ok(
     min_peak: int,
     better_than: float = 0.0,
 ) -> bool:
-    """Every part nucleus-sized, solid (and more solid than ``better_than``) and,
-    when ``h`` is given, dark enough somewhere (``min_peak``)."""
-    count = int(parts.max())
-    if count < 2:
+    """At least two parts, every one nucleus-like."""
+    if parts.max() < 2:
         return False
-    sizes = np.bincount(parts.ravel(), minlength=count + 1)[1:] * (mpp * mpp)
-    if (sizes < params.min_area_um2).any() or (sizes > params.max_area_um2).any():
-        return False
-    if h is not None:
-        peaks = ndi.maximum(h, parts, np.arange(1, count + 1))
-        if np.min(peaks) < min_peak:
-            return False
-    threshold = max(params.min_solidity, better_than)
-    return all(_mask_solidity(parts == part) >= threshold for part in range(1, count + 1))
+    return bool(_nucleus_like_parts(parts, mpp, params, h, min_peak, better_than)[1:].all())
 
 
 def _distance_seeds(
@@ -371,6 +409,7 @@ def _split_region(
     h: np.ndarray | None = None,
     min_peak: int = 0,
     better_than: float = 0.0,
+    keep_nuclei_only: bool = False,
 ) -> np.ndarray | None:
     """Cut one region into nuclei along the watershed of its distance transform.
 
@@ -378,6 +417,9 @@ def _split_region(
     apart with a waist of half a micron between them. The cut counts only when every
     part is nucleus-sized and solid and, when the hematoxylin window ``h`` is given,
     reaches ``min_peak`` somewhere (a pale part is cytoplasm, not a nucleus).
+
+    With ``keep_nuclei_only`` (a clump of nuclei with cytoplasm between them) the
+    parts that are not nucleus-like are dropped instead of failing the cut.
 
     Returns:
         int32 labels 1..n of the parts over ``mask``'s box (n >= 2), or None.
@@ -391,7 +433,15 @@ def _split_region(
         return None
     parts = watershed(-distance, markers, mask=padded.astype(bool))[1:-1, 1:-1]
     parts = parts.astype(np.int32)
-    return parts if _parts_ok(parts, mpp, params, h, min_peak, better_than) else None
+    if not keep_nuclei_only:
+        return parts if _parts_ok(parts, mpp, params, h, min_peak, better_than) else None
+    good = _nucleus_like_parts(parts, mpp, params, h, min_peak, better_than)
+    if good.sum() < 2:
+        return None
+    # A clump: its nucleus-like parts are nuclei, the rest (cytoplasm, debris) is not.
+    renumber = np.zeros(len(good), np.int32)
+    renumber[good] = np.arange(1, int(good.sum()) + 1, dtype=np.int32)
+    return renumber[parts]
 
 
 def _split_touching(labels: np.ndarray, mpp: float, params: SegmentationParams) -> np.ndarray:
@@ -470,6 +520,33 @@ def _split_at_notches(
         parts[line] = parts[indices[0][line], indices[1][line]]
     parts = parts[1:-1, 1:-1].astype(np.int32)
     return parts if _parts_ok(parts, mpp, params, None, 0, better_than) else None
+
+
+def _smooth_outlines(labels: np.ndarray, mpp: float) -> np.ndarray:
+    """Open the nuclei with a disc of OPENING_UM radius: cuts the thin tails a low
+    threshold level drags along from cytoplasm; nuclei are round enough to keep."""
+    radius = round(OPENING_UM / mpp)
+    if radius < 1 or labels.max() == 0:
+        return labels
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    # Per nucleus: erode each label within itself (a pixel bordering another label
+    # counts as an edge), then grow back inside the same label.
+    same = np.ones(labels.shape, np.uint8)
+    padded = np.pad(labels, 1)
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        neighbour = padded[1 + dy : padded.shape[0] - 1 + dy, 1 + dx : padded.shape[1] - 1 + dx]
+        same &= (neighbour == labels).astype(np.uint8)
+    inner = ((labels > 0) & (same > 0)).astype(np.uint8)
+    core = cv2.erode(inner, disc)
+    grown = cv2.dilate(core * labels.astype(np.float32), disc)  # labels survive as values
+    kept = (grown == labels) & (labels > 0)
+    out = np.where(kept, labels, 0).astype(np.int32)
+    # A nucleus the opening removed entirely (smaller than the disc) stays as it was.
+    lost = np.setdiff1d(np.unique(labels), np.unique(out))
+    if lost.size:
+        restore = np.isin(labels, lost)
+        out[restore] = labels[restore]
+    return out
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
