@@ -233,9 +233,11 @@ def segment_nuclei(
         valid = in_range & (solidity >= params.min_solidity)
         clump = clump_size & ~valid & (solidity >= CLUMP_MIN_SOLIDITY)
         parent = np.zeros(count, np.int64)
-        if previous is not None:
-            # Any pixel of a region gives its container one level down (nesting).
-            parent[labels.ravel()] = previous.ravel()
+        if previous is not None and contours:
+            # Any pixel of a region gives its container one level down (nesting):
+            # each region's outline starts on one of its pixels.
+            starts = np.array([c[0, 0] for c in contours])
+            parent[labels[starts[:, 1], starts[:, 0]]] = previous[starts[:, 1], starts[:, 0]]
         tree.append(_Level(labels, count, valid, clump, parent, boxes))
         previous = labels
 
@@ -296,8 +298,10 @@ def segment_nuclei(
             ids = np.zeros(t.count, np.int32)
             ids[final] = np.arange(next_label, next_label + int(final.sum()), dtype=np.int32)
             next_label += int(final.sum())
-            painted = ids[t.labels]
-            out = np.where(painted > 0, painted, out)
+            for i in np.flatnonzero(final):
+                x, y, w, hh = t.boxes[i]
+                window = out[y : y + hh, x : x + w]
+                window[t.labels[y : y + hh, x : x + w] == i] = ids[i]
             for i in np.flatnonzero(final):
                 parts = clumps.get((k, int(i)))
                 if parts is None:
@@ -368,37 +372,51 @@ def _distance_seeds(
     belong to one seed unless the distance dips by ``prominence_px`` on the straight
     line between them (a waist between two nuclei).
     """
+    markers = np.zeros(distance.shape, np.int32)
     local = (distance >= cv2.dilate(distance, np.ones((3, 3), np.uint8))) & (distance >= 1)
     ys, xs = np.nonzero(local)
-    markers = np.zeros(distance.shape, np.int32)
-    if len(ys) == 0:
+    if len(ys) < 2:
+        if len(ys):
+            markers[ys, xs] = 1
         return markers
     order = np.argsort(-distance[ys, xs], kind="stable")
-    kept: list[tuple[int, int]] = []
-    for y, x in zip(ys[order], xs[order], strict=True):
-        if all((y - ky) ** 2 + (x - kx) ** 2 >= min_distance_px**2 for ky, kx in kept):
-            kept.append((int(y), int(x)))
-    group = list(range(len(kept)))
-
-    def root(i: int) -> int:
-        while group[i] != i:
-            i = group[i]
-        return i
-
-    for i in range(len(kept)):
-        for j in range(i):
-            (y0, x0), (y1, x1) = kept[i], kept[j]
-            steps = int(max(abs(y1 - y0), abs(x1 - x0))) + 1
-            line = distance[
-                np.linspace(y0, y1, steps).round().astype(int),
-                np.linspace(x0, x1, steps).round().astype(int),
-            ]
-            lower = min(distance[y0, x0], distance[y1, x1])
-            if line.min() > lower - prominence_px:
-                group[root(i)] = root(j)
-    roots = sorted({root(i) for i in range(len(kept))})
-    for i, (y, x) in enumerate(kept):
-        markers[y, x] = roots.index(root(i)) + 1
+    ys, xs = ys[order], xs[order]
+    # Greedy suppression, strongest first, vectorised over the candidates.
+    suppressed = np.zeros(len(ys), bool)
+    kept = []
+    limit = min_distance_px**2
+    for i in range(len(ys)):
+        if suppressed[i]:
+            continue
+        kept.append(i)
+        suppressed |= (ys - ys[i]) ** 2 + (xs - xs[i]) ** 2 < limit
+    ky, kx = ys[kept], xs[kept]
+    n = len(kept)
+    group = np.arange(n)
+    if n > 1:
+        # Sample every pair's segment at 16 points in one gather.
+        i, j = np.triu_indices(n, 1)
+        t = np.linspace(0.0, 1.0, 16)[None, :]
+        line_y = np.rint(ky[i, None] + (ky[j, None] - ky[i, None]) * t).astype(np.int64)
+        line_x = np.rint(kx[i, None] + (kx[j, None] - kx[i, None]) * t).astype(np.int64)
+        dip = distance[line_y, line_x].min(axis=1)
+        lower = np.minimum(distance[ky[i], kx[i]], distance[ky[j], kx[j]])
+        for a, b in zip(
+            i[dip > lower - prominence_px], j[dip > lower - prominence_px], strict=True
+        ):
+            ra, rb = a, b
+            while group[ra] != ra:
+                ra = group[ra]
+            while group[rb] != rb:
+                rb = group[rb]
+            group[max(ra, rb)] = min(ra, rb)
+        for a in range(n):
+            root = a
+            while group[root] != root:
+                root = group[root]
+            group[a] = root
+    _, seed = np.unique(group, return_inverse=True)
+    markers[ky, kx] = seed + 1
     return markers
 
 
