@@ -395,15 +395,16 @@ def _distance_seeds(
     group = np.arange(n)
     if n > 1:
         # Sample every pair's segment at 16 points in one gather.
-        i, j = np.triu_indices(n, 1)
+        first, second = np.triu_indices(n, 1)
         t = np.linspace(0.0, 1.0, 16)[None, :]
-        line_y = np.rint(ky[i, None] + (ky[j, None] - ky[i, None]) * t).astype(np.int64)
-        line_x = np.rint(kx[i, None] + (kx[j, None] - kx[i, None]) * t).astype(np.int64)
+        dy = ky[second, None] - ky[first, None]
+        dx = kx[second, None] - kx[first, None]
+        line_y = np.rint(ky[first, None] + dy * t).astype(np.int64)
+        line_x = np.rint(kx[first, None] + dx * t).astype(np.int64)
         dip = distance[line_y, line_x].min(axis=1)
-        lower = np.minimum(distance[ky[i], kx[i]], distance[ky[j], kx[j]])
-        for a, b in zip(
-            i[dip > lower - prominence_px], j[dip > lower - prominence_px], strict=True
-        ):
+        lower = np.minimum(distance[ky[first], kx[first]], distance[ky[second], kx[second]])
+        joined = dip > lower - prominence_px
+        for a, b in zip(first[joined], second[joined], strict=True):
             ra, rb = a, b
             while group[ra] != ra:
                 ra = group[ra]
