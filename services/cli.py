@@ -104,6 +104,12 @@ def _normalize(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _nuclei(args: argparse.Namespace) -> dict[str, Any]:
+    from services.nuclei.cli_nuclei import run_nuclei
+
+    return run_nuclei(args)
+
+
 def _cohort_import(args: argparse.Namespace) -> dict[str, Any]:
     from services.cohort.importer import import_cohort
 
@@ -174,10 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     normalize.set_defaults(handler=_normalize)
 
     nuclei = sub.add_parser("nuclei", help="nuclei segmentation and the 75 patch features")
-    nuclei.add_argument("image", metavar="IMAGE")
-    nuclei.add_argument("--mpp", type=float, default=0.25, help="microns per pixel")
-    nuclei.add_argument("--labels", metavar="OUT.tif", help="write instance labels here")
-    nuclei.set_defaults(handler=_planned("histomarker nuclei", 7))
+    nuclei.add_argument("image", metavar="IMAGE", help="RGB patch: PNG, JPEG or TIFF")
+    nuclei.add_argument(
+        "--mpp", type=float, default=0.25, help="microns per pixel (default 0.25, i.e. 40x)"
+    )
+    nuclei.add_argument(
+        "--labels", metavar="OUT.tif", help="write the instance labels here (uint16/uint32 TIFF)"
+    )
+    nuclei.set_defaults(handler=_nuclei)
 
     metrics = sub.add_parser("metrics", help="AUROC, AUPRC and MCC-F1, patch and slide level")
     metrics.add_argument("table", metavar="TABLE.csv")
