@@ -428,7 +428,6 @@ def _split_region(
     h: np.ndarray | None = None,
     min_peak: int = 0,
     better_than: float = 0.0,
-    keep_nuclei_only: bool = False,
 ) -> np.ndarray | None:
     """Cut one region into nuclei along the watershed of its distance transform.
 
@@ -436,9 +435,6 @@ def _split_region(
     apart with a waist of half a micron between them. The cut counts only when every
     part is nucleus-sized and solid and, when the hematoxylin window ``h`` is given,
     reaches ``min_peak`` somewhere (a pale part is cytoplasm, not a nucleus).
-
-    With ``keep_nuclei_only`` (a clump of nuclei with cytoplasm between them) the
-    parts that are not nucleus-like are dropped instead of failing the cut.
 
     Returns:
         int32 labels 1..n of the parts over ``mask``'s box (n >= 2), or None.
@@ -452,15 +448,7 @@ def _split_region(
         return None
     parts = watershed(-distance, markers, mask=padded.astype(bool))[1:-1, 1:-1]
     parts = parts.astype(np.int32)
-    if not keep_nuclei_only:
-        return parts if _parts_ok(parts, mpp, params, h, min_peak, better_than) else None
-    good = _nucleus_like_parts(parts, mpp, params, h, min_peak, better_than)
-    if good.sum() < 2:
-        return None
-    # A clump: its nucleus-like parts are nuclei, the rest (cytoplasm, debris) is not.
-    renumber = np.zeros(len(good), np.int32)
-    renumber[good] = np.arange(1, int(good.sum()) + 1, dtype=np.int32)
-    return renumber[parts]
+    return parts if _parts_ok(parts, mpp, params, h, min_peak, better_than) else None
 
 
 def _split_touching(labels: np.ndarray, mpp: float, params: SegmentationParams) -> np.ndarray:

@@ -1,0 +1,94 @@
+"""Nuclei segmentation against the synthetic ground truth (40x instance labels).
+
+Nuclei under pen ink, blur or folds are left out on both sides: those areas are
+excluded from analysis upstream. Three unseen cohorts are pooled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+from skimage import data
+
+from services.nuclei.accuracy import MatchResult, match_instances
+from services.nuclei.segment import segment_nuclei
+from services.synth.cohort import generate_cohort
+
+SEEDS = (7, 11, 21)
+
+
+@pytest.fixture(scope="module")
+def crops(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    root = tmp_path_factory.mktemp("nuclei-truth")
+    out = []
+    for seed in SEEDS:
+        cohort = root / f"seed{seed}"
+        generate_cohort(cohort, n_slides=4, seed=seed, preset="tiny", truth_crops=4)
+        for truth_dir in sorted((cohort / "truth").iterdir()):
+            out.extend(_crops_of(truth_dir))
+    return out
+
+
+def _crops_of(truth_dir: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    info = json.loads((truth_dir / "masks.json").read_text())
+    step = info["downsample"]
+    artifacts = np.zeros(tuple(reversed(info["mask_size_px"])), bool)
+    for name in ("pen", "blur", "fold"):
+        artifacts |= cv2.imread(str(truth_dir / f"{name}.png"), cv2.IMREAD_GRAYSCALE) > 0
+    found = []
+    for crop in info["nuclei_crops"]:
+        bgr = cv2.imread(str(truth_dir / "nuclei" / f"{crop['name']}.png"))
+        truth = tifffile.imread(truth_dir / "nuclei" / f"{crop['name']}_labels.tif")
+        rows = np.minimum((crop["y"] + np.arange(truth.shape[0])) // step, artifacts.shape[0] - 1)
+        cols = np.minimum((crop["x"] + np.arange(truth.shape[1])) // step, artifacts.shape[1] - 1)
+        found.append((cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), truth, artifacts[rows][:, cols]))
+    return found
+
+
+@pytest.fixture(scope="module")
+def pooled(crops: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> MatchResult:
+    total = MatchResult(0, 0, 0, ())
+    for rgb, truth, ignore in crops:
+        total = total + match_instances(truth, segment_nuclei(rgb, 0.25), ignore=ignore)
+    print(
+        f"\nnuclei {total.true_positives + total.false_negatives}: F1 {total.f1:.3f} "
+        f"precision {total.precision:.3f} recall {total.recall:.3f} Dice {total.mean_dice:.3f}"
+    )
+    return total
+
+
+@pytest.mark.slow
+def test_segmentation_finds_the_nuclei(pooled: MatchResult) -> None:
+    total = pooled
+    assert total.true_positives + total.false_negatives > 1000
+    assert total.mean_dice >= 0.80  # the issue's target: met
+    assert total.precision >= 0.90  # what is found is right
+    assert total.f1 >= 0.75  # a floor against regressions, below the target
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 7): pooled detection F1 0.79 against the 0.85 target; packed "
+    "vesicular nuclei and heavily overlapping ones are missed (recall 0.59-0.80)",
+)
+def test_detection_f1_meets_the_target(pooled: MatchResult) -> None:
+    assert pooled.f1 >= 0.85
+
+
+def test_counts_on_the_real_stained_sample_are_plausible() -> None:
+    """scikit-image's immunohistochemistry sample (hematoxylin counterstain + DAB): by
+    eye ~150-250 nuclei, stromal ones well separated, epithelial ones pale in brown
+    membranes. At an assumed 0.5 µm/px (the image carries no resolution)."""
+    labels = segment_nuclei(data.immunohistochemistry(), 0.5)
+    count = int(labels.max())
+    area_um2 = np.bincount(labels.ravel())[1:] * 0.25
+    assert 80 <= count <= 300
+    assert 15 <= float(np.median(area_um2)) <= 80
