@@ -34,7 +34,6 @@ class PlannedStage:
 
 PLANNED = (
     PlannedStage("cancer detector and biomarker models on TorchServe", 6),
-    PlannedStage("nuclei segmentation and the 75 features", 7),
     PlannedStage("metrics, ablation, statistics and the HTML report", 8),
     PlannedStage("calibrated slide predictions over gRPC", 9),
     PlannedStage("the Prefect training and batch-prediction flows", 10),
@@ -85,13 +84,30 @@ def _tile_first_cancer_slide(cohort: Path, store_url: str) -> dict[str, Any]:
         # The 40x step on a few 20x patches, the way the cancer patches get it.
         chosen = [(int(r.x), int(r.y), float(r.width)) for r in grid.head(4).itertuples()]
         high = extract_40x(reader, store, prefix, chosen) if chosen else None
+    nuclei = _nuclei_of_first_40x_patch(store, high.shards[0]) if high else {}
     return {
+        "nuclei_40x": nuclei,
         "slide_id": result.slide_id,
         "status": result.status,
         "patches": result.patch_count,
         "grid": f"{prefix}/grid.parquet",
         "patches_40x": high.patch_count if high else 0,
         "source_40x": high.source.value if high else "",
+    }
+
+
+def _nuclei_of_first_40x_patch(store: Any, shard_key: str) -> dict[str, Any]:
+    """Nuclei and the 75 features of one 40x patch, as the feature analysis sees it."""
+    from services.nuclei.pipeline import analyze_patch
+    from services.tiling.shards import iter_shard
+
+    member, rgb = next(iter_shard(store, shard_key))
+    analysis = analyze_patch(rgb, 0.25)
+    features = analysis.features.as_dict()
+    return {
+        "patch": member,
+        "nuclei": analysis.features.nucleus_count,
+        "morph.area.mean_um2": round(features["morph.area.mean"], 1),
     }
 
 

@@ -30,6 +30,7 @@ def test_demo_runs_the_stages_that_exist_and_lists_the_rest(tmp_path: Path) -> N
     assert (tmp_path / "out" / "store" / tiling["grid"]).is_file()
     assert tiling["patches_40x"] == 4 * min(4, tiling["patches"])
     assert tiling["source_40x"] == "native"  # the synthetic slides have a 40x level
+    assert tiling["nuclei_40x"]["nuclei"] > 0
     health = report["ran"]["gRPC services (health)"]
     assert set(health) == {
         f"histomarker.v1.{name}Service" for name in ("Tiling", "Nuclei", "Analysis", "Prediction")
