@@ -110,6 +110,12 @@ def _nuclei(args: argparse.Namespace) -> dict[str, Any]:
     return run_nuclei(args)
 
 
+def _metrics(args: argparse.Namespace) -> dict[str, Any]:
+    from services.analysis.cli_metrics import run_metrics
+
+    return run_metrics(args)
+
+
 def _cohort_import(args: argparse.Namespace) -> dict[str, Any]:
     from services.cohort.importer import import_cohort
 
@@ -190,8 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     nuclei.set_defaults(handler=_nuclei)
 
     metrics = sub.add_parser("metrics", help="AUROC, AUPRC and MCC-F1, patch and slide level")
-    metrics.add_argument("table", metavar="TABLE.csv")
-    metrics.set_defaults(handler=_planned("histomarker metrics", 8))
+    metrics.add_argument("table", metavar="TABLE.csv", help="patch table: CSV, TSV or parquet")
+    metrics.add_argument(
+        "--aggregate", choices=["mean", "median", "topk"], default="mean", help="slide score"
+    )
+    metrics.add_argument("--top-k", type=int, default=10, help="patches averaged by topk")
+    metrics.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="resamples")
+    metrics.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    metrics.set_defaults(handler=_metrics)
 
     cohort = sub.add_parser("cohort", help="cohort manifests")
     cohort_sub = cohort.add_subparsers(dest="cohort_command", metavar="ACTION", required=True)
