@@ -125,44 +125,50 @@ def _perimeters(labels: np.ndarray, count: int) -> np.ndarray:
     weighted by how many border pixels of the same nucleus touch it along the axes
     and diagonally (straight runs count 1, diagonal steps sqrt 2, corners between).
     """
-    padded = np.pad(labels, 1)
+    padded = np.pad(labels.astype(np.int32), 1)
+    height, width = labels.shape
     centre = padded[1:-1, 1:-1]
-
-    def shifted(dy: int, dx: int, image: np.ndarray) -> np.ndarray:
-        return image[1 + dy : image.shape[0] - 1 + dy, 1 + dx : image.shape[1] - 1 + dx]
-
     interior = centre > 0
     for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-        interior &= shifted(dy, dx, padded) == centre
-    border = (centre > 0) & ~interior
-    border_labels = np.pad(np.where(border, centre, 0), 1)
-    code = np.ones(labels.shape, np.int64)
-    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-        code += 2 * ((shifted(dy, dx, border_labels) == centre) & border)
-    for dy, dx in ((-1, -1), (-1, 1), (1, -1), (1, 1)):
-        code += 10 * ((shifted(dy, dx, border_labels) == centre) & border)
+        interior &= padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width] == centre
+    ys, xs = np.nonzero((centre > 0) & ~interior)
+    if len(ys) == 0:
+        return np.zeros(count)
+    owner = centre[ys, xs]
+    border = np.zeros_like(padded)
+    border[ys + 1, xs + 1] = owner
+    code = np.ones(len(ys), np.int64)
+    for (dy, dx), weight in (
+        ((-1, 0), 2),
+        ((1, 0), 2),
+        ((0, -1), 2),
+        ((0, 1), 2),
+        ((-1, -1), 10),
+        ((-1, 1), 10),
+        ((1, -1), 10),
+        ((1, 1), 10),
+    ):
+        code += weight * (border[ys + 1 + dy, xs + 1 + dx] == owner)
     weights = np.zeros(50)
     weights[[5, 7, 15, 17, 25, 27]] = 1.0
     weights[[21, 33]] = np.sqrt(2.0)
     weights[[13, 23]] = (1.0 + np.sqrt(2.0)) / 2.0
-    per_pixel = np.where(border, weights[np.minimum(code, 49)], 0.0)
-    return np.bincount(labels.ravel(), weights=per_pixel.ravel(), minlength=count)
+    return np.bincount(owner, weights=weights[np.minimum(code, 49)], minlength=count)
 
 
 def _convex_areas(labels: np.ndarray, count: int) -> np.ndarray:
     """Per label, the pixels whose centres lie in or on the convex hull of the
     nucleus's pixels widened by half a pixel (regionprops' convex area), px."""
+    from scipy import ndimage as ndi
     from skimage.measure import grid_points_in_poly
 
     areas = np.zeros(count)
-    boxes = _boxes(labels, count)
     # The pixels' edge midpoints, as regionprops takes them.
     corners = np.array([[-0.5, 0.0], [0.5, 0.0], [0.0, -0.5], [0.0, 0.5]], np.float32)
-    for label in range(1, count):
-        y0, x0, y1, x1 = boxes[label]
-        if y1 < y0:
+    for label, box in enumerate(ndi.find_objects(labels), start=1):
+        if box is None:
             continue
-        window = (labels[y0 : y1 + 1, x0 : x1 + 1] == label).astype(np.uint8)
+        window = (labels[box] == label).astype(np.uint8)
         contours, _ = cv2.findContours(window, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         points = np.concatenate([c.reshape(-1, 2) for c in contours]).astype(np.float32)
         points = (points[:, None, :] + corners[None]).reshape(-1, 2)
@@ -171,20 +177,6 @@ def _convex_areas(labels: np.ndarray, count: int) -> np.ndarray:
         inside = grid_points_in_poly(window.shape, hull[:, ::-1], binarize=False) >= 1
         areas[label] = max(int(inside.sum()), int(window.sum()))
     return areas
-
-
-def _boxes(labels: np.ndarray, count: int) -> np.ndarray:
-    """(count, 4) inclusive boxes y0, x0, y1, x1 per label (y1 < y0 when absent)."""
-    boxes = np.zeros((count, 4), np.int64)
-    boxes[:, 0] = boxes[:, 1] = np.iinfo(np.int64).max
-    boxes[:, 2] = boxes[:, 3] = -1
-    ys, xs = np.nonzero(labels)
-    values = labels[ys, xs]
-    np.minimum.at(boxes[:, 0], values, ys)
-    np.minimum.at(boxes[:, 1], values, xs)
-    np.maximum.at(boxes[:, 2], values, ys)
-    np.maximum.at(boxes[:, 3], values, xs)
-    return boxes
 
 
 def _delaunay_neighbours(points: np.ndarray) -> list[np.ndarray] | None:
@@ -217,21 +209,22 @@ def nucleus_table(labels: np.ndarray, rgb: np.ndarray, mpp: float) -> pd.DataFra
     _check(labels, rgb, mpp)
     labels = labels.astype(np.int64)
     count = int(labels.max()) + 1 if labels.size else 1
-    flat = labels.ravel()
-    area_px = np.bincount(flat, minlength=count).astype(np.float64)
+    area_px = np.bincount(labels.ravel(), minlength=count).astype(np.float64)
     present = np.flatnonzero(area_px)
     present = present[present > 0]
     if len(present) == 0:
         return pd.DataFrame({column: pd.Series(dtype=float) for column in NUCLEUS_COLUMNS})
-    rows, cols = np.indices(labels.shape)
+    # Only labelled pixels matter: work on their coordinates (a fraction of the patch).
+    ys, xs = np.nonzero(labels)
+    owner = labels[ys, xs]
     safe = np.maximum(area_px, 1.0)
 
     def mean_of(values: Any) -> np.ndarray:
-        return np.bincount(flat, weights=values.ravel(), minlength=count) / safe
+        return np.bincount(owner, weights=values, minlength=count) / safe
 
-    cy, cx = mean_of(rows.astype(np.float64)), mean_of(cols.astype(np.float64))
-    dy = rows - cy[labels]
-    dx = cols - cx[labels]
+    cy, cx = mean_of(ys.astype(np.float64)), mean_of(xs.astype(np.float64))
+    dy = ys - cy[owner]
+    dx = xs - cx[owner]
     mu20 = mean_of(dy * dy)  # row variance
     mu02 = mean_of(dx * dx)  # column variance
     mu11 = mean_of(dy * dx)
@@ -244,7 +237,8 @@ def nucleus_table(labels: np.ndarray, rgb: np.ndarray, mpp: float) -> pd.DataFra
     orientation = np.degrees(0.5 * np.arctan2(-2 * mu11, mu02 - mu20))
     perimeter_px = _perimeters(labels, count)
     convex_px = _convex_areas(labels, count)
-    colour = [mean_of(rgb[..., channel].astype(np.float64)) for channel in range(3)]
+    pixels = rgb[ys, xs].astype(np.float64)
+    colour = [mean_of(pixels[:, channel]) for channel in range(3)]
 
     p = present
     table = pd.DataFrame(
