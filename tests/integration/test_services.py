@@ -35,7 +35,7 @@ SERVICES = ["tiling", "nuclei", "analysis", "prediction"]
 EXPECTED_RPCS = {
     "tiling": {"GetSlideInfo", "SegmentTissue", "TileSlide", "NormalizePatches"},
     "nuclei": {"SegmentNuclei", "ExtractFeatures", "ExtractFeaturesForShards"},
-    "analysis": {"ComputeMetrics", "RunAblation", "CompareGroups", "BuildReport"},
+    "analysis": {"ComputeMetrics", "RunFeatureAblation", "CompareGroups", "BuildReport"},
     "prediction": {"PredictSlide", "UploadAndPredict", "PredictSlideStream", "ListModels"},
 }
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -46,7 +46,7 @@ REQUIRED_RPCS: dict[str, tuple[str, set[str]]] = {
     "NucleiService": ("nuclei", {"SegmentNuclei", "ExtractFeatures", "ExtractFeaturesForShards"}),
     "AnalysisService": (
         "analysis",
-        {"ComputeMetrics", "AggregateSlides", "RunAblation", "CompareGroups", "BuildReport"},
+        {"ComputeMetrics", "AggregateSlides", "RunFeatureAblation", "CompareGroups", "BuildReport"},
     ),
     "PredictionService": (
         "prediction",
