@@ -33,10 +33,12 @@ class PlannedStage:
 
 
 PLANNED = (
-    PlannedStage("cancer detector and biomarker models on TorchServe", 6),
-    PlannedStage("metrics, ablation, statistics and the HTML report", 8),
     PlannedStage("calibrated slide predictions over gRPC", 9),
-    PlannedStage("the Prefect training and batch-prediction flows", 10),
+    PlannedStage(
+        "training the cancer detector and the six biomarker models on the demo cohort, "
+        "serving them on TorchServe, and the analysis report (Prefect flows)",
+        10,
+    ),
 )
 
 
