@@ -137,6 +137,27 @@ def _serve(args: argparse.Namespace) -> dict[str, Any]:
     return {"service": args.service, "stopped": True}
 
 
+def _predict(args: argparse.Namespace) -> dict[str, Any]:
+    from services.prediction.cli_predict import run_predict
+
+    return run_predict(args)
+
+
+def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stored", action="store_true", help="SLIDE is an object key")
+    parser.add_argument("--slide-id", default="", help="id to give the slide")
+    parser.add_argument(
+        "--biomarker",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="tp53, pik3ca, er, pr, her2 or basal (repeatable; all six by default)",
+    )
+    parser.add_argument("--top-k", type=int, default=0, help="top patches per biomarker")
+    parser.add_argument("--no-heatmaps", action="store_true", help="skip the heatmap PNGs")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="deadline, seconds")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``histomarker`` command with every subcommand."""
     parser = _Parser(
@@ -229,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="calibrated biomarker calls for a slide")
     predict.add_argument("slide", metavar="SLIDE")
     predict.add_argument("--target", default="127.0.0.1:50050", metavar="HOST:PORT")
-    predict.set_defaults(handler=_planned("histomarker predict", 9))
+    _add_predict_arguments(predict)
+    predict.set_defaults(handler=_predict)
 
     flows = sub.add_parser("flows", help="Prefect flows and deployments")
     flows_sub = flows.add_subparsers(dest="flows_command", metavar="ACTION", required=True)

@@ -1,19 +1,96 @@
 """gRPC adapter of the PredictionService: `histomarker serve prediction`.
 
-The service's logic lives beside this file without any gRPC import; this module
-only binds it to `histomarker.v1.PredictionService`. RPCs that have not landed yet
-answer UNIMPLEMENTED naming issue #9, after the request's object references
-are checked.
+The logic lives beside this file without any gRPC import (``pipeline``: the
+per-slide stages; ``models``: which models are deployed and how patches are
+scored); this module converts messages and binds it to
+``histomarker.v1.PredictionService``.
+
+Admission control: at most ``max_concurrent_predictions`` slides are predicted at
+once and at most ``max_queued_predictions`` more wait for a slot (honouring their
+deadline and cancellation while they wait); a call beyond that is refused at once
+with RESOURCE_EXHAUSTED. The gRPC thread pool is sized above both, so refused calls
+and ListModels/health answer even when the queue is full.
+
+Uploads (UploadAndPredict): the first message carries the metadata, the rest the
+file's bytes. A declared size above ``max_upload_mb`` is RESOURCE_EXHAUSTED before a
+byte is read; more bytes than declared, fewer, or another sha256 is
+INVALID_ARGUMENT. The bytes go to a local file while hashed and are put to
+``slides/{slide_id}.{ext}`` (atomically, so a failed upload leaves nothing) only
+once checked. An upload takes its admission slot before its bytes are read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import urllib.parse
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import grpc
+from pydantic import Field, SecretStr, model_validator
+
+from services.common.cancellation import WorkBudget
+from services.common.errors import HistomarkerError, InvalidInput, NotFound, ResourceExhausted
 from services.common.grpc_server import HistomarkerServer, ServiceBinding, create_server, serve
+from services.common.objectstore import ObjectStore
 from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
-from services.common.stubs.histomarker.v1 import prediction_pb2, prediction_pb2_grpc
+from services.common.stubs.histomarker.v1 import common_pb2, prediction_pb2, prediction_pb2_grpc
+from services.inference.torchserve import RestClient, TorchServeGrpcClient, read_key_file
+from services.prediction.models import (
+    CANCER_DETECTOR,
+    DeployedModel,
+    ModelRegistry,
+    PatchScorer,
+    TorchServeScorer,
+    ordered,
+)
+from services.prediction.pipeline import (
+    PredictionParams,
+    ProgressEvent,
+    SlidePredictionResult,
+    predict_slide,
+)
+from services.synth.labels import BIOMARKERS
+from services.tiling.reader import open_slide
+from services.tiling.slides import SlideCache, slide_id_for
+from services.tiling.stain import StainMatrix
 
 SERVICE_NAME = "histomarker.v1.PredictionService"
+#: File extensions an uploaded slide may have (one file; DICOM and MRXS are folders).
+UPLOAD_EXTENSIONS = ("svs", "tif", "tiff", "ndpi", "scn", "svslide", "bif", "vms", "qptiff")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_BIOMARKERS = {
+    common_pb2.BIOMARKER_TP53: "tp53",
+    common_pb2.BIOMARKER_PIK3CA: "pik3ca",
+    common_pb2.BIOMARKER_ER: "er",
+    common_pb2.BIOMARKER_PR: "pr",
+    common_pb2.BIOMARKER_HER2: "her2",
+    common_pb2.BIOMARKER_BASAL: "basal",
+}
+_BIOMARKER_ENUMS = {name: value for value, name in _BIOMARKERS.items()}
+_POLICIES = {
+    common_pb2.HIGH_RES_POLICY_NATIVE: "native",
+    common_pb2.HIGH_RES_POLICY_UPSAMPLE: "upsample",
+}
+_STATUSES = {
+    "ok": prediction_pb2.PREDICTION_STATUS_OK,
+    "no_tissue": prediction_pb2.PREDICTION_STATUS_NO_TISSUE,
+    "no_cancer_patches": prediction_pb2.PREDICTION_STATUS_NO_CANCER_PATCHES,
+}
+_SOURCES = {
+    "native": common_pb2.HIGH_RES_SOURCE_NATIVE,
+    "upsampled": common_pb2.HIGH_RES_SOURCE_UPSAMPLED,
+}
+_ESTIMATES = ("patch_auroc", "slide_auroc", "patch_auprc", "slide_auprc", "slide_mcc_f1")
 
 
 class PredictionSettings(ServiceSettings):
@@ -21,10 +98,499 @@ class PredictionSettings(ServiceSettings):
 
     service_name: str = "prediction"
     port: int = DEFAULT_PORTS["prediction"]
+    #: Threads of the gRPC server: above the admitted predictions, so that refusals,
+    #: ListModels and health checks are answered when the queue is full.
+    max_workers: int = Field(default=16, ge=1, le=256)
+    #: The bucket this service serves (refs naming another bucket are refused).
+    bucket: str = "histomarker"
+    #: Local folder for downloaded and uploaded slides; a temporary folder when unset.
+    slide_cache_dir: Path | None = None
+    #: TorchServe's gRPC inference API, HOST:PORT.
+    torchserve_grpc_target: str = "127.0.0.1:7070"
+    #: TorchServe's REST management API (model discovery).
+    torchserve_management_url: str = "http://127.0.0.1:8081"
+    #: TorchServe's inference key (token authorization); from the environment only.
+    torchserve_inference_token: SecretStr | None = None
+    #: TorchServe's management key; from the environment only.
+    torchserve_management_token: SecretStr | None = None
+    #: TorchServe's ``key_file.json``, read for the keys not given (local stacks).
+    torchserve_key_file: Path | None = None
+    #: Seconds one TorchServe request may take.
+    torchserve_timeout_s: float = Field(default=120.0, gt=0)
+    #: Seconds a discovery of the deployed models is reused.
+    model_cache_s: float = Field(default=5.0, ge=0)
+    #: Slides predicted at once.
+    max_concurrent_predictions: int = Field(default=2, ge=1)
+    #: Slides waiting for a slot; one more call gets RESOURCE_EXHAUSTED.
+    max_queued_predictions: int = Field(default=4, ge=0)
+    #: Largest slide upload, in mebibytes.
+    max_upload_mb: int = Field(default=4096, ge=1)
+    #: Store key of the stain reference (a StainMatrix JSON) patches are normalized
+    #: to; unset leaves colours as scanned.
+    stain_reference_key: str | None = None
+    #: Stain normalization method (``vahadane`` or ``macenko``).
+    stain_method: str = "vahadane"
+    #: Patches per TorchServe request.
+    batch_size: int = Field(default=16, ge=1, le=1024)
+    #: TorchServe requests in flight per slide.
+    max_in_flight: int = Field(default=4, ge=1, le=64)
+    #: Threads reading and normalizing patches per slide.
+    reader_threads: int = Field(default=2, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _threads_for_the_queue(self) -> PredictionSettings:
+        admitted = self.max_concurrent_predictions + self.max_queued_predictions
+        if admitted > self.max_workers - 2:
+            raise ValueError(
+                f"max_workers ({self.max_workers}) must exceed max_concurrent_predictions + "
+                f"max_queued_predictions ({admitted}) by 2, so refusals are answered"
+            )
+        return self
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * 1024 * 1024
+
+
+class Admission:
+    """A bounded queue of predictions: ``max_running`` at once, ``max_queued`` waiting.
+
+    Args:
+        max_running: Predictions run at once.
+        max_queued: Predictions that may wait for a slot.
+    """
+
+    def __init__(self, max_running: int, max_queued: int) -> None:
+        self.max_running = max_running
+        self.max_queued = max_queued
+        self._cond = threading.Condition()
+        self.running = 0
+        self.waiting = 0
+
+    @contextmanager
+    def slot(
+        self, budget: WorkBudget, on_wait: Callable[[int], None] | None = None
+    ) -> Iterator[None]:
+        """Hold a slot for the ``with`` block.
+
+        Raises:
+            ResourceExhausted: The queue is full.
+            DeadlineExceeded, Cancelled: The budget ran out while waiting.
+        """
+        with self._cond:
+            if self.running + self.waiting >= self.max_running + self.max_queued:
+                raise ResourceExhausted(
+                    f"the prediction queue is full ({self.running} running, {self.waiting} "
+                    "waiting): retry later"
+                )
+            self.waiting += 1
+            try:
+                while self.running >= self.max_running:
+                    budget.check()
+                    if on_wait is not None:
+                        on_wait(self.waiting)
+                    self._cond.wait(0.1)
+            finally:
+                self.waiting -= 1
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.running -= 1
+                self._cond.notify()
+
+
+def _management_client(settings: PredictionSettings, token: str | None) -> RestClient:
+    url = urllib.parse.urlsplit(settings.torchserve_management_url)
+    if url.scheme != "http" or not url.hostname:
+        raise InvalidInput(
+            f"torchserve_management_url {settings.torchserve_management_url!r} must be "
+            "http://HOST:PORT"
+        )
+    return RestClient(url.hostname, url.port or 80, token, settings.torchserve_timeout_s)
+
+
+def _tokens(settings: PredictionSettings) -> tuple[str | None, str | None]:
+    inference = settings.torchserve_inference_token
+    management = settings.torchserve_management_token
+    keys = None
+    if settings.torchserve_key_file is not None and (inference is None or management is None):
+        keys = read_key_file(settings.torchserve_key_file)
+    return (
+        inference.get_secret_value() if inference else (keys.inference if keys else None),
+        management.get_secret_value() if management else (keys.management if keys else None),
+    )
 
 
 class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
-    """Implements ``histomarker.v1.PredictionService``."""
+    """Implements ``histomarker.v1.PredictionService``.
+
+    Args:
+        settings: The service's settings.
+        scorer: Scores patches; TorchServe's gRPC API by default.
+        registry: Finds the deployed models; TorchServe's management API and the
+            store by default.
+    """
+
+    def __init__(
+        self,
+        settings: PredictionSettings,
+        scorer: PatchScorer | None = None,
+        registry: ModelRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store: ObjectStore = settings.open_store()
+        cache = settings.slide_cache_dir or Path(tempfile.mkdtemp(prefix="histomarker-slides-"))
+        self.cache_dir = cache
+        self.slides = SlideCache(self.store, cache)
+        self.admission = Admission(
+            settings.max_concurrent_predictions, settings.max_queued_predictions
+        )
+        inference_token, management_token = _tokens(settings)
+        if scorer is None:
+            client = TorchServeGrpcClient(
+                settings.torchserve_grpc_target, inference_token, settings.torchserve_timeout_s
+            )
+            scorer = TorchServeScorer(client)
+        self.scorer = scorer
+        self.registry = registry or ModelRegistry(
+            self.store, _management_client(settings, management_token), settings.model_cache_s
+        )
+        #: Finished predictions by status name (OK, CANCELLED, ...): for tests and logs.
+        self.outcomes: Counter[str] = Counter()
+        self._outcomes_lock = threading.Lock()
+
+    # -- helpers ---------------------------------------------------------------------
+    def _key(self, ref: common_pb2.ObjectRef, what: str) -> str:
+        if ref.bucket and ref.bucket != self.settings.bucket:
+            raise InvalidInput(
+                f"{what}: bucket {ref.bucket!r} is not served here (this service serves "
+                f"{self.settings.bucket!r})"
+            )
+        if not ref.key:
+            raise InvalidInput(f"{what}: an object key is required")
+        return ref.key
+
+    def _ref(self, key: str) -> common_pb2.ObjectRef:
+        return common_pb2.ObjectRef(bucket=self.settings.bucket, key=key)
+
+    def _params(self, options: prediction_pb2.PredictionOptions) -> PredictionParams:
+        biomarkers = []
+        for value in options.biomarkers:
+            if value not in _BIOMARKERS:
+                raise InvalidInput(f"options.biomarkers: {value} is not a biomarker")
+            biomarkers.append(_BIOMARKERS[value])
+        if not 0 <= options.top_k <= 64:
+            raise InvalidInput(f"options.top_k must be within 0-64, got {options.top_k}")
+        return PredictionParams(
+            biomarkers=tuple(biomarkers) or BIOMARKERS,
+            top_k=options.top_k or 8,
+            heatmaps=not options.skip_heatmaps,
+            cancer_confidence=options.cancer_confidence
+            if options.HasField("cancer_confidence")
+            else None,
+            high_res_policy=_POLICIES.get(options.high_res_policy, "auto"),
+            stain_method=self.settings.stain_method,
+            batch_size=self.settings.batch_size,
+            max_in_flight=self.settings.max_in_flight,
+            reader_threads=self.settings.reader_threads,
+        )
+
+    def _reference(self) -> StainMatrix | None:
+        key = self.settings.stain_reference_key
+        if not key:
+            return None
+        if not self.store.exists(key):
+            raise NotFound(f"the stain reference {key} is not in the store")
+        return StainMatrix.from_json(self.store.get_bytes(key).decode())
+
+    @staticmethod
+    def _budget(context: grpc.ServicerContext) -> WorkBudget:
+        return WorkBudget(context.time_remaining(), lambda: not context.is_active())
+
+    def _counted(self, work: Callable[[], Any]) -> Any:
+        status = "OK"
+        try:
+            return work()
+        except HistomarkerError as exc:
+            status = exc.status_name
+            raise
+        except BaseException:
+            status = "INTERNAL"
+            raise
+        finally:
+            with self._outcomes_lock:
+                self.outcomes[status] += 1
+
+    def _run(
+        self,
+        slide_id: str,
+        path: Path,
+        digest: str,
+        params: PredictionParams,
+        budget: WorkBudget,
+        progress: Callable[[ProgressEvent], None] | None,
+    ) -> prediction_pb2.SlidePrediction:
+        deployment = self.registry.deployment(params.biomarkers)
+        with open_slide(path) as reader:
+            result = predict_slide(
+                reader,
+                slide_id,
+                self.store,
+                deployment,
+                self.scorer,
+                params,
+                reference=self._reference(),
+                slide_digest=digest,
+                progress=progress,
+                budget=budget,
+            )
+        return self._prediction(result)
+
+    def _predict_stored(
+        self,
+        request: Any,
+        context: grpc.ServicerContext,
+        progress: Callable[[ProgressEvent], None] | None = None,
+    ) -> prediction_pb2.SlidePrediction:
+        if not request.slide.HasField("object"):
+            raise InvalidInput("slide: the slide's object reference is required")
+        key = self._key(request.slide.object, "slide.object")
+        slide_id = slide_id_for(request.slide.slide_id, key)
+        params = self._params(request.options)
+        info = self.store.stat(key)  # NOT_FOUND before queueing
+        self.registry.deployment(params.biomarkers)  # FAILED_PRECONDITION before queueing
+        budget = self._budget(context)
+
+        def waiting(count: int) -> None:
+            if progress is not None:
+                progress(ProgressEvent("queued", 0, 0, 0.0, f"waiting for a slot ({count})"))
+
+        def work() -> prediction_pb2.SlidePrediction:
+            with self.admission.slot(budget, waiting):
+                path = self.slides.local_path(key)
+                digest = info.sha256 or info.etag
+                return self._run(slide_id, path, digest, params, budget, progress)
+
+        return self._counted(work)
+
+    # -- messages --------------------------------------------------------------------
+    def _prediction(self, result: SlidePredictionResult) -> prediction_pb2.SlidePrediction:
+        message = prediction_pb2.SlidePrediction(
+            slide_id=result.slide_id,
+            status=_STATUSES[result.status],
+            status_message=result.message,
+            cancer_patch_fraction=result.cancer_patch_fraction,
+            tissue_patch_count=result.tissue_patch_count,
+            cancer_patch_count=result.cancer_patch_count,
+            cancer_confidence=result.cancer_confidence,
+            high_res_source=_SOURCES.get(result.high_res_source, 0),  # type: ignore[arg-type]
+            cancer_model_name=result.cancer_model_name,
+            cancer_model_version=result.cancer_model_version,
+            params_hash=result.params_hash,
+            tissue_mask=self._ref(result.tissue_mask_key),
+            elapsed_seconds=result.elapsed_s,
+        )
+        if result.patch_table_key:
+            message.patch_table.CopyFrom(self._ref(result.patch_table_key))
+        hi_mpp = 0.25
+        for item in result.biomarkers:
+            biomarker = prediction_pb2.BiomarkerPrediction(
+                biomarker=_BIOMARKER_ENUMS[item.biomarker],
+                probability=item.probability,
+                call=prediction_pb2.BIOMARKER_CALL_POSITIVE
+                if item.positive
+                else prediction_pb2.BIOMARKER_CALL_NEGATIVE,
+                threshold=item.threshold,
+                patch_count=item.patch_count,
+                model_name=item.model_name,
+                model_version=item.model_version,
+            )
+            for top in item.top_patches:
+                biomarker.top_patches.append(
+                    prediction_pb2.TopPatch(
+                        patch=common_pb2.PatchRef(
+                            slide_id=result.slide_id,
+                            x=top.x,
+                            y=top.y,
+                            width=top.width,
+                            height=top.height,
+                            mpp=hi_mpp,
+                            size_px=512,
+                        ),
+                        probability=top.probability,
+                    )
+                )
+            if item.heatmap_key:
+                biomarker.heatmap.CopyFrom(self._ref(item.heatmap_key))
+            message.biomarkers.append(biomarker)
+        return message
+
+    def _model_info(self, model: DeployedModel) -> common_pb2.ModelInfo:
+        detector = model.name == CANCER_DETECTOR
+        info = common_pb2.ModelInfo(
+            name=model.name,
+            version=model.version,
+            kind=common_pb2.MODEL_KIND_CANCER_DETECTOR
+            if detector
+            else common_pb2.MODEL_KIND_BIOMARKER,
+            biomarker=_BIOMARKER_ENUMS.get(model.biomarker or "", 0),  # type: ignore[arg-type]
+            architecture=model.config.backbone,
+            temperature=model.config.temperature,
+            threshold=model.threshold,
+            input_mpp=0.5 if detector else 0.25,
+            input_size_px=512,
+            serving=model.serving,
+        )
+        validation = model.validation()
+        for name in _ESTIMATES:
+            value = validation.get(name)
+            if isinstance(value, dict) and "value" in value:
+                point = float(value["value"])
+                getattr(info.validation, name).CopyFrom(
+                    common_pb2.Estimate(
+                        value=point,
+                        ci_low=float(value.get("ci_low") or point),
+                        ci_high=float(value.get("ci_high") or point),
+                        confidence=float(value.get("confidence") or 0.0),
+                    )
+                )
+        info.validation.slide_count = int(validation.get("slide_count", 0))
+        info.validation.patch_count = int(validation.get("patch_count", 0))
+        info.validation.dataset = str(validation.get("dataset", ""))
+        if model.archive_key:
+            info.archive.CopyFrom(self._ref(model.archive_key))
+        if model.trained_at is not None:
+            info.trained_at.FromDatetime(model.trained_at)
+        return info
+
+    # -- RPCs ------------------------------------------------------------------------
+    def PredictSlide(self, request: Any, context: grpc.ServicerContext) -> Any:
+        prediction = self._predict_stored(request, context)
+        return prediction_pb2.PredictSlideResponse(prediction=prediction)
+
+    def PredictSlideStream(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        events: queue.Queue[Any] = queue.Queue()
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["result"] = self._predict_stored(request, context, events.put)
+            except BaseException as exc:  # handed to the RPC thread below
+                outcome["error"] = exc
+            finally:
+                events.put(None)
+
+        worker = threading.Thread(target=work, name="predict-stream", daemon=True)
+        worker.start()
+        while True:
+            event = events.get()
+            if event is None:
+                break
+            yield prediction_pb2.PredictSlideStreamResponse(
+                progress=common_pb2.Progress(
+                    stage=event.stage,
+                    done=event.done,
+                    total=event.total,
+                    fraction=event.fraction,
+                    message=event.message,
+                )
+            )
+        worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        yield prediction_pb2.PredictSlideStreamResponse(result=outcome["result"])
+
+    def UploadAndPredict(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        messages = iter(requests)
+        first = next(messages, None)
+        if first is None or first.WhichOneof("content") != "metadata":
+            raise InvalidInput("the first message must carry the upload's metadata")
+        meta = first.metadata
+        name = meta.filename
+        if not name or PurePosixPath(name).name != name or "\\" in name:
+            raise InvalidInput(f"metadata.filename {name!r} must be a bare file name")
+        extension = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+        if extension not in UPLOAD_EXTENSIONS:
+            raise InvalidInput(
+                f"metadata.filename {name!r}: the extension must be one of "
+                f"{', '.join(UPLOAD_EXTENSIONS)}"
+            )
+        if meta.size_bytes <= 0:
+            raise InvalidInput("metadata.size_bytes must be the file's size, > 0")
+        if meta.size_bytes > self.settings.max_upload_bytes:
+            raise ResourceExhausted(
+                f"the upload of {meta.size_bytes} bytes exceeds the limit of "
+                f"{self.settings.max_upload_mb} MiB"
+            )
+        if not _SHA256.match(meta.sha256):
+            raise InvalidInput("metadata.sha256 must be 64 lowercase hex characters")
+        slide_id = slide_id_for(meta.slide_id, name)
+        key = f"slides/{slide_id}.{extension}"
+        params = self._params(meta.options)
+        self.registry.deployment(params.biomarkers)
+        budget = self._budget(context)
+
+        def work() -> Any:
+            with self.admission.slot(budget):
+                folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self.cache_dir))
+                try:
+                    path = folder / f"{slide_id}.{extension}"
+                    self._receive(messages, meta.size_bytes, meta.sha256, path, budget)
+                    stored = self.store.put_file(key, path)
+                    prediction = self._run(slide_id, path, meta.sha256, params, budget, None)
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
+            slide = common_pb2.ObjectRef(
+                bucket=self.settings.bucket,
+                key=key,
+                sha256=meta.sha256,
+                size_bytes=stored.size_bytes,
+            )
+            return prediction_pb2.UploadAndPredictResponse(slide=slide, prediction=prediction)
+
+        return self._counted(work)
+
+    @staticmethod
+    def _receive(
+        messages: Iterator[Any], size: int, sha256: str, path: Path, budget: WorkBudget
+    ) -> None:
+        """Write the chunks to ``path``, checking their size and sha256."""
+        digest = hashlib.sha256()
+        received = 0
+        with path.open("wb") as out:
+            for number, message in enumerate(messages, start=1):
+                budget.check()
+                if message.WhichOneof("content") != "chunk":
+                    raise InvalidInput(f"message {number}: only the first carries metadata")
+                received += len(message.chunk)
+                if received > size:
+                    raise InvalidInput(f"the upload sent more than the declared {size} bytes")
+                digest.update(message.chunk)
+                out.write(message.chunk)
+        if received != size:
+            raise InvalidInput(f"the upload sent {received} bytes, {size} declared")
+        if digest.hexdigest() != sha256:
+            raise InvalidInput(
+                f"the upload's sha256 is {digest.hexdigest()}, the metadata says {sha256}"
+            )
+
+    def ListModels(self, request: Any, context: grpc.ServicerContext) -> Any:
+        wanted = set()
+        for value in request.biomarkers:
+            if value not in _BIOMARKERS:
+                raise InvalidInput(f"biomarkers: {value} is not a biomarker")
+            wanted.add(_BIOMARKERS[value])
+        models, _ = self.registry.deployed()
+        chosen = [
+            m
+            for m in models.values()
+            if not wanted or (m.biomarker is not None and m.biomarker in wanted)
+        ]
+        return prediction_pb2.ListModelsResponse(
+            models=[self._model_info(m) for m in ordered(chosen)]
+        )
 
 
 complete_servicer(
@@ -32,25 +598,32 @@ complete_servicer(
 )
 
 
-def bindings() -> list[ServiceBinding]:
+def bindings(settings: PredictionSettings | None = None) -> list[ServiceBinding]:
     """The service this process hosts."""
+    servicer = PredictionServicer(settings or PredictionSettings())
     return [
         ServiceBinding(
-            SERVICE_NAME,
-            PredictionServicer(),
-            prediction_pb2_grpc.add_PredictionServiceServicer_to_server,
+            SERVICE_NAME, servicer, prediction_pb2_grpc.add_PredictionServiceServicer_to_server
         )
     ]
 
 
 def create(settings: ServiceSettings | None = None) -> tuple[HistomarkerServer, int]:
     """Build the server (bound, not started) and return it with its port."""
-    return create_server(settings or PredictionSettings(), bindings())
+    prediction = (
+        settings
+        if isinstance(settings, PredictionSettings)
+        else PredictionSettings(**settings.model_dump())
+        if settings is not None
+        else PredictionSettings()
+    )
+    return create_server(prediction, bindings(prediction))
 
 
 def main() -> None:
     """Serve until SIGTERM/SIGINT."""
-    serve(PredictionSettings(), bindings())
+    settings = PredictionSettings()
+    serve(settings, bindings(settings))
 
 
 if __name__ == "__main__":

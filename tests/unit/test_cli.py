@@ -60,7 +60,6 @@ def test_every_subcommand_takes_json() -> None:
 @pytest.mark.parametrize(
     ("argv", "issue"),
     [
-        (["predict", "slide.svs"], 9),
         (["flows", "serve"], 10),
         (["up"], 11),
         (["down"], 11),

@@ -1,0 +1,353 @@
+"""The deployed models: which are served, their thresholds and validation metrics,
+and how patches are scored by them.
+
+How the PredictionService learns what is deployed (no list of its own to keep in
+sync):
+
+1. TorchServe's management API says which models are registered, the default
+   version of each and whether it has READY workers (``GET /models``, then
+   ``GET /models/{name}``). Only the names of the method count: ``cancer_detector``
+   and ``biomarker_{tp53,pik3ca,er,pr,her2,basal}``.
+2. The object store holds what training wrote for that version, under
+   ``models/{name}/{version}/`` (DESIGN.md): ``model.json`` (temperature, decision
+   and discriminative thresholds, preprocessing), ``metrics.json`` (validation
+   metrics) and ``{name}.mar``. :func:`publish_bundle` puts a bundle there.
+
+A model registered in TorchServe whose version has no ``model.json`` in the store
+is not usable (its threshold is unknown), and neither is a required model that is
+not registered: :meth:`ModelRegistry.deployment` raises FailedPrecondition naming
+every missing one. TorchServe down is Unavailable.
+
+Scoring goes through the :class:`PatchScorer` interface: :class:`TorchServeScorer`
+(TorchServe's gRPC inference API, one ``.npy`` batch per request) in the service,
+:class:`LocalScorer` (the same ``serving_io`` functions on bundles loaded in this
+process) in unit tests and offline runs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from services.common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
+from services.common.objectstore import ObjectStore
+from services.inference.bundle import CONFIG_FILE, METRICS_FILE, ModelConfig, load_bundle
+from services.inference.serving_io import encode_npy, patch_outputs, predict, to_batch
+from services.inference.torchserve import RestClient, TorchServeGrpcClient
+from services.synth.labels import BIOMARKERS
+
+CANCER_DETECTOR = "cancer_detector"
+#: Prefix of the biomarker models' names: ``biomarker_tp53`` ...
+BIOMARKER_PREFIX = "biomarker_"
+MODELS_PREFIX = "models"
+
+#: One patch's output as the handler returns it (``serving_io.patch_outputs``).
+PatchOutput = dict[str, Any]
+
+
+def model_name_of(biomarker: str) -> str:
+    """TorchServe name of a biomarker's model (InvalidInput for an unknown biomarker)."""
+    if biomarker not in BIOMARKERS:
+        raise InvalidInput(f"unknown biomarker {biomarker!r}; use one of {', '.join(BIOMARKERS)}")
+    return f"{BIOMARKER_PREFIX}{biomarker}"
+
+
+def model_prefix(name: str, version: str) -> str:
+    """Store prefix of one model version: ``models/{name}/{version}``."""
+    return f"{MODELS_PREFIX}/{name}/{version}"
+
+
+@dataclass(frozen=True)
+class DeployedModel:
+    """One model as served, with what training stored about it.
+
+    Attributes:
+        name: TorchServe name (``cancer_detector``, ``biomarker_tp53``...).
+        version: Version TorchServe serves by default (and the store's folder).
+        biomarker: The biomarker predicted; None for the cancer detector.
+        config: The stored ``model.json``.
+        metrics: The stored ``metrics.json`` ({} when there is none).
+        archive_key: Key of the ``.mar`` in the store, "" when not stored.
+        trained_at: When ``model.json`` was written (training's end), None if unknown.
+        serving: Whether TorchServe reports a READY worker.
+    """
+
+    name: str
+    version: str
+    biomarker: str | None
+    config: ModelConfig
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    archive_key: str = ""
+    trained_at: datetime | None = None
+    serving: bool = True
+
+    @property
+    def threshold(self) -> float:
+        """The model's decision threshold on the calibrated probability (0-1): the
+        cancer confidence for the detector, the slide-call threshold for a biomarker."""
+        if self.biomarker is None:
+            return self.config.discriminative_threshold
+        return self.config.decision_threshold
+
+    def validation(self) -> dict[str, Any]:
+        """The stored validation metrics in the shape of ``ValidationMetrics``.
+
+        A ``metrics.json`` with a ``validation_metrics`` object (written by the
+        analysis of a training run) is taken as it is; the one training writes gives
+        the patch AUROC (``val_auroc``) and the validation counts (one slide per
+        patient).
+        """
+        stored = self.metrics.get("validation_metrics")
+        if isinstance(stored, Mapping):
+            return dict(stored)
+        out: dict[str, Any] = {}
+        value = self.metrics.get("val_auroc")
+        if isinstance(value, int | float) and np.isfinite(value):
+            out["patch_auroc"] = {"value": float(value)}
+        counts = self.metrics.get("validation")
+        if isinstance(counts, Mapping):
+            out["patch_count"] = int(counts.get("patches", 0))
+            out["slide_count"] = int(counts.get("patients", 0))
+        return out
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The models one prediction uses: the detector and the requested biomarkers'."""
+
+    cancer: DeployedModel
+    biomarkers: Mapping[str, DeployedModel]
+
+    def versions(self) -> dict[str, str]:
+        """Model name -> version, for hashes and records."""
+        models = [self.cancer, *self.biomarkers.values()]
+        return {m.name: m.version for m in models}
+
+
+class PatchScorer(Protocol):
+    """Scores uint8 RGB patches (N, H, W, 3) with a named model version.
+
+    Returns one :data:`PatchOutput` per patch, in order. Implementations must be
+    safe to call from several threads at once (the pipeline keeps requests in
+    flight concurrently).
+    """
+
+    def score(self, model: DeployedModel, patches: np.ndarray) -> list[PatchOutput]: ...
+
+
+class TorchServeScorer:
+    """Scores through TorchServe's gRPC inference API, one request per batch.
+
+    Args:
+        client: A client of the gRPC inference API (with the inference key).
+    """
+
+    def __init__(self, client: TorchServeGrpcClient) -> None:
+        self.client = client
+
+    def score(self, model: DeployedModel, patches: np.ndarray) -> list[PatchOutput]:
+        answer = self.client.predict(model.name, encode_npy(patches), model.version)
+        if not isinstance(answer, list) or len(answer) != len(patches):
+            raise Unavailable(
+                f"TorchServe answered {model.name} with {type(answer).__name__} for "
+                f"{len(patches)} patches"
+            )
+        return answer
+
+
+class LocalScorer:
+    """Scores with bundles loaded in this process, exactly as the handler does.
+
+    Args:
+        bundles: Model name -> bundle folder (``weights.pt`` and ``model.json``).
+    """
+
+    def __init__(self, bundles: Mapping[str, Path]) -> None:
+        self._models = {name: load_bundle(Path(folder)) for name, folder in bundles.items()}
+        self._lock = threading.Lock()  # one forward pass at a time: torch threads itself
+
+    def config(self, name: str) -> ModelConfig:
+        """The loaded config of a model."""
+        return self._models[name][1]
+
+    def score(self, model: DeployedModel, patches: np.ndarray) -> list[PatchOutput]:
+        try:
+            network, config = self._models[model.name]
+        except KeyError:
+            raise FailedPrecondition(f"model {model.name} is not loaded") from None
+        x = to_batch([patches], config)
+        with self._lock, torch.inference_mode():
+            probabilities, logits = predict(network, x, config)
+        return patch_outputs(probabilities, logits, config)
+
+    def deployment(self, biomarkers: Sequence[str] = BIOMARKERS) -> Deployment:
+        """The loaded models as a deployment (FailedPrecondition naming missing ones)."""
+        return _deployment(
+            {name: _local_model(name, cfg) for name, (_, cfg) in self._models.items()},
+            biomarkers,
+        )
+
+
+def _local_model(name: str, config: ModelConfig) -> DeployedModel:
+    biomarker = name.removeprefix(BIOMARKER_PREFIX) if name.startswith(BIOMARKER_PREFIX) else None
+    return DeployedModel(name, config.version, biomarker, config)
+
+
+def _deployment(models: Mapping[str, DeployedModel], biomarkers: Sequence[str]) -> Deployment:
+    wanted = [CANCER_DETECTOR, *(model_name_of(b) for b in biomarkers)]
+    missing = [name for name in wanted if name not in models]
+    if missing:
+        raise FailedPrecondition(
+            f"models not deployed: {', '.join(missing)}; train them, store them under "
+            f"{MODELS_PREFIX}/{{name}}/{{version}}/ and register their .mar on TorchServe"
+        )
+    return Deployment(
+        cancer=models[CANCER_DETECTOR],
+        biomarkers={b: models[model_name_of(b)] for b in biomarkers},
+    )
+
+
+def publish_bundle(store: ObjectStore, bundle_folder: Path, mar: Path | None = None) -> str:
+    """Put a trained bundle (and its ``.mar``) under ``models/{name}/{version}/``.
+
+    ``model.json`` goes last: a version folder with it is complete.
+
+    Returns:
+        The version's prefix.
+    """
+    folder = Path(bundle_folder)
+    config = ModelConfig.from_json((folder / CONFIG_FILE).read_text())
+    prefix = model_prefix(config.name, config.version)
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != CONFIG_FILE:
+            store.put_file(f"{prefix}/{path.name}", path)
+    if mar is not None:
+        store.put_file(f"{prefix}/{config.name}.mar", mar)
+    store.put_file(f"{prefix}/{CONFIG_FILE}", folder / CONFIG_FILE)
+    return prefix
+
+
+class ModelRegistry:
+    """What TorchServe serves, joined with what the store holds (see the module doc).
+
+    Args:
+        store: The object store with ``models/{name}/{version}/``.
+        management: A client of TorchServe's management API (with its key).
+        ttl_s: Seconds a discovery is reused before asking TorchServe again.
+    """
+
+    def __init__(self, store: ObjectStore, management: RestClient, ttl_s: float = 5.0) -> None:
+        self.store = store
+        self.management = management
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._cached: tuple[float, dict[str, DeployedModel], list[str]] | None = None
+
+    def deployed(self) -> tuple[dict[str, DeployedModel], list[str]]:
+        """The usable models by name, and the problems of registered but unusable ones.
+
+        Raises:
+            Unavailable: TorchServe's management API cannot be reached.
+        """
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is not None and now - self._cached[0] < self.ttl_s:
+                return dict(self._cached[1]), list(self._cached[2])
+        models, problems = self._discover()
+        with self._lock:
+            self._cached = (time.monotonic(), models, problems)
+        return dict(models), list(problems)
+
+    def invalidate(self) -> None:
+        """Forget the cached discovery (after a deployment changed)."""
+        with self._lock:
+            self._cached = None
+
+    def deployment(self, biomarkers: Sequence[str] = BIOMARKERS) -> Deployment:
+        """The models a prediction of ``biomarkers`` needs.
+
+        Raises:
+            FailedPrecondition: A required model is not registered on TorchServe or
+                not stored; the message names each.
+            Unavailable: TorchServe cannot be reached, or a required model has no
+                READY worker.
+        """
+        models, problems = self.deployed()
+        try:
+            deployment = _deployment(models, biomarkers)
+        except FailedPrecondition as exc:
+            detail = f" ({'; '.join(problems)})" if problems else ""
+            raise FailedPrecondition(f"{exc}{detail}") from None
+        idle = [
+            m.name for m in (deployment.cancer, *deployment.biomarkers.values()) if not m.serving
+        ]
+        if idle:
+            raise Unavailable(f"TorchServe has no READY worker for {', '.join(idle)}")
+        return deployment
+
+    def _discover(self) -> tuple[dict[str, DeployedModel], list[str]]:
+        answer = self.management.json("GET", "/models?limit=1000")
+        listed = answer.get("models", []) if isinstance(answer, dict) else []
+        known = {CANCER_DETECTOR, *(model_name_of(b) for b in BIOMARKERS)}
+        models: dict[str, DeployedModel] = {}
+        problems: list[str] = []
+        for entry in listed:
+            name = str(entry.get("modelName", ""))
+            if name not in known:
+                continue
+            described = self.management.json("GET", f"/models/{urllib.parse.quote(name)}")
+            info = described[0] if isinstance(described, list) and described else {}
+            version = str(info.get("modelVersion", ""))
+            workers = info.get("workers") or []
+            serving = any(w.get("status") == "READY" for w in workers)
+            try:
+                models[name] = self._stored(name, version, serving)
+            except (NotFound, InvalidInput) as exc:
+                problems.append(str(exc))
+        return models, problems
+
+    def _stored(self, name: str, version: str, serving: bool) -> DeployedModel:
+        prefix = model_prefix(name, version)
+        key = f"{prefix}/{CONFIG_FILE}"
+        if not version or not self.store.exists(key):
+            raise NotFound(
+                f"{name} version {version or '?'} is registered on TorchServe but "
+                f"{key} is not in the store"
+            )
+        config = ModelConfig.from_json(self.store.get_bytes(key).decode())
+        if config.name != name or config.version != version:
+            raise InvalidInput(f"{key} describes {config.name} {config.version}")
+        metrics: dict[str, Any] = {}
+        if self.store.exists(f"{prefix}/{METRICS_FILE}"):
+            try:
+                metrics = json.loads(self.store.get_bytes(f"{prefix}/{METRICS_FILE}"))
+            except ValueError:
+                metrics = {}
+        archive = f"{prefix}/{name}.mar"
+        biomarker = name.removeprefix(BIOMARKER_PREFIX) if name != CANCER_DETECTOR else None
+        return DeployedModel(
+            name=name,
+            version=version,
+            biomarker=biomarker,
+            config=config,
+            metrics=metrics,
+            archive_key=archive if self.store.exists(archive) else "",
+            trained_at=self.store.stat(key).modified,
+            serving=serving,
+        )
+
+
+def ordered(models: Iterable[DeployedModel]) -> list[DeployedModel]:
+    """The cancer detector first, then the biomarker models in the method's order."""
+    rank = {CANCER_DETECTOR: 0, **{model_name_of(b): i + 1 for i, b in enumerate(BIOMARKERS)}}
+    return sorted(models, key=lambda m: rank.get(m.name, len(rank)))

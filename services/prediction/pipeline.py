@@ -1,0 +1,919 @@
+"""One slide's biomarker prediction, stage by stage (METHOD.md, stages 1 and 2).
+
+Stages: ``tissue`` (masks) -> ``grid`` (20x patches with tissue) -> ``stain`` (the
+slide's stain matrix, once) -> ``cancer_detection`` (20x patches, read and
+normalized, scored by ``cancer_detector``; kept when the calibrated cancer
+probability is above the threshold, 0.9 by default) -> ``high_res`` (each kept patch
+becomes four 40x patches: the native 40x level, or Lanczos x2 of the normalized 20x
+patch) -> ``biomarkers`` (every 40x patch scored by each ``biomarker_*`` model) ->
+``aggregate`` (slide probability = mean of the patch probabilities, the paper's; the
+call at the model's threshold; top-k patches) -> ``heatmaps``.
+
+The middle stages run as one pipeline, so inference never waits for pixels: reader
+threads read and normalize batches of 20x patches ahead (a bounded read-ahead),
+batches go to the scorer concurrently (``max_in_flight`` requests at once), cancer
+results turn into 40x batches on the reader threads, and 40x batches are sent first
+whenever a request slot frees, which keeps memory bounded. A :class:`BusyMeter`
+records when at least one request was in flight: its ``busy_fraction`` over the
+inference window is the scorer's (TorchServe's) utilisation.
+
+Outputs go to the object store under ``runs/predictions/{slide_id}/{params_hash}/``
+where the hash covers the slide's content digest, the parameters, the stain
+reference and the model versions::
+
+    tissue.png, tissue.json, ...   the tissue masks (``tiling.pipeline.store_masks``)
+    patches.parquet                one row per 40x patch scored: slide_id, x, y,
+                                   width, height (level 0 px), parent_x, parent_y (its
+                                   20x patch), cancer_probability and one probability
+                                   column per biomarker (named after it)
+    heatmap_{biomarker}.png        patch probabilities over the slide's thumbnail,
+                                   same size and downsample as tissue.png
+    prediction.json                the result (written last)
+
+Nothing here imports gRPC; the service, the benchmark and the tests call
+:func:`predict_slide` with a :class:`~services.prediction.models.PatchScorer`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from services.common.cancellation import WorkBudget
+from services.common.errors import InvalidInput
+from services.common.objectstore import ObjectStore
+from services.inference.serving_io import MAX_PATCHES_PER_REQUEST
+from services.prediction.models import DeployedModel, Deployment, PatchScorer
+from services.synth.labels import BIOMARKERS
+from services.tiling.grid import GridParams, footprint_px, params_hash, patch_grid
+from services.tiling.highres import (
+    HighResSource,
+    choose_source,
+    quadrant_origins,
+    upsample_quadrants,
+)
+from services.tiling.pipeline import TileParams, _sample_for_stains, compute_masks, store_masks
+from services.tiling.reader import SlideReader
+from services.tiling.stain import StainMatrix, StainNormalizer, get_normalizer
+from services.tiling.tissue import TissueParams
+
+#: Bump when outputs or algorithms change (part of the hash).
+PIPELINE_VERSION = 1
+RUNS_PREFIX = "runs/predictions"
+PREDICTION_JSON = "prediction.json"
+PATCH_TABLE = "patches.parquet"
+#: Statuses of a result (the proto's PredictionStatus).
+STATUS_OK = "ok"
+STATUS_NO_TISSUE = "no_tissue"
+STATUS_NO_CANCER = "no_cancer_patches"
+#: Patches of the 20x grid sampled for the slide's stain matrix.
+STAIN_SAMPLE_PATCHES = 24
+#: Progress fractions at which the pipeline's stages start.
+_STAGE_START = {
+    "tissue": 0.0,
+    "grid": 0.04,
+    "stain": 0.06,
+    "cancer_detection": 0.1,
+    "biomarkers": 0.1,
+    "aggregate": 0.9,
+    "heatmaps": 0.92,
+}
+_SCORING_SPAN = 0.8
+
+
+@dataclass(frozen=True)
+class PredictionParams:
+    """How one slide is predicted.
+
+    Attributes:
+        biomarkers: Biomarkers to predict (names of ``BIOMARKERS``).
+        top_k: Discriminative patches returned per biomarker (1-64).
+        heatmaps: Render a heatmap PNG per biomarker.
+        cancer_confidence: Calibrated cancer probability a 20x patch must exceed to
+            count as cancer (0-1); None for the detector's own threshold (0.9).
+        high_res_policy: ``auto``, ``native`` or ``upsample`` (40x patches).
+        grid: The 20x patch grid.
+        tissue: Tissue mask parameters.
+        mask_downsample: Level-0 px per mask px wanted for the masks.
+        stain_method: Normalization method used when a reference is given.
+        batch_size: Patches per scoring request.
+        max_in_flight: Scoring requests in flight at once.
+        reader_threads: Threads reading, normalizing and upsampling patches.
+        read_ahead_batches: 20x batches read ahead of the cancer detector.
+    """
+
+    biomarkers: tuple[str, ...] = BIOMARKERS
+    top_k: int = 8
+    heatmaps: bool = True
+    cancer_confidence: float | None = None
+    high_res_policy: str = "auto"
+    grid: GridParams = field(default_factory=GridParams)
+    tissue: TissueParams = field(default_factory=TissueParams)
+    mask_downsample: float = 16.0
+    stain_method: str = "vahadane"
+    batch_size: int = 16
+    max_in_flight: int = 4
+    reader_threads: int = 2
+    read_ahead_batches: int = 4
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.biomarkers if b not in BIOMARKERS]
+        if unknown or not self.biomarkers or len(set(self.biomarkers)) != len(self.biomarkers):
+            raise InvalidInput(
+                f"biomarkers must be distinct names of {', '.join(BIOMARKERS)}; "
+                f"got {list(self.biomarkers)}"
+            )
+        if not 1 <= self.top_k <= 64:
+            raise InvalidInput(f"top_k must be within 1-64, got {self.top_k}")
+        if self.cancer_confidence is not None and not 0.0 <= self.cancer_confidence <= 1.0:
+            raise InvalidInput(
+                f"cancer_confidence must be a 0-1 probability, got {self.cancer_confidence}"
+            )
+        if self.high_res_policy not in ("auto", "native", "upsample"):
+            raise InvalidInput(
+                f"unknown 40x policy {self.high_res_policy!r}; use auto, native or upsample"
+            )
+        if not 1 <= self.batch_size <= MAX_PATCHES_PER_REQUEST:
+            raise InvalidInput(f"batch_size must be within 1-{MAX_PATCHES_PER_REQUEST}")
+        for name in ("max_in_flight", "reader_threads", "read_ahead_batches"):
+            if not 1 <= getattr(self, name) <= 64:
+                raise InvalidInput(f"{name} must be within 1-64, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """How far a prediction has got (the proto's Progress).
+
+    Attributes:
+        stage: Current stage (see the module doc).
+        done: Items of the stage finished (patches).
+        total: Items of the stage (0 = not known yet).
+        fraction: 0-1 share of the whole prediction done; never decreases.
+        message: One readable line.
+    """
+
+    stage: str
+    done: int
+    total: int
+    fraction: float
+    message: str
+
+
+ProgressFn = Callable[[ProgressEvent], None]
+
+
+@dataclass(frozen=True)
+class TopPatch:
+    """A 40x patch supporting a call: level-0 footprint and its probability (0-1)."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+    probability: float
+
+
+@dataclass
+class BiomarkerResult:
+    """The prediction of one biomarker.
+
+    Attributes:
+        biomarker: Its name (``tp53``...).
+        model_name: TorchServe name of the model.
+        model_version: Version of the model.
+        probability: Mean calibrated patch probability (0-1).
+        threshold: The model's decision threshold (0-1).
+        positive: The call: probability >= threshold.
+        patch_count: 40x patches averaged.
+        top_patches: Strongest support first (highest p for a positive call,
+            lowest for a negative one).
+        heatmap_key: Store key of the heatmap PNG, "" when not rendered.
+    """
+
+    biomarker: str
+    model_name: str
+    model_version: str
+    probability: float
+    threshold: float
+    positive: bool
+    patch_count: int
+    top_patches: list[TopPatch]
+    heatmap_key: str = ""
+
+
+@dataclass
+class SlidePredictionResult:
+    """Everything predicted for one slide (the proto's SlidePrediction), plus timings.
+
+    Attributes:
+        slide_id: The slide.
+        status: ``ok``, ``no_tissue`` or ``no_cancer_patches``.
+        message: One readable line about the status.
+        biomarkers: One result per requested biomarker; empty unless ``ok``.
+        tissue_patch_count: 20x tissue patches scored.
+        cancer_patch_count: 20x patches above the cancer threshold.
+        cancer_patch_fraction: Their share of the tissue patches (0-1).
+        cancer_confidence: The cancer threshold used (0-1).
+        high_res_source: ``native``, ``upsampled``, or "" when no 40x patch was made.
+        cancer_model_name: TorchServe name of the detector.
+        cancer_model_version: Its version.
+        params_hash: Hash naming the output prefix.
+        prefix: ``runs/predictions/{slide_id}/{params_hash}``.
+        tissue_mask_key: Key of ``tissue.png``.
+        patch_table_key: Key of ``patches.parquet``, "" when no 40x patch was scored.
+        elapsed_s: Wall-clock seconds.
+        timings: Seconds per stage: wall time of the sequential stages (``tissue``,
+            ``grid``, ``stain``, ``scoring``, ``aggregate``, ``heatmaps``) and summed
+            thread time inside ``scoring`` (``read_20x``, ``normalize``, ``make_40x``,
+            ``cancer_requests``, ``biomarker_requests``).
+        utilisation: The :class:`BusyMeter` summary of the scorer.
+    """
+
+    slide_id: str
+    status: str
+    message: str
+    biomarkers: list[BiomarkerResult]
+    tissue_patch_count: int
+    cancer_patch_count: int
+    cancer_patch_fraction: float
+    cancer_confidence: float
+    high_res_source: str
+    cancer_model_name: str
+    cancer_model_version: str
+    params_hash: str
+    prefix: str
+    tissue_mask_key: str
+    patch_table_key: str = ""
+    elapsed_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    utilisation: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The result as plain JSON values."""
+        return asdict(self)
+
+
+class BusyMeter:
+    """When the scorer had at least one request in flight.
+
+    ``busy_fraction`` = busy time / the inference window (first request sent to
+    last answer received): 1.0 means the scorer never waited for patches.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._busy_since = 0.0
+        self._busy_s = 0.0
+        self._first: float | None = None
+        self._last = 0.0
+        self._requests = 0
+        self._request_s = 0.0
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Wrap one request."""
+        with self._lock:
+            started = self._clock()
+            if self._in_flight == 0:
+                self._busy_since = started
+            if self._first is None:
+                self._first = started
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                now = self._clock()
+                self._in_flight -= 1
+                self._requests += 1
+                self._request_s += now - started
+                if self._in_flight == 0:
+                    self._busy_s += now - self._busy_since
+                self._last = max(self._last, now)
+
+    def summary(self) -> dict[str, float]:
+        """``requests``, ``busy_s``, ``window_s``, ``busy_fraction`` (0-1),
+        ``mean_in_flight`` (requests) and ``idle_s`` of the inference window."""
+        with self._lock:
+            window = self._last - self._first if self._first is not None else 0.0
+            return {
+                "requests": float(self._requests),
+                "busy_s": round(self._busy_s, 4),
+                "window_s": round(window, 4),
+                "busy_fraction": round(self._busy_s / window, 4) if window > 0 else 0.0,
+                "mean_in_flight": round(self._request_s / window, 3) if window > 0 else 0.0,
+                "idle_s": round(max(window - self._busy_s, 0.0), 4),
+            }
+
+
+class _Clock:
+    """Summed seconds per named piece of work (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def time(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            with self._lock:
+                self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+
+
+class _Reporter:
+    """Turns stage counts into monotonic ProgressEvents, at most every 0.1 s."""
+
+    def __init__(self, callback: ProgressFn | None) -> None:
+        self._callback = callback
+        self._fraction = 0.0
+        self._last_emit = float("-inf")
+        self._last_stage = ""
+
+    def __call__(
+        self, stage: str, done: int, total: int, fraction: float, message: str = ""
+    ) -> None:
+        if self._callback is None:
+            return
+        self._fraction = max(self._fraction, min(1.0, fraction))
+        now = time.monotonic()
+        if stage == self._last_stage and now - self._last_emit < 0.1 and done < total:
+            return
+        self._last_emit, self._last_stage = now, stage
+        self._callback(
+            ProgressEvent(stage, done, total, round(self._fraction, 4), message or stage)
+        )
+
+
+@dataclass
+class _Scores:
+    """What the scoring stages produced."""
+
+    cancer: np.ndarray  # (n20,) calibrated cancer probability per 20x patch
+    hi_rows: list[dict[str, int]] = field(default_factory=list)  # one per 40x patch
+    hi_probs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    hi_batches: list[tuple[int, int]] = field(default_factory=list)  # row ranges
+
+
+def prediction_digest(
+    params: PredictionParams,
+    deployment: Deployment,
+    reference: StainMatrix | None,
+    slide_digest: str,
+) -> str:
+    """The hash naming a prediction's outputs."""
+    scoring = ("batch_size", "max_in_flight", "reader_threads", "read_ahead_batches")
+    decisive = {k: v for k, v in asdict(params).items() if k not in scoring}
+    return params_hash(
+        decisive,
+        {
+            "models": deployment.versions(),
+            "reference": None if reference is None else reference.to_json(),
+            "slide": slide_digest,
+            "version": PIPELINE_VERSION,
+        },
+    )
+
+
+def predict_slide(
+    reader: SlideReader,
+    slide_id: str,
+    store: ObjectStore,
+    deployment: Deployment,
+    scorer: PatchScorer,
+    params: PredictionParams = PredictionParams(),
+    *,
+    reference: StainMatrix | None = None,
+    slide_digest: str = "",
+    progress: ProgressFn | None = None,
+    budget: WorkBudget | None = None,
+) -> SlidePredictionResult:
+    """Predict the biomarkers of one slide (see the module doc for the stages).
+
+    Args:
+        reader: The open slide.
+        slide_id: Its id (names the output prefix).
+        store: Where the outputs go.
+        deployment: The detector and biomarker models to use.
+        scorer: Scores patches with a model (TorchServe in the service).
+        params: What to predict and how.
+        reference: Target stains; None leaves colours as scanned.
+        slide_digest: The slide file's content digest or etag (part of the hash).
+        progress: Called with :class:`ProgressEvent` as the work advances.
+        budget: Deadline and cancellation, checked between batches.
+
+    Returns:
+        The result; ``no_tissue`` and ``no_cancer_patches`` are answers, not errors.
+
+    Raises:
+        InvalidInput: A slide coarser than 20x, or bad parameters.
+        FailedPrecondition: The native 40x policy on a slide without a 40x level.
+        DeadlineExceeded, Cancelled: The budget ran out.
+        Unavailable: The scorer (TorchServe) failed.
+    """
+    budget = budget or WorkBudget.unlimited()
+    started = time.perf_counter()
+    report = _Reporter(progress)
+    wall: dict[str, float] = {}
+    missing = [b for b in params.biomarkers if b not in deployment.biomarkers]
+    if missing:
+        raise InvalidInput(f"the deployment has no model for {', '.join(missing)}")
+    threshold = (
+        params.cancer_confidence
+        if params.cancer_confidence is not None
+        else deployment.cancer.threshold
+    )
+    digest = prediction_digest(params, deployment, reference, slide_digest)
+    prefix = f"{RUNS_PREFIX}/{slide_id}/{digest}"
+    mpp0 = float(reader.mpp[0])
+    footprint = footprint_px(params.grid, mpp0)  # InvalidInput before any work
+
+    report("tissue", 0, 1, _STAGE_START["tissue"], "tissue masks")
+    t = time.perf_counter()
+    masks = compute_masks(reader, slide_id, params.tissue, params.mask_downsample)
+    store_masks(store, prefix, masks)
+    wall["tissue"] = time.perf_counter() - t
+    budget.check()
+
+    report("grid", 0, 1, _STAGE_START["grid"], "20x patch grid")
+    t = time.perf_counter()
+    grid = patch_grid(reader.dimensions, mpp0, masks.tissue, masks.downsample, params.grid)
+    wall["grid"] = time.perf_counter() - t
+
+    def result(status: str, message: str, **extra: Any) -> SlidePredictionResult:
+        return SlidePredictionResult(
+            slide_id=slide_id,
+            status=status,
+            message=message,
+            biomarkers=extra.pop("biomarkers", []),
+            tissue_patch_count=len(grid),
+            cancer_patch_count=extra.pop("cancer_patch_count", 0),
+            cancer_patch_fraction=extra.pop("cancer_patch_fraction", 0.0),
+            cancer_confidence=float(threshold),
+            high_res_source=extra.pop("high_res_source", ""),
+            cancer_model_name=deployment.cancer.name,
+            cancer_model_version=deployment.cancer.version,
+            params_hash=digest,
+            prefix=prefix,
+            tissue_mask_key=f"{prefix}/tissue.png",
+            **extra,
+        )
+
+    if grid.empty:
+        out = result(STATUS_NO_TISSUE, "no tissue found: no 20x patch has enough tissue")
+        return _finish(store, out, started, wall, {}, {}, report)
+
+    report("stain", 0, 1, _STAGE_START["stain"], "slide stain matrix")
+    t = time.perf_counter()
+    normalizer, source = _stains(reader, grid, params, reference)
+    hi_source = choose_source(reader, params.high_res_policy, params.grid.target_mpp / 2)
+    wall["stain"] = time.perf_counter() - t
+    budget.check()
+
+    t = time.perf_counter()
+    engine = _Engine(
+        reader,
+        grid,
+        params,
+        deployment,
+        scorer,
+        normalizer,
+        source,
+        hi_source,
+        footprint,
+        threshold,
+        budget,
+        report,
+    )
+    scores = engine.run()
+    wall["scoring"] = time.perf_counter() - t
+    cancer_count = int((scores.cancer > threshold).sum())
+    fraction = round(cancer_count / len(grid), 6)
+    if cancer_count == 0:
+        out = result(
+            STATUS_NO_CANCER,
+            f"no 20x patch of {len(grid)} has a calibrated cancer probability above "
+            f"{threshold:g}: no biomarker calls",
+        )
+        return _finish(
+            store, out, started, wall, engine.clock.seconds, engine.meter.summary(), report
+        )
+
+    report("aggregate", 0, 1, _STAGE_START["aggregate"], "mean aggregation")
+    t = time.perf_counter()
+    table = _patch_table(slide_id, scores, params.biomarkers)
+    table_key = f"{prefix}/{PATCH_TABLE}"
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    store.put_bytes(table_key, buffer.getvalue())
+    results = [
+        _aggregate(b, deployment.biomarkers[b], table, params.top_k) for b in params.biomarkers
+    ]
+    wall["aggregate"] = time.perf_counter() - t
+
+    if params.heatmaps:
+        report("heatmaps", 0, len(results), _STAGE_START["heatmaps"], "heatmaps")
+        t = time.perf_counter()
+        thumbnail = _thumbnail(reader, params.mask_downsample, masks.tissue.shape)
+        for done, item in enumerate(results, start=1):
+            budget.check()
+            image = render_heatmap(thumbnail, table, item.biomarker, masks.downsample, masks.tissue)
+            key = f"{prefix}/heatmap_{item.biomarker}.png"
+            ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            if not ok:
+                raise InvalidInput(f"cannot encode the {item.biomarker} heatmap")
+            store.put_bytes(key, png.tobytes(), content_type="image/png")
+            item.heatmap_key = key
+            report("heatmaps", done, len(results), _STAGE_START["heatmaps"] + 0.02 * done)
+        wall["heatmaps"] = time.perf_counter() - t
+
+    out = result(
+        STATUS_OK,
+        f"{cancer_count} of {len(grid)} tissue patches are cancer; {len(table)} 40x patches scored",
+        biomarkers=results,
+        cancer_patch_count=cancer_count,
+        cancer_patch_fraction=fraction,
+        high_res_source="native" if hi_source is HighResSource.NATIVE else "upsampled",
+        patch_table_key=table_key,
+    )
+    return _finish(store, out, started, wall, engine.clock.seconds, engine.meter.summary(), report)
+
+
+def _finish(
+    store: ObjectStore,
+    out: SlidePredictionResult,
+    started: float,
+    wall: dict[str, float],
+    threads: dict[str, float],
+    utilisation: dict[str, float],
+    report: _Reporter,
+) -> SlidePredictionResult:
+    out.timings = {k: round(v, 4) for k, v in {**wall, **threads}.items()}
+    out.utilisation = utilisation
+    out.elapsed_s = round(time.perf_counter() - started, 4)
+    store.put_bytes(
+        f"{out.prefix}/{PREDICTION_JSON}",
+        json.dumps(out.as_dict(), indent=1).encode(),
+        content_type="application/json",
+    )
+    report("done", 1, 1, 1.0, out.message)
+    return out
+
+
+def _stains(
+    reader: SlideReader,
+    grid: pd.DataFrame,
+    params: PredictionParams,
+    reference: StainMatrix | None,
+) -> tuple[StainNormalizer | None, StainMatrix | None]:
+    """The normalizer and the slide's own stains, or (None, None) without a reference."""
+    if reference is None:
+        return None, None
+    normalizer = get_normalizer(params.stain_method)
+    if not isinstance(normalizer, StainNormalizer):
+        raise InvalidInput(f"stain method {params.stain_method!r} has no stain matrix")
+    normalizer.load_target(reference)
+    sample_params = TileParams(grid=params.grid, stain_sample_patches=STAIN_SAMPLE_PATCHES)
+    sample = _sample_for_stains(reader, grid, sample_params)
+    try:
+        source = normalizer.stain_matrix_of(sample)
+    except InvalidInput:
+        # Too little tissue, or one stain only: keep the tissue's colours (as tiling does).
+        source = normalizer.fallback_source(sample)
+    return normalizer, source
+
+
+class _Engine:
+    """Reads, normalizes and scores the patches of one slide with overlapping stages."""
+
+    def __init__(
+        self,
+        reader: SlideReader,
+        grid: pd.DataFrame,
+        params: PredictionParams,
+        deployment: Deployment,
+        scorer: PatchScorer,
+        normalizer: StainNormalizer | None,
+        source: StainMatrix | None,
+        hi_source: HighResSource,
+        footprint: float,
+        threshold: float,
+        budget: WorkBudget,
+        report: _Reporter,
+    ) -> None:
+        self.reader = reader
+        self.xs = grid["x"].to_numpy(np.int64)
+        self.ys = grid["y"].to_numpy(np.int64)
+        self.params = params
+        self.deployment = deployment
+        self.scorer = scorer
+        self.normalizer = normalizer
+        self.source = source
+        self.hi_source = hi_source
+        self.footprint = footprint
+        self.threshold = threshold
+        self.budget = budget
+        self.report = report
+        self.meter = BusyMeter()
+        self.clock = _Clock()
+        self.scores = _Scores(
+            cancer=np.full(len(grid), np.nan),
+            hi_probs={b: [] for b in params.biomarkers},
+        )
+
+    # -- work done on the pools ----------------------------------------------------
+    def _normalized(self, rgb: np.ndarray) -> np.ndarray:
+        if self.normalizer is None:
+            return rgb
+        with self.clock.time("normalize"):
+            return self.normalizer.transform(rgb, self.source)
+
+    def _read_20x(self, indices: np.ndarray) -> np.ndarray:
+        grid = self.params.grid
+        patches = []
+        for i in indices:
+            with self.clock.time("read_20x"):
+                rgb = self.reader.read_patch(
+                    int(self.xs[i]),
+                    int(self.ys[i]),
+                    grid.patch_px,
+                    grid.target_mpp,
+                    allow_upsample=grid.allow_upsample,
+                )
+            patches.append(self._normalized(rgb))
+        return np.stack(patches)
+
+    def _make_40x(
+        self, indices: np.ndarray, patches20: np.ndarray
+    ) -> tuple[list[dict[str, int]], np.ndarray]:
+        grid = self.params.grid
+        rows: list[dict[str, int]] = []
+        quads: list[np.ndarray] = []
+        side = round(self.footprint / 2)
+        for i, patch in zip(indices, patches20, strict=True):
+            x, y = int(self.xs[i]), int(self.ys[i])
+            origins = quadrant_origins(x, y, self.footprint)
+            if self.hi_source is HighResSource.NATIVE:
+                with self.clock.time("read_40x"):
+                    raw = [
+                        self.reader.read_patch(qx, qy, grid.patch_px, grid.target_mpp / 2)
+                        for qx, qy in origins
+                    ]
+                made = [self._normalized(q) for q in raw]
+            else:
+                with self.clock.time("make_40x"):
+                    made = upsample_quadrants(patch)  # the normalized 20x patch
+            for (qx, qy), quad in zip(origins, made, strict=True):
+                rows.append(
+                    {
+                        "x": qx,
+                        "y": qy,
+                        "width": side,
+                        "height": side,
+                        "parent": int(i),
+                    }
+                )
+                quads.append(quad)
+        return rows, np.stack(quads)
+
+    def _score(self, model: DeployedModel, patches: np.ndarray, what: str) -> np.ndarray:
+        with self.meter.request(), self.clock.time(what):
+            outputs = self.scorer.score(model, patches)
+        return np.array([float(o["probabilities"][-1]) for o in outputs], np.float64)
+
+    # -- the coordinator -------------------------------------------------------------
+    def run(self) -> _Scores:
+        params = self.params
+        n20 = len(self.xs)
+        batches = [
+            np.arange(start, min(start + params.batch_size, n20))
+            for start in range(0, n20, params.batch_size)
+        ]
+        readers = ThreadPoolExecutor(params.reader_threads, thread_name_prefix="predict-read")
+        scorers = ThreadPoolExecutor(params.max_in_flight, thread_name_prefix="predict-score")
+        pending: dict[Future[Any], tuple[str, Any]] = {}
+        ready20: deque[tuple[np.ndarray, np.ndarray]] = deque()
+        jobs40: deque[tuple[str, int, np.ndarray]] = deque()  # (biomarker, batch, patches)
+        next_batch = 0
+        reads_out = 0  # 20x batches read or being read, not yet scored
+        in_flight = 0
+        cancer_done = 0
+        hi_expected = 0
+        hi_done = 0
+        backlog = params.read_ahead_batches * len(params.biomarkers) * 4
+        failed = True
+        try:
+            while True:
+                self.budget.check()
+                while (
+                    next_batch < len(batches)
+                    and reads_out < params.read_ahead_batches
+                    and len(jobs40) < backlog
+                ):
+                    indices = batches[next_batch]
+                    pending[readers.submit(self._read_20x, indices)] = ("read", indices)
+                    next_batch += 1
+                    reads_out += 1
+                while in_flight < params.max_in_flight and (jobs40 or ready20):
+                    if jobs40:  # downstream first: bounded memory, early results
+                        biomarker, number, patches = jobs40.popleft()
+                        model = self.deployment.biomarkers[biomarker]
+                        job = scorers.submit(self._score, model, patches, "biomarker_requests")
+                        pending[job] = ("bio", (biomarker, number))
+                    else:
+                        indices, patches = ready20.popleft()
+                        model = self.deployment.cancer
+                        job = scorers.submit(self._score, model, patches, "cancer_requests")
+                        pending[job] = ("cancer", (indices, patches))
+                    in_flight += 1
+                if not pending:
+                    break
+                done, _ = wait(list(pending), timeout=0.05, return_when=FIRST_COMPLETED)
+                for future in done:
+                    kind, payload = pending.pop(future)
+                    value = future.result()  # re-raises the task's error
+                    if kind == "read":
+                        ready20.append((payload, value))
+                    elif kind == "cancer":
+                        in_flight -= 1
+                        reads_out -= 1
+                        indices, patches = payload
+                        self.scores.cancer[indices] = value
+                        cancer_done += len(indices)
+                        keep = value > self.threshold
+                        if keep.any():
+                            hi_expected += 4 * int(keep.sum())
+                            made = readers.submit(self._make_40x, indices[keep], patches[keep])
+                            pending[made] = ("make40", None)
+                    elif kind == "make40":
+                        rows, quads = value
+                        self._queue_40x(rows, quads, jobs40)
+                    else:
+                        in_flight -= 1
+                        biomarker, number = payload
+                        self.scores.hi_probs[biomarker][number] = value
+                        hi_done += len(value)
+                self._progress(cancer_done, n20, hi_done, hi_expected)
+            failed = False
+        finally:
+            for future in pending:
+                future.cancel()
+            # Readers touch the slide, which the caller closes next: wait for them.
+            readers.shutdown(wait=True, cancel_futures=True)
+            scorers.shutdown(wait=not failed, cancel_futures=True)
+        return self.scores
+
+    def _queue_40x(
+        self,
+        rows: list[dict[str, int]],
+        quads: np.ndarray,
+        jobs40: deque[tuple[str, int, np.ndarray]],
+    ) -> None:
+        size = self.params.batch_size
+        for start in range(0, len(rows), size):
+            number = len(self.scores.hi_batches)
+            first = len(self.scores.hi_rows)
+            chunk = rows[start : start + size]
+            self.scores.hi_rows.extend(chunk)
+            self.scores.hi_batches.append((first, first + len(chunk)))
+            patches = quads[start : start + size]
+            for biomarker in self.params.biomarkers:
+                self.scores.hi_probs[biomarker].append(np.full(len(chunk), np.nan))
+                jobs40.append((biomarker, number, patches))
+
+    def _progress(self, cancer_done: int, n20: int, hi_done: int, hi_expected: int) -> None:
+        models = len(self.params.biomarkers)
+        cancer_share = cancer_done / max(n20, 1)
+        bio_total = hi_expected * models
+        # Until the detector finishes, the 40x work is extrapolated from what it kept.
+        estimate = bio_total / max(cancer_share, 1e-9) if cancer_share else 0.0
+        bio_share = hi_done * models / estimate if estimate else 0.0
+        fraction = _STAGE_START["cancer_detection"] + _SCORING_SPAN * (
+            0.3 * cancer_share + 0.7 * min(bio_share, 1.0)
+        )
+        if cancer_done < n20:
+            self.report("cancer_detection", cancer_done, n20, fraction, "scoring 20x patches")
+        else:
+            self.report("biomarkers", hi_done, hi_expected, fraction, "scoring 40x patches")
+
+
+def _patch_table(slide_id: str, scores: _Scores, biomarkers: tuple[str, ...]) -> pd.DataFrame:
+    rows = scores.hi_rows
+    parents = np.array([r["parent"] for r in rows], np.int64)
+    table = pd.DataFrame(
+        {
+            "slide_id": slide_id,
+            "x": np.array([r["x"] for r in rows], np.int64),
+            "y": np.array([r["y"] for r in rows], np.int64),
+            "width": np.array([r["width"] for r in rows], np.int64),
+            "height": np.array([r["height"] for r in rows], np.int64),
+            "cancer_probability": scores.cancer[parents],
+        }
+    )
+    for biomarker in biomarkers:
+        table[biomarker] = np.concatenate(scores.hi_probs[biomarker])
+    return table
+
+
+def _aggregate(
+    biomarker: str, model: DeployedModel, table: pd.DataFrame, top_k: int
+) -> BiomarkerResult:
+    """Mean aggregation (the paper's) and the top-k supporting patches."""
+    probabilities = table[biomarker].to_numpy(np.float64)
+    probability = float(probabilities.mean())
+    positive = probability >= model.threshold
+    # Strongest support first; ties keep the table's (reading) order.
+    order = np.argsort(-probabilities if positive else probabilities, kind="stable")[:top_k]
+    top = [
+        TopPatch(
+            x=int(table["x"].iat[i]),
+            y=int(table["y"].iat[i]),
+            width=int(table["width"].iat[i]),
+            height=int(table["height"].iat[i]),
+            probability=float(probabilities[i]),
+        )
+        for i in order
+    ]
+    return BiomarkerResult(
+        biomarker=biomarker,
+        model_name=model.name,
+        model_version=model.version,
+        probability=probability,
+        threshold=model.threshold,
+        positive=bool(positive),
+        patch_count=len(probabilities),
+        top_patches=top,
+    )
+
+
+def _thumbnail(reader: SlideReader, downsample: float, shape: tuple[int, ...]) -> np.ndarray:
+    """The slide's thumbnail at the masks' size (the level the masks came from)."""
+    level = reader.best_level_for_downsample(downsample)
+    image = reader.read_level(level)
+    height, width = shape[:2]
+    if image.shape[:2] != (height, width):
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    return image
+
+
+def render_heatmap(
+    thumbnail: np.ndarray,
+    table: pd.DataFrame,
+    biomarker: str,
+    downsample: float,
+    tissue: np.ndarray,
+    alpha: float = 0.55,
+) -> np.ndarray:
+    """Patch probabilities as colours (turbo: blue 0 -> red 1) over the thumbnail.
+
+    Args:
+        thumbnail: uint8 RGB at the mask's size.
+        table: The patch table (level-0 footprints and a column per biomarker).
+        biomarker: The column to draw.
+        downsample: Level-0 px per thumbnail px.
+        tissue: The tissue mask (tissue outside scored patches is dimmed less than
+            glass).
+        alpha: Opacity of the colours over scored patches.
+
+    Returns:
+        uint8 RGB, the thumbnail's size.
+    """
+    height, width = thumbnail.shape[:2]
+    values = np.zeros((height, width), np.float64)
+    counts = np.zeros((height, width), np.float64)
+    for x, y, w, h, p in zip(
+        table["x"], table["y"], table["width"], table["height"], table[biomarker], strict=True
+    ):
+        x0, y0 = int(x / downsample), int(y / downsample)
+        x1 = max(x0 + 1, round((x + w) / downsample))
+        y1 = max(y0 + 1, round((y + h) / downsample))
+        values[y0:y1, x0:x1] += p
+        counts[y0:y1, x0:x1] += 1
+    scored = counts > 0
+    probability = np.divide(values, counts, out=np.zeros_like(values), where=scored)
+    colours = cv2.applyColorMap(
+        np.clip(probability * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_TURBO
+    )
+    colours = cv2.cvtColor(colours, cv2.COLOR_BGR2RGB).astype(np.float64)
+    base = thumbnail.astype(np.float64)
+    grey = base.mean(axis=2, keepdims=True).repeat(3, axis=2)
+    out = np.where(tissue[..., None], 0.5 * base + 0.5 * grey, grey * 0.6 + 102)
+    out = np.where(scored[..., None], (1 - alpha) * base + alpha * colours, out)
+    return np.clip(out, 0, 255).astype(np.uint8)

@@ -1,0 +1,254 @@
+"""The per-slide prediction pipeline with an in-process scorer of tiny real models.
+
+The seven models (cancer_detector and six biomarker_*) are tiny backbones with
+random weights, saved as bundles and loaded back through ``load_bundle`` and the
+handler's ``serving_io`` functions: real models, not mocks. Their probabilities
+are arbitrary, so the tests steer the cancer threshold (0 keeps every patch, 1
+none) and check the pipeline's own logic: statuses, mean aggregation, top-k order,
+outputs in the store, cancellation.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from services.common.cancellation import WorkBudget
+from services.common.errors import Cancelled, FailedPrecondition, InvalidInput
+from services.common.objectstore import ObjectStore, open_store
+from services.inference.backbones import build_backbone
+from services.inference.bundle import ModelConfig, save_bundle
+from services.inference.preprocess import PreprocessConfig
+from services.prediction.models import (
+    CANCER_DETECTOR,
+    DeployedModel,
+    Deployment,
+    LocalScorer,
+    model_name_of,
+)
+from services.prediction.pipeline import (
+    BusyMeter,
+    PredictionParams,
+    ProgressEvent,
+    predict_slide,
+)
+from services.synth.cohort import generate_cohort
+from services.synth.labels import BIOMARKERS
+from services.tiling.reader import open_slide
+
+INPUT_PX = 32
+
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory: pytest.TempPathFactory) -> LocalScorer:
+    root = tmp_path_factory.mktemp("bundles")
+    bundles = {}
+    for seed, name in enumerate([CANCER_DETECTOR, *(model_name_of(b) for b in BIOMARKERS)]):
+        torch.manual_seed(seed)
+        classes = ("normal", "cancer") if name == CANCER_DETECTOR else ("negative", "positive")
+        config = ModelConfig(
+            name=name,
+            version="1",
+            backbone="tiny",
+            class_names=classes,
+            preprocess=PreprocessConfig(input_px=INPUT_PX),
+            temperature=1.3,
+            tta=("rot0", "rot90"),
+        )
+        model = build_backbone("tiny", 2, input_px=INPUT_PX)
+        bundles[name] = save_bundle(root / name, model, config)
+    return LocalScorer(bundles)
+
+
+@pytest.fixture(scope="module")
+def slide_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cohort")
+    generate_cohort(folder, 2, seed=3, preset="tiny", truth_crops=0)
+    manifest = pd.read_csv(folder / "manifest.csv")
+    row = manifest[manifest["kind"] == "cancer"].iloc[0]
+    return folder / row["slide_path"]
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> ObjectStore:
+    return open_store((tmp_path / "store").as_uri())
+
+
+def _params(**changes: object) -> PredictionParams:
+    return replace(PredictionParams(batch_size=8, max_in_flight=2), **changes)  # type: ignore[arg-type]
+
+
+def _table(store: ObjectStore, key: str) -> pd.DataFrame:
+    return pd.read_parquet(io.BytesIO(store.get_bytes(key)))
+
+
+def test_every_patch_kept_gives_mean_aggregated_calls_with_outputs(
+    scorer: LocalScorer, slide_path: Path, store: ObjectStore
+) -> None:
+    events: list[ProgressEvent] = []
+    with open_slide(slide_path) as reader:
+        result = predict_slide(
+            reader,
+            "S1",
+            store,
+            scorer.deployment(),
+            scorer,
+            _params(cancer_confidence=0.0),
+            progress=events.append,
+        )
+    assert result.status == "ok"
+    assert result.tissue_patch_count > 0
+    assert result.cancer_patch_count == result.tissue_patch_count
+    assert result.cancer_patch_fraction == 1.0
+    assert result.high_res_source == "native"  # the synthetic slides are 40x
+    assert [b.biomarker for b in result.biomarkers] == list(BIOMARKERS)
+    table = _table(store, result.patch_table_key)
+    assert len(table) == 4 * result.cancer_patch_count
+    for item in result.biomarkers:
+        # The paper's aggregation: the slide probability is the mean patch probability.
+        assert item.probability == pytest.approx(table[item.biomarker].mean(), abs=1e-12)
+        assert item.patch_count == len(table)
+        assert item.positive == (item.probability >= item.threshold)
+        assert item.model_name == f"biomarker_{item.biomarker}" and item.model_version == "1"
+        heatmap = cv2.imdecode(np.frombuffer(store.get_bytes(item.heatmap_key), np.uint8), 1)
+        mask = cv2.imdecode(np.frombuffer(store.get_bytes(result.tissue_mask_key), np.uint8), 0)
+        assert heatmap.shape[:2] == mask.shape[:2]
+    # The detector's probabilities in the table are the scorer's own.
+    stored = json.loads(store.get_bytes(f"{result.prefix}/prediction.json"))
+    assert stored["status"] == "ok" and stored["params_hash"] == result.params_hash
+    assert result.prefix == f"runs/predictions/S1/{result.params_hash}"
+    # Progress: the stages in order, the fraction never decreasing, 1.0 at the end.
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    stages = [e.stage for e in events]
+    assert stages[0] == "tissue" and "heatmaps" in stages and stages[-1] == "done"
+    assert {"tissue", "grid", "stain", "scoring", "aggregate", "heatmaps"} <= set(result.timings)
+    assert result.utilisation["requests"] > 0
+    assert 0 < result.utilisation["busy_fraction"] <= 1.0
+
+
+def test_top_patches_are_the_strongest_support_in_order(
+    scorer: LocalScorer, slide_path: Path, store: ObjectStore
+) -> None:
+    deployment = scorer.deployment(("tp53", "er"))
+    always = {
+        # threshold 0: every call positive; 1.0 + a probability below 1: negative.
+        "tp53": _with_threshold(deployment.biomarkers["tp53"], 0.0),
+        "er": _with_threshold(deployment.biomarkers["er"], 1.0),
+    }
+    deployment = Deployment(deployment.cancer, always)
+    with open_slide(slide_path) as reader:
+        result = predict_slide(
+            reader,
+            "S2",
+            store,
+            deployment,
+            scorer,
+            _params(biomarkers=("tp53", "er"), cancer_confidence=0.0, top_k=5, heatmaps=False),
+        )
+    table = _table(store, result.patch_table_key)
+    tp53, er = result.biomarkers
+    assert tp53.positive and not er.positive
+    assert tp53.heatmap_key == "" and er.heatmap_key == ""
+    positive = [p.probability for p in tp53.top_patches]
+    assert positive == sorted(positive, reverse=True)
+    assert positive == sorted(table["tp53"], reverse=True)[:5]
+    negative = [p.probability for p in er.top_patches]
+    assert negative == sorted(negative) and negative == sorted(table["er"])[:5]
+    best = tp53.top_patches[0]
+    row = table[(table["x"] == best.x) & (table["y"] == best.y)].iloc[0]
+    assert row["tp53"] == best.probability and row["width"] == best.width
+
+
+def _with_threshold(model: DeployedModel, threshold: float) -> DeployedModel:
+    return replace(model, config=replace(model.config, decision_threshold=threshold))
+
+
+def test_no_cancer_patch_is_an_answer_not_an_error(
+    scorer: LocalScorer, slide_path: Path, store: ObjectStore
+) -> None:
+    with open_slide(slide_path) as reader:
+        result = predict_slide(
+            reader, "S3", store, scorer.deployment(), scorer, _params(cancer_confidence=1.0)
+        )
+    assert result.status == "no_cancer_patches"
+    assert result.biomarkers == [] and result.patch_table_key == ""
+    assert result.tissue_patch_count > 0 and result.cancer_patch_count == 0
+    assert "no biomarker calls" in result.message
+    assert store.exists(f"{result.prefix}/prediction.json")
+
+
+def test_a_blank_slide_has_no_tissue(
+    scorer: LocalScorer, tmp_path: Path, store: ObjectStore
+) -> None:
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((1024, 1024, 3), 242, np.uint8))
+    with open_slide(blank, mpp=0.5) as reader:
+        result = predict_slide(reader, "BLANK", store, scorer.deployment(), scorer, _params())
+    assert result.status == "no_tissue"
+    assert result.tissue_patch_count == 0 and result.biomarkers == []
+    assert store.exists(result.tissue_mask_key)
+
+
+def test_a_cancelled_budget_stops_the_work(
+    scorer: LocalScorer, slide_path: Path, store: ObjectStore
+) -> None:
+    checks = iter(range(1000))
+    budget = WorkBudget(None, lambda: next(checks) >= 3)
+    with open_slide(slide_path) as reader, pytest.raises(Cancelled):
+        predict_slide(
+            reader,
+            "S4",
+            store,
+            scorer.deployment(),
+            scorer,
+            _params(cancer_confidence=0.0),
+            budget=budget,
+        )
+    assert not any(info.key.endswith("prediction.json") for info in store.list("runs/"))
+
+
+def test_missing_models_are_named(scorer: LocalScorer) -> None:
+    partial = LocalScorer.__new__(LocalScorer)
+    partial._models = {k: v for k, v in scorer._models.items() if k != "biomarker_her2"}
+    with pytest.raises(FailedPrecondition, match="biomarker_her2"):
+        partial.deployment()
+    assert partial.deployment(("tp53",)).biomarkers["tp53"].name == "biomarker_tp53"
+
+
+def test_parameters_are_checked() -> None:
+    with pytest.raises(InvalidInput, match="top_k"):
+        PredictionParams(top_k=0)
+    with pytest.raises(InvalidInput, match="biomarkers"):
+        PredictionParams(biomarkers=("tp53", "kras"))
+    with pytest.raises(InvalidInput, match="cancer_confidence"):
+        PredictionParams(cancer_confidence=1.5)
+
+
+def test_busy_meter_measures_the_union_of_requests() -> None:
+    now = [0.0]
+    meter = BusyMeter(clock=lambda: now[0])
+    first = meter.request()
+    first.__enter__()
+    now[0] = 1.0
+    second = meter.request()
+    second.__enter__()
+    now[0] = 2.0
+    first.__exit__(None, None, None)
+    now[0] = 3.0
+    second.__exit__(None, None, None)
+    now[0] = 4.0  # idle between requests
+    with meter.request():
+        now[0] = 5.0
+    summary = meter.summary()
+    assert summary["window_s"] == 5.0 and summary["busy_s"] == 4.0
+    assert summary["busy_fraction"] == 0.8 and summary["idle_s"] == 1.0
+    assert summary["mean_in_flight"] == pytest.approx((2 + 2 + 1) / 5)
