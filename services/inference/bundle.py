@@ -48,6 +48,9 @@ class ModelConfig:
             as discriminative (the method's 0.9).
         decision_threshold: Positive-class probability at or above which the call is
             positive (chosen at training time; 0.5 by default).
+        stain_reference: Store key of the stain reference (``stain.json``) the
+            training patches were normalized to, so that prediction normalizes new
+            slides the same way; empty when they were not normalized.
     """
 
     name: str
@@ -59,6 +62,7 @@ class ModelConfig:
     tta: tuple[str, ...] = TRANSFORM_NAMES
     discriminative_threshold: float = 0.9
     decision_threshold: float = 0.5
+    stain_reference: str = ""
 
     def __post_init__(self) -> None:
         if not _MODEL_NAME.match(self.name):

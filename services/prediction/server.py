@@ -126,7 +126,8 @@ class PredictionSettings(ServiceSettings):
     #: Largest slide upload, in mebibytes.
     max_upload_mb: int = Field(default=4096, ge=1)
     #: Store key of the stain reference (a StainMatrix JSON) patches are normalized
-    #: to; unset leaves colours as scanned.
+    #: to; unset means the reference the cancer detector was trained on (its
+    #: model.json), or colours as scanned when it was trained without one.
     stain_reference_key: str | None = None
     #: Stain normalization method (``vahadane`` or ``macenko``).
     stain_method: str = "vahadane"
@@ -297,8 +298,9 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             reader_threads=self.settings.reader_threads,
         )
 
-    def _reference(self) -> StainMatrix | None:
-        key = self.settings.stain_reference_key
+    def _reference(self, trained_with: str = "") -> StainMatrix | None:
+        """The stain reference: the setting, else the one the models were trained on."""
+        key = self.settings.stain_reference_key or trained_with
         if not key:
             return None
         if not self.store.exists(key):
@@ -341,7 +343,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
                 deployment,
                 self.scorer,
                 params,
-                reference=self._reference(),
+                reference=self._reference(deployment.cancer.config.stain_reference),
                 slide_digest=digest,
                 progress=progress,
                 budget=budget,
