@@ -41,13 +41,9 @@ from services.inference.archive import build_mar
 from services.inference.backbones import build_backbone
 from services.inference.bundle import ModelConfig, save_bundle
 from services.inference.preprocess import PreprocessConfig
+from services.inference.registry import publish_bundle
 from services.inference.torchserve import TorchServe, TorchServeConfig
-from services.prediction.models import (
-    CANCER_DETECTOR,
-    ModelRegistry,
-    TorchServeScorer,
-    publish_bundle,
-)
+from services.prediction.models import CANCER_DETECTOR, ModelRegistry, TorchServeScorer
 from services.prediction.pipeline import PredictionParams, predict_slide
 from services.synth.cohort import generate_cohort
 from services.synth.labels import BIOMARKERS

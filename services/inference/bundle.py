@@ -48,9 +48,10 @@ class ModelConfig:
             as discriminative (the method's 0.9).
         decision_threshold: Positive-class probability at or above which the call is
             positive (chosen at training time; 0.5 by default).
-        stain_reference: Store key of the stain reference (``stain.json``) the
-            training patches were normalized to, so that prediction normalizes new
-            slides the same way; empty when they were not normalized.
+        stain_reference: The stain reference the training patches were normalized
+            to, so that prediction normalizes new slides the same way: a store key
+            of a ``stain.json``, empty for the built-in reference (TilingService's
+            default), or ``none`` when they were not normalized.
     """
 
     name: str

@@ -11,7 +11,8 @@ sync):
 2. The object store holds what training wrote for that version, under
    ``models/{name}/{version}/`` (DESIGN.md): ``model.json`` (temperature, decision
    and discriminative thresholds, preprocessing), ``metrics.json`` (validation
-   metrics) and ``{name}.mar``. :func:`publish_bundle` puts a bundle there.
+   metrics) and ``{name}.mar``. :func:`services.inference.registry.publish_bundle` puts a
+   bundle there.
 
 A model registered in TorchServe whose version has no ``model.json`` in the store
 is not usable (its threshold is unknown), and neither is a required model that is
@@ -42,6 +43,7 @@ import torch
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 from services.common.objectstore import ObjectStore
 from services.inference.bundle import CONFIG_FILE, METRICS_FILE, ModelConfig, load_bundle
+from services.inference.registry import MODELS_PREFIX, model_prefix
 from services.inference.serving_io import encode_npy, patch_outputs, predict, to_batch
 from services.inference.torchserve import RestClient, TorchServeGrpcClient
 from services.synth.labels import BIOMARKERS
@@ -49,7 +51,6 @@ from services.synth.labels import BIOMARKERS
 CANCER_DETECTOR = "cancer_detector"
 #: Prefix of the biomarker models' names: ``biomarker_tp53`` ...
 BIOMARKER_PREFIX = "biomarker_"
-MODELS_PREFIX = "models"
 
 #: One patch's output as the handler returns it (``serving_io.patch_outputs``).
 PatchOutput = dict[str, Any]
@@ -60,11 +61,6 @@ def model_name_of(biomarker: str) -> str:
     if biomarker not in BIOMARKERS:
         raise InvalidInput(f"unknown biomarker {biomarker!r}; use one of {', '.join(BIOMARKERS)}")
     return f"{BIOMARKER_PREFIX}{biomarker}"
-
-
-def model_prefix(name: str, version: str) -> str:
-    """Store prefix of one model version: ``models/{name}/{version}``."""
-    return f"{MODELS_PREFIX}/{name}/{version}"
 
 
 @dataclass(frozen=True)
@@ -215,26 +211,6 @@ def _deployment(models: Mapping[str, DeployedModel], biomarkers: Sequence[str]) 
         cancer=models[CANCER_DETECTOR],
         biomarkers={b: models[model_name_of(b)] for b in biomarkers},
     )
-
-
-def publish_bundle(store: ObjectStore, bundle_folder: Path, mar: Path | None = None) -> str:
-    """Put a trained bundle (and its ``.mar``) under ``models/{name}/{version}/``.
-
-    ``model.json`` goes last: a version folder with it is complete.
-
-    Returns:
-        The version's prefix.
-    """
-    folder = Path(bundle_folder)
-    config = ModelConfig.from_json((folder / CONFIG_FILE).read_text())
-    prefix = model_prefix(config.name, config.version)
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name != CONFIG_FILE:
-            store.put_file(f"{prefix}/{path.name}", path)
-    if mar is not None:
-        store.put_file(f"{prefix}/{config.name}.mar", mar)
-    store.put_file(f"{prefix}/{CONFIG_FILE}", folder / CONFIG_FILE)
-    return prefix
 
 
 class ModelRegistry:

@@ -62,7 +62,7 @@ from services.prediction.pipeline import (
 from services.synth.labels import BIOMARKERS
 from services.tiling.reader import open_slide
 from services.tiling.slides import SlideCache, slide_id_for
-from services.tiling.stain import StainMatrix
+from services.tiling.stain import StainMatrix, builtin_reference
 
 SERVICE_NAME = "histomarker.v1.PredictionService"
 #: File extensions an uploaded slide may have (one file; DICOM and MRXS are folders).
@@ -126,8 +126,8 @@ class PredictionSettings(ServiceSettings):
     #: Largest slide upload, in mebibytes.
     max_upload_mb: int = Field(default=4096, ge=1)
     #: Store key of the stain reference (a StainMatrix JSON) patches are normalized
-    #: to; unset means the reference the cancer detector was trained on (its
-    #: model.json), or colours as scanned when it was trained without one.
+    #: to, or ``none``; unset means what the cancer detector was trained on (its
+    #: model.json: a key, the built-in reference, or none).
     stain_reference_key: str | None = None
     #: Stain normalization method (``vahadane`` or ``macenko``).
     stain_method: str = "vahadane"
@@ -299,10 +299,13 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         )
 
     def _reference(self, trained_with: str = "") -> StainMatrix | None:
-        """The stain reference: the setting, else the one the models were trained on."""
+        """The stain reference: the service's setting, else the one the models were
+        trained on (empty: the built-in reference; ``none``: no normalization)."""
         key = self.settings.stain_reference_key or trained_with
-        if not key:
+        if key.lower() == "none":
             return None
+        if not key:
+            return builtin_reference(self.settings.stain_method)
         if not self.store.exists(key):
             raise NotFound(f"the stain reference {key} is not in the store")
         return StainMatrix.from_json(self.store.get_bytes(key).decode())

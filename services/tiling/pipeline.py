@@ -43,7 +43,7 @@ from services.tiling.tissue import TissueMasks, TissueParams, save_masks, segmen
 log = logging.getLogger(__name__)
 
 #: Bump when the output layout or the algorithms change, so old results are not reused.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 TILE_JSON = "tile.json"
 GRID_FILE = "grid.parquet"
 STAIN_JSON = "stain.json"
@@ -66,6 +66,11 @@ class TileParams:
         image_format: ``jpeg`` or ``png`` patches.
         quality: JPEG quality.
         stain_sample_patches: Patches sampled to estimate the slide's stains.
+        exclude_blur: Leave blurred regions out of the grid.
+        exclude_fold: Leave tissue folds out of the grid (pen ink is always left out).
+        max_patches: Most patches kept, sampled uniformly without replacement with
+            ``seed`` (0 keeps every patch).
+        seed: Seed of that sampling.
     """
 
     grid: GridParams = field(default_factory=GridParams)
@@ -75,6 +80,14 @@ class TileParams:
     image_format: str = "jpeg"
     quality: int = 90
     stain_sample_patches: int = 24
+    exclude_blur: bool = True
+    exclude_fold: bool = True
+    max_patches: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_patches < 0:
+            raise InvalidInput(f"max_patches must be >= 0, got {self.max_patches}")
 
 
 @dataclass
@@ -236,7 +249,16 @@ def _run(
     masks = compute_masks(reader, slide_id, params.tissue, params.mask_downsample)
     store_masks(store, prefix, masks, written)
     downsample = masks.downsample
-    grid = patch_grid((width, height), mpp0, masks.tissue, downsample, params.grid)
+    allowed = masks.tissue.copy()
+    if params.exclude_blur:
+        allowed &= ~masks.blur
+    if params.exclude_fold:
+        allowed &= ~masks.fold
+    grid = patch_grid((width, height), mpp0, allowed, downsample, params.grid)
+    if params.max_patches and len(grid) > params.max_patches:
+        # A uniform sample, kept in grid order (neighbours stay neighbours in shards).
+        grid = grid.sample(n=params.max_patches, random_state=params.seed).sort_index()
+        grid = grid.reset_index(drop=True)
     grid_rows, grid_cols = grid_shape((width, height), mpp0, params.grid)
     total_positions = grid_rows * grid_cols
 

@@ -13,6 +13,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from services.tiling.pipeline import (
 )
 from services.tiling.reader import open_slide
 from services.tiling.slides import SlideCache, slide_id_for
-from services.tiling.stain import StainMatrix, get_normalizer
+from services.tiling.stain import StainMatrix, builtin_reference, get_normalizer
 from services.tiling.tissue import MASKS_JSON, TissueParams
 
 SERVICE_NAME = "histomarker.v1.TilingService"
@@ -100,6 +101,16 @@ def stain_from_proto(message: tiling_pb2.StainMatrix, what: str) -> StainMatrix:
         raise InvalidInput(f"{what}: {exc}") from exc
 
 
+def _tissue_params(message: tiling_pb2.TissueParams) -> tuple[TissueParams, float | None]:
+    """Our tissue parameters and the mask resolution (µm/px; None for the default)."""
+    if message.min_region_um2 < 0:
+        raise InvalidInput("params.min_region_um2 must be >= 0 µm²")
+    if message.mask_mpp and not 0 < message.mask_mpp <= 64:
+        raise InvalidInput("params.mask_mpp must be within 0-64 µm/px")
+    tissue = TissueParams(min_object_um2=message.min_region_um2 or 10_000.0)
+    return tissue, (float(message.mask_mpp) or None)
+
+
 def _decode_image(image: common_pb2.Image, index: int, where: str = "") -> np.ndarray:
     name = f"{where}: images[{index}]" if where else f"images[{index}]"
     data = np.frombuffer(image.data, np.uint8)
@@ -157,7 +168,9 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
         key = self._key(slide.object, "slide.object")
         return slide_id_for(slide.slide_id, key), self.slides.local_path(key)
 
-    def _tile_params(self, message: tiling_pb2.TilingParams) -> tuple[TileParams, Any]:
+    def _tile_params(
+        self, message: tiling_pb2.TilingParams
+    ) -> tuple[TileParams, Any, float | None]:
         which = message.WhichOneof("resolution")
         magnification = 20.0
         if which == "magnification":
@@ -175,13 +188,29 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
             overlap_px=message.overlap_px,
         )
         method = _METHODS.get(message.stain_method, "vahadane")
-        reference = None
-        if message.stain_method != tiling_pb2.STAIN_METHOD_NONE and message.HasField(
-            "stain_reference"
-        ):
-            key = self._key(message.stain_reference, "params.stain_reference")
-            reference = StainMatrix.from_json(self.store.get_bytes(key).decode())
-        return TileParams(grid=grid, stain_method=method), reference
+        reference: StainMatrix | None = None
+        if message.stain_method != tiling_pb2.STAIN_METHOD_NONE:
+            if message.HasField("stain_reference"):
+                key = self._key(message.stain_reference, "params.stain_reference")
+                reference = StainMatrix.from_json(self.store.get_bytes(key).decode())
+            else:
+                reference = builtin_reference(method)
+        if message.max_patches < 0:
+            raise InvalidInput("params.max_patches must be >= 0 (0 keeps every patch)")
+        ignored = set(message.tissue.ignore_artifacts)
+        if tiling_pb2.ARTIFACT_KIND_PEN in ignored:
+            raise InvalidInput("params.tissue: pen marks are always excluded (ink is not tissue)")
+        tissue, mask_mpp = _tissue_params(message.tissue)
+        params = TileParams(
+            grid=grid,
+            tissue=tissue,
+            stain_method=method,
+            exclude_blur=tiling_pb2.ARTIFACT_KIND_BLUR not in ignored,
+            exclude_fold=tiling_pb2.ARTIFACT_KIND_FOLD not in ignored,
+            max_patches=int(message.max_patches),
+            seed=int(message.seed),
+        )
+        return params, reference, mask_mpp
 
     def _result(self, result: TileResult, params: TileParams, prefix: str) -> Any:
         def key(name: str) -> str:
@@ -215,12 +244,14 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
 
     def _run_tiling(self, request: Any, context: grpc.ServicerContext, progress: Any = None) -> Any:
         slide_id, path = self._slide(request.slide)
-        params, reference = self._tile_params(request.params)
-        prefix = f"tiles/{slide_id}/{tiling_digest(params, reference)}"
-        if request.force and self.store.exists(f"{prefix}/tile.json"):
-            self.store.delete(f"{prefix}/tile.json")
+        params, reference, mask_mpp = self._tile_params(request.params)
         budget = WorkBudget(context.time_remaining(), lambda: not context.is_active())
         with open_slide(path) as reader:
+            if mask_mpp is not None:
+                params = replace(params, mask_downsample=mask_mpp / float(reader.mpp[0]))
+            prefix = f"tiles/{slide_id}/{tiling_digest(params, reference)}"
+            if request.force and self.store.exists(f"{prefix}/tile.json"):
+                self.store.delete(f"{prefix}/tile.json")
             result = tile_slide(
                 reader,
                 slide_id,
@@ -288,10 +319,8 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
 
     def SegmentTissue(self, request: Any, context: grpc.ServicerContext) -> Any:
         slide_id, path = self._slide(request.slide)
-        tissue = TissueParams(min_object_um2=request.params.min_region_um2 or 10_000.0)
-        mask_mpp = request.params.mask_mpp or 2.0
-        if mask_mpp <= 0 or mask_mpp > 64:
-            raise InvalidInput("params.mask_mpp must be within 0-64 µm/px")
+        tissue, given_mpp = _tissue_params(request.params)
+        mask_mpp = given_mpp or 2.0
         digest = params_hash(tissue, {"mask_mpp": mask_mpp, "version": PIPELINE_VERSION})
         prefix = f"tiles/{slide_id}/tissue-{digest}"
         reused = self.store.exists(f"{prefix}/{MASKS_JSON}") and not request.force
@@ -441,9 +470,7 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
             return StainMatrix.from_json(self.store.get_bytes(key).decode())
         if which == "reference_matrix":
             return stain_from_proto(request.reference_matrix, "reference_matrix")
-        raise InvalidInput(
-            "the first message needs a reference (reference_object or reference_matrix)"
-        )
+        return builtin_reference(_METHODS.get(request.method, "vahadane"))
 
     def NormalizePatches(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
         first: Any = None

@@ -584,6 +584,18 @@ _NORMALIZERS: dict[str, type[Normalizer]] = {
 METHODS = tuple(_NORMALIZERS)
 
 
+def builtin_reference(method: str = "vahadane") -> StainMatrix:
+    """The target stains used when no reference is given: the widely used standard
+    H&E reference of Macenko et al. (2009) — hematoxylin and eosin OD vectors and
+    their 99th-percentile concentrations (natural-log OD) — on white glass."""
+    return StainMatrix(
+        np.array([[0.5626, 0.7201, 0.4062], [0.2159, 0.8012, 0.5581]], np.float32),
+        np.array([1.9705, 1.0308], np.float32),
+        method=method if method in ("vahadane", "macenko") else "vahadane",
+        name="builtin",
+    )
+
+
 def get_normalizer(name: str, seed: int = 0) -> Normalizer:
     """Build an unfitted normalizer by name ("vahadane", "macenko", "reinhard").
 

@@ -37,16 +37,18 @@ from services.common.objectstore import ObjectStore, open_store
 from services.common.stubs.histomarker.v1 import common_pb2, prediction_pb2, prediction_pb2_grpc
 from services.inference.archive import build_mar
 from services.inference.dataset import build_patch_table
+from services.inference.registry import publish_bundle
 from services.inference.torchserve import TorchServe, TorchServeConfig
 from services.inference.training import TrainConfig, train
 from services.prediction.client import PredictionClient, file_digest, options_of
-from services.prediction.models import CANCER_DETECTOR, LocalScorer, publish_bundle
+from services.prediction.models import CANCER_DETECTOR, LocalScorer
 from services.prediction.pipeline import PredictionParams, predict_slide
 from services.prediction.server import SERVICE_NAME, PredictionServicer, PredictionSettings
 from services.synth.cohort import generate_cohort
 from services.synth.labels import BIOMARKERS
 from services.tiling.reader import open_slide
 from services.tiling.shards import ShardWriter
+from services.tiling.stain import builtin_reference
 
 pytestmark = [
     pytest.mark.slow,
@@ -280,7 +282,8 @@ def test_predict_stored_slide_matches_the_models_run_in_process(stack: Stack) ->
         assert len(tops) == 5 and tops == sorted(tops, reverse=positive)
         assert item.top_patches[0].patch.width == 512 and item.top_patches[0].patch.mpp == 0.25
         assert stack.store.exists(item.heatmap.key)
-    # The same slide through the same bundles in this process: the same numbers.
+    # The same slide through the same bundles in this process, normalized to the
+    # reference the models record (none set: the built-in one): the same numbers.
     scorer = LocalScorer(stack.bundles)
     with open_slide(stack.slide_path) as reader:
         local = predict_slide(
@@ -290,6 +293,7 @@ def test_predict_stored_slide_matches_the_models_run_in_process(stack: Stack) ->
             scorer.deployment(),
             scorer,
             PredictionParams(cancer_confidence=KEEP_ALL, heatmaps=False),
+            reference=builtin_reference(),
         )
     remote = {item.model_name: item.probability for item in prediction.biomarkers}
     for item in local.biomarkers:

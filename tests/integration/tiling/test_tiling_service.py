@@ -19,7 +19,7 @@ from services.synth.cohort import generate_cohort
 from services.tiling.client import normalize_batches, tile_slide
 from services.tiling.reader import open_slide
 from services.tiling.server import TilingSettings, create, stain_to_proto
-from services.tiling.stain import get_normalizer
+from services.tiling.stain import builtin_reference, get_normalizer
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_normalize_patches_streams_one_answer_per_message(stack) -> None:
 @pytest.mark.parametrize(
     ("messages", "reason"),
     [
-        ([tiling_pb2.NormalizePatchesRequest(images=[common_pb2.Image(data=b"x")])], "reference"),
+        ([tiling_pb2.NormalizePatchesRequest(images=[common_pb2.Image(data=b"x")])], "images[0]"),
         ("bad image", "message 1: images[0]"),
         ("other reference", "message 1: reference differs"),
         ("no images", "message 1: images: at least one"),
@@ -292,3 +292,70 @@ def test_segment_tissue_stores_masks_and_reuses_them(stack) -> None:
     assert mask.shape == (3072 // 8, 4096 // 8)
     second = stub.SegmentTissue(request, timeout=60)
     assert second.reused and second.params_hash == first.params_hash
+
+
+def test_tiling_options_are_applied(stack) -> None:
+    stub, slide, store_dir = stack
+    ref = _slide_ref(slide.name)
+    full = tile_slide(
+        stub,
+        tiling_pb2.TileSlideRequest(
+            slide=ref, params=tiling_pb2.TilingParams(magnification=20, patch_size_px=256)
+        ),
+        120,
+    )
+    # No reference given: the built-in one (stain.json records it).
+    store = open_store(store_dir.as_uri())
+    assert full.stain.key and "builtin" in store.get_bytes(full.stain.key).decode()
+    sampled = tile_slide(
+        stub,
+        tiling_pb2.TileSlideRequest(
+            slide=ref,
+            params=tiling_pb2.TilingParams(
+                magnification=20, patch_size_px=256, max_patches=3, seed=1
+            ),
+        ),
+        120,
+    )
+    assert full.patch_count > 3 and sampled.patch_count == 3
+    assert sampled.params_hash != full.params_hash
+    with pytest.raises(grpc.RpcError) as info:
+        tile_slide(
+            stub,
+            tiling_pb2.TileSlideRequest(
+                slide=ref,
+                params=tiling_pb2.TilingParams(
+                    tissue=tiling_pb2.TissueParams(ignore_artifacts=[tiling_pb2.ARTIFACT_KIND_PEN])
+                ),
+            ),
+            30,
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "pen" in info.value.details()
+    keep_blur = tile_slide(
+        stub,
+        tiling_pb2.TileSlideRequest(
+            slide=ref,
+            params=tiling_pb2.TilingParams(
+                magnification=20,
+                patch_size_px=256,
+                tissue=tiling_pb2.TissueParams(
+                    ignore_artifacts=[tiling_pb2.ARTIFACT_KIND_BLUR, tiling_pb2.ARTIFACT_KIND_FOLD]
+                ),
+            ),
+        ),
+        120,
+    )
+    assert keep_blur.patch_count >= full.patch_count
+
+
+def test_normalize_patches_defaults_to_the_builtin_reference(stack) -> None:
+    stub, slide, _ = stack
+    with open_slide(slide) as reader:
+        patch = reader.read_region(1024, 1024, 1, 128, 128)
+    _, png = cv2.imencode(".png", cv2.cvtColor(patch, cv2.COLOR_RGB2BGR))
+    request = tiling_pb2.NormalizePatchesRequest(images=[common_pb2.Image(data=png.tobytes())])
+    (response,) = normalize_batches(stub, [request], timeout_s=30)
+    expected = builtin_reference()
+    assert list(response.reference.hematoxylin) == pytest.approx(expected.matrix[0].tolist())
+    assert len(response.images) == 1
