@@ -1,0 +1,80 @@
+"""The training pipeline's parameters: what to compute, never where (that is
+:mod:`flows.settings`). Defaults are the method's (METHOD.md); tests and demos shrink
+them (a tiny backbone, small patches, few epochs)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from flows.records import Record
+from services.cohort.manifest import LABEL_COLUMNS
+
+
+class TilingConfig(Record):
+    """How TilingService tiles every slide (20x patches, Vahadane normalization)."""
+
+    #: Side of the square 20x patches, px.
+    patch_px: int = Field(default=512, ge=32, le=4096)
+    #: Most patches kept per slide, sampled with ``seed``; 0 keeps all.
+    max_patches: int = Field(default=0, ge=0)
+    #: Seed of the sampling.
+    seed: int = 0
+    #: Smallest tissue fraction of a kept patch (0-1).
+    min_tissue_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+class ModelTraining(Record):
+    """How each patch classifier is trained (``services.inference.training``)."""
+
+    backbone: str = "inception_v3"
+    input_px: int = Field(default=512, ge=16)
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=3e-4, gt=0)
+    seed: int = 0
+    val_fraction: float = Field(default=0.2, gt=0, lt=1)
+    max_patches_per_epoch: int | None = Field(default=None, ge=1)
+    max_val_patches: int | None = Field(default=None, ge=1)
+    #: Local file of ImageNet weights for the backbone; random init without it.
+    weights_path: str | None = None
+    mixed_precision: str = "auto"
+
+
+class Selection(Record):
+    """How discriminative patches are chosen (CD by the detector, BD by a biomarker
+    model)."""
+
+    #: Calibrated confidence above which a patch is discriminative (the method's 0.9).
+    threshold: float = Field(default=0.9, ge=0.0, le=1.0)
+    #: (ours) A slide with fewer CD patches keeps its most confident ones, up to this
+    #: many, flagged as a fallback; 0 is the method (no fallback).
+    min_patches_per_slide: int = Field(default=0, ge=0)
+    #: (ours) Most CD patches per slide, the most confident first; 0 keeps all.
+    max_patches_per_slide: int = Field(default=0, ge=0)
+    #: Patches per TorchServe request.
+    batch_size: int = Field(default=16, ge=1, le=1024)
+
+
+class Analysis(Record):
+    """The feature analysis: random-forest ablation and statistics."""
+
+    folds: int = Field(default=5, ge=2)
+    n_estimators: int = Field(default=200, ge=1)
+    bootstrap: int = Field(default=1000, ge=0)
+    seed: int = 0
+
+
+class PipelineConfig(Record):
+    """Everything that decides a training run's results (and so its run id)."""
+
+    #: Seed of the paper's split (which cancer slides train the detector).
+    split_seed: int = 0
+    tiling: TilingConfig = TilingConfig()
+    detector: ModelTraining = ModelTraining()
+    biomarker: ModelTraining = ModelTraining()
+    selection: Selection = Selection()
+    analysis: Analysis = Analysis()
+    #: The biomarkers to train, in the method's order.
+    biomarkers: tuple[str, ...] = LABEL_COLUMNS
+    #: Slides tiled (or scored) at once.
+    max_concurrent_slides: int = Field(default=2, ge=1, le=64)

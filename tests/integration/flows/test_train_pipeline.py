@@ -1,0 +1,210 @@
+"""The training pipeline end to end: a tiny synthetic cohort, real TilingService and
+NucleiService on 127.0.0.1, a real TorchServe, Prefect's test harness.
+
+The first run is pointed at a wrong NucleiService address (the TilingService's, which
+answers UNIMPLEMENTED: not retried) and fails in ``analyze_features``, after every
+model is trained; the second run, with the right address, takes every finished task
+from the cache and only computes the features, the analysis and the report.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from flows.config import Analysis, ModelTraining, PipelineConfig, Selection, TilingConfig
+from flows.split import MIN_PATIENTS_PER_CLASS, paper_split
+from services.cohort.manifest import LABEL_COLUMNS
+from services.common.settings import ServiceSettings
+from services.synth.labels import manifest_rows, sample_cohort
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17"),
+]
+
+SLIDES = 12
+SPLIT_SEED = 0
+
+
+def _learnable_seed() -> int:
+    """A cohort seed whose biomarker set has two patients of each class for every
+    label, so all six models can be held out by patient (a tiny cohort otherwise
+    skips some)."""
+    for seed in range(2000):
+        table = pd.DataFrame(manifest_rows(sample_cohort(SLIDES, seed)))
+        biomarker = table[table["slide_id"].isin(paper_split(table, SPLIT_SEED).biomarker)]
+        counts = [
+            (pd.to_numeric(biomarker[name]) == value).sum()
+            for name in LABEL_COLUMNS
+            for value in (0, 1)
+        ]
+        if min(counts) >= MIN_PATIENTS_PER_CLASS:
+            return seed
+    raise AssertionError("no cohort seed gives two patients per class")
+
+
+CONFIG = PipelineConfig(
+    split_seed=SPLIT_SEED,
+    tiling=TilingConfig(patch_px=128, max_patches=16),
+    detector=ModelTraining(
+        backbone="tiny", input_px=32, epochs=2, batch_size=8, lr=3e-3, val_fraction=0.34
+    ),
+    biomarker=ModelTraining(
+        backbone="tiny", input_px=32, epochs=1, batch_size=8, lr=3e-3, val_fraction=0.34
+    ),
+    selection=Selection(threshold=0.9, min_patches_per_slide=3, max_patches_per_slide=5),
+    analysis=Analysis(folds=2, n_estimators=10, bootstrap=50),
+)
+
+
+@pytest.fixture(scope="session")
+def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Prefect's test harness with its home, results and database in a temp folder."""
+    from prefect.settings import (
+        PREFECT_HOME,
+        PREFECT_LOCAL_STORAGE_PATH,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PREFECT_HOME", str(home))
+        env.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        env.setenv("DO_NOT_TRACK", "1")
+        updates: dict[Any, Any] = {
+            PREFECT_HOME: home,
+            PREFECT_LOCAL_STORAGE_PATH: home / "storage",
+            PREFECT_SERVER_ANALYTICS_ENABLED: False,
+        }
+        with temporary_settings(updates=updates), prefect_test_harness(server_startup_timeout=180):
+            yield home
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A cohort, a file:// store, TilingService, NucleiService and TorchServe."""
+    from services.inference.torchserve import TorchServe, TorchServeConfig
+    from services.nuclei.server import create as create_nuclei
+    from services.synth.cohort import generate_cohort
+    from services.tiling.server import create as create_tiling
+
+    root = tmp_path_factory.mktemp("pipeline")
+    generate_cohort(root / "cohort", SLIDES, _learnable_seed(), "tiny", truth_crops=0)
+    store_url = (root / "store").as_uri()
+    servers = []
+    for create in (create_tiling, create_nuclei):
+        server, port = create(ServiceSettings(store_url=store_url, port=0))
+        server.start()
+        servers.append((server, f"127.0.0.1:{port}"))
+    config = TorchServeConfig.with_free_ports(root / "model-store", root / "torchserve")
+    torchserve = TorchServe(config).start()
+    try:
+        assert torchserve.keys is not None
+        yield {
+            "root": root,
+            "store_url": store_url,
+            "tiling": servers[0][1],
+            "nuclei": servers[1][1],
+            "torchserve": torchserve,
+            "env": {
+                "HISTOMARKER_STORE_URL": store_url,
+                "HISTOMARKER_TILING_TARGET": servers[0][1],
+                "HISTOMARKER_NUCLEI_TARGET": servers[1][1],
+                "HISTOMARKER_TORCHSERVE_GRPC_TARGET": torchserve.grpc_inference_target,
+                "HISTOMARKER_TORCHSERVE_MANAGEMENT_URL": torchserve.management_url,
+                "HISTOMARKER_TORCHSERVE_MODEL_STORE": str(config.model_store),
+                "HISTOMARKER_TORCHSERVE_INFERENCE_TOKEN": torchserve.keys.inference,
+                "HISTOMARKER_TORCHSERVE_MANAGEMENT_TOKEN": torchserve.keys.management,
+                "HISTOMARKER_WORK_DIR": str(root / "work"),
+            },
+        }
+    finally:
+        torchserve.stop()
+        for server, _ in servers:
+            server.stop(0).wait()
+
+
+def _latest_states(names: list[str]) -> dict[str, str]:
+    """The state name of the latest task run of each name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=names)),
+            sort=TaskRunSort.EXPECTED_START_TIME_DESC,
+            limit=200,
+        )
+    latest: dict[str, str] = {}
+    for run in runs:
+        if run.state is not None:
+            latest.setdefault(run.name, run.state.name)
+    return latest
+
+
+def test_a_failed_run_resumes_from_its_cached_tasks_and_serves_every_model(
+    prefect_home: Path, stack: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.pipeline import train_pipeline
+    from services.common.objectstore import open_store
+
+    for name, value in stack["env"].items():
+        monkeypatch.setenv(name, value)
+    manifest = str(stack["root"] / "cohort" / "manifest.csv")
+
+    # Run 1: the NucleiService address is wrong; everything before the features runs.
+    monkeypatch.setenv("HISTOMARKER_NUCLEI_TARGET", stack["tiling"])
+    state = train_pipeline(manifest, "tiny", CONFIG, return_state=True)
+    assert state.is_failed()
+    model_tasks = ["train-cancer_detector", *(f"train-biomarker_{b}" for b in LABEL_COLUMNS)]
+    assert set(_latest_states(model_tasks).values()) == {"Completed"}
+
+    # Run 2: the right address; the finished tasks come from the cache.
+    monkeypatch.setenv("HISTOMARKER_NUCLEI_TARGET", stack["nuclei"])
+    result = train_pipeline(manifest, "tiny", CONFIG)
+    states = _latest_states([*model_tasks, "tile-" + result.detector.split.biomarker[0]])
+    assert set(states.values()) == {"Cached"}, states
+    features = _latest_states([f"nuclei-{s}" for s in result.detector.split.biomarker])
+    assert set(features.values()) == {"Completed"}, features
+
+    # Every model is stored and served with READY workers.
+    assert not result.biomarkers.skipped
+    torchserve = stack["torchserve"]
+    models = [result.detector.model, *(r.model for r in result.biomarkers.results)]
+    assert {m.name for m in models} == {
+        "cancer_detector",
+        *(f"biomarker_{b}" for b in LABEL_COLUMNS),
+    }
+    store = open_store(stack["store_url"])
+    for model in models:
+        description = torchserve.describe(model.name)
+        assert description["modelVersion"] == model.version
+        assert [w["status"] for w in description["workers"]] == ["READY"]
+        for name in ("weights.pt", "model.json", "metrics.json", f"{model.name}.mar"):
+            assert store.exists(f"{model.prefix}/{name}"), (model.prefix, name)
+
+    # TTA metrics at patch and slide level, BD and CD feature tables, the report.
+    prefix = f"runs/{result.run_id}"
+    for biomarker in result.biomarkers.results:
+        evaluation = json.loads(store.get_bytes(biomarker.evaluation_key))
+        assert evaluation["tta"] and {"patch_level", "slide_level"} <= set(evaluation)
+        key = f"{prefix}/analysis/{biomarker.biomarker}/patch_sets.parquet"
+        sets = pd.read_parquet(io.BytesIO(store.get_bytes(key)))
+        assert "CD" in set(sets["patch_set"])
+        assert sets["morph.area.mean"].notna().all()
+        assert len(sets[sets["patch_set"] == "BD"]) <= biomarker.bd_patches
+    report = store.get_bytes(result.analysis.report_key).decode()
+    assert report.startswith("<!DOCTYPE html>") and "Discrimination" in report
+    assert result.analysis.report_key == f"{prefix}/report/report.html"
