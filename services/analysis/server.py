@@ -25,6 +25,7 @@ from services.common.cancellation import WorkBudget
 from services.common.errors import InvalidInput
 from services.common.grpc_server import HistomarkerServer, ServiceBinding, create_server, serve
 from services.common.objectstore import ObjectInfo
+from services.common.refs import served_key
 from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
 from services.common.stubs.histomarker.v1 import analysis_pb2, analysis_pb2_grpc, common_pb2
@@ -176,14 +177,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
 
     # -- helpers ---------------------------------------------------------------------
     def _key(self, ref: common_pb2.ObjectRef, what: str) -> str:
-        if ref.bucket and ref.bucket != self.settings.bucket:
-            raise InvalidInput(
-                f"{what}: bucket {ref.bucket!r} is not served here (this service serves "
-                f"{self.settings.bucket!r})"
-            )
-        if not ref.key:
-            raise InvalidInput(f"{what}: an object key is required")
-        return ref.key
+        return served_key(ref, self.settings.bucket, what)
 
     def _ref(self, info: ObjectInfo) -> common_pb2.ObjectRef:
         return common_pb2.ObjectRef(

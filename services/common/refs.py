@@ -68,3 +68,23 @@ def validate_refs(message: Message) -> None:
             validate_key(key)
         except InvalidInput as exc:
             raise InvalidInput(f"{path or 'request'}: {exc}") from None
+
+
+def served_key(ref: Any, bucket: str, what: str) -> str:
+    """The object key of ``ref`` when it names this service's ``bucket`` (or none).
+
+    Args:
+        ref: An ``ObjectRef`` message.
+        bucket: The bucket the service serves.
+        what: The field's name, for the error message.
+
+    Raises:
+        InvalidInput: Another bucket, or no key.
+    """
+    if ref.bucket and ref.bucket != bucket:
+        raise InvalidInput(
+            f"{what}: bucket {ref.bucket!r} is not served here (this service serves {bucket!r})"
+        )
+    if not ref.key:
+        raise InvalidInput(f"{what}: an object key is required")
+    return str(ref.key)

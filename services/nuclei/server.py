@@ -18,6 +18,7 @@ from pydantic import Field
 from services.common.cancellation import WorkBudget
 from services.common.errors import InvalidInput
 from services.common.grpc_server import HistomarkerServer, ServiceBinding, create_server, serve
+from services.common.refs import served_key
 from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
 from services.common.stubs.histomarker.v1 import common_pb2, nuclei_pb2, nuclei_pb2_grpc
@@ -138,14 +139,7 @@ class NucleiServicer(nuclei_pb2_grpc.NucleiServiceServicer):
         self.store = settings.open_store()
 
     def _key(self, ref: common_pb2.ObjectRef, what: str) -> str:
-        if ref.bucket and ref.bucket != self.settings.bucket:
-            raise InvalidInput(
-                f"{what}: bucket {ref.bucket!r} is not served here (this service serves "
-                f"{self.settings.bucket!r})"
-            )
-        if not ref.key:
-            raise InvalidInput(f"{what}: an object key is required")
-        return ref.key
+        return served_key(ref, self.settings.bucket, what)
 
     # -- RPCs ------------------------------------------------------------------------
     def SegmentNuclei(self, request: Any, context: grpc.ServicerContext) -> Any:

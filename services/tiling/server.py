@@ -24,6 +24,7 @@ import numpy as np
 from services.common.cancellation import WorkBudget
 from services.common.errors import InvalidInput
 from services.common.grpc_server import HistomarkerServer, ServiceBinding, create_server, serve
+from services.common.refs import served_key
 from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
 from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2, tiling_pb2_grpc
@@ -150,14 +151,7 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
 
     # -- helpers ---------------------------------------------------------------------
     def _key(self, ref: common_pb2.ObjectRef, what: str) -> str:
-        if ref.bucket and ref.bucket != self.settings.bucket:
-            raise InvalidInput(
-                f"{what}: bucket {ref.bucket!r} is not served here (this service serves "
-                f"{self.settings.bucket!r})"
-            )
-        if not ref.key:
-            raise InvalidInput(f"{what}: an object key is required")
-        return ref.key
+        return served_key(ref, self.settings.bucket, what)
 
     def _ref(self, key: str) -> common_pb2.ObjectRef:
         return common_pb2.ObjectRef(bucket=self.settings.bucket, key=key)
