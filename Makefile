@@ -18,13 +18,16 @@ PYTEST_ARGS ?=
 all: test
 
 # System packages, installed with apt-get only when missing (Java 17 for TorchServe;
-# headless Chromium renders the analysis report in its test).
+# headless Chromium renders the analysis report in its test; docker-compose validates
+# docker-compose.yml without a Docker engine).
 system-deps:
 	@need=""; \
 	if ! command -v java >/dev/null 2>&1 || ! java -version 2>&1 | grep -qE 'version "(1[7-9]|2[0-9])'; then \
 		need="$$need openjdk-17-jre-headless"; fi; \
 	if ! command -v chromium >/dev/null 2>&1; then \
 		need="$$need chromium"; fi; \
+	if ! command -v docker-compose >/dev/null 2>&1; then \
+		need="$$need docker-compose"; fi; \
 	if [ -n "$$need" ]; then \
 		echo "installing system packages:$$need"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need; \

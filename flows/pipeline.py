@@ -21,6 +21,7 @@ from flows.ingest import ingest_cohort
 from flows.policy import input_digest
 from flows.preprocess import preprocess
 from flows.records import AnalysisResult, CohortRef, Record
+from flows.runners import with_fanout_runner
 
 #: Hex digits of a run id.
 RUN_ID_DIGITS = 16
@@ -59,7 +60,8 @@ def train_pipeline(
     cohort = ingest_cohort(manifest_path, cohort_name)
     run = run_id(cohort, config)
     prefix = f"runs/{run}"
-    tiled = preprocess(cohort, config.tiling, config.max_concurrent_slides)
+    # Threads, or a Dask cluster when the settings ask for one (``flows.runners``).
+    tiled = with_fanout_runner(preprocess)(cohort, config.tiling, config.max_concurrent_slides)
     detector = train_cancer_detector(cohort, tiled, config.detector, config.split_seed)
     cd_slides = select_discriminative(
         tiled,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import urllib.parse
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 
@@ -44,6 +45,26 @@ class FlowSettings(ServiceSettings):
     work_dir: Path = Path.home() / ".histomarker" / "flows"
     #: Seconds one gRPC call to a service may take (tiling a slide, nuclei of a slide).
     rpc_timeout_s: float = Field(default=3600.0, gt=0)
+    #: PredictionService address, ``host:port`` (``predict_batch``).
+    prediction_target: str = f"127.0.0.1:{DEFAULT_PORTS['prediction']}"
+    #: Where ``predict_batch`` looks for new slides (``inbox/{slide_id}.{ext}``).
+    predict_inbox_prefix: str = "inbox/"
+    #: What runs the per-slide fan-out (``preprocess``, ``predict_batch``): threads of
+    #: the flow run's process, or a Dask cluster (``prefect-dask``).
+    task_runner: Literal["thread", "dask"] = "thread"
+    #: Dask scheduler, ``tcp://host:port``; None starts a local cluster on 127.0.0.1
+    #: for each flow run (its workers inherit this environment).
+    dask_address: str | None = None
+    #: Worker processes of that local cluster (one thread each).
+    dask_workers: int = Field(default=2, ge=1, le=64)
+    #: Cron schedule of the ``train_pipeline`` deployment (``flows serve``).
+    train_cron: str = "0 3 * * 0"
+    #: The cohort manifest the scheduled training runs on; unscheduled when unset.
+    train_manifest: Path | None = None
+    #: Its cohort name in the store.
+    train_cohort: str | None = None
+    #: Seconds between scheduled ``predict_batch`` runs.
+    predict_interval_s: float = Field(default=600.0, gt=0)
 
     def management_address(self) -> tuple[str, int]:
         """Host and port of the management URL (InvalidInput when malformed)."""

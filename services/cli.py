@@ -13,10 +13,11 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from services import __version__
-from services.common.errors import HistomarkerError, NotImplementedYet
+from services.common.errors import HistomarkerError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -47,15 +48,6 @@ class _Parser(argparse.ArgumentParser):
 
 class _UsageError(Exception):
     pass
-
-
-def _planned(what: str, issue: int) -> Handler:
-    """A handler for a subcommand whose implementation arrives with a later issue."""
-
-    def handler(_args: argparse.Namespace) -> dict[str, Any]:
-        raise NotImplementedYet(f"{what} is not built yet (it arrives with issue #{issue})")
-
-    return handler
 
 
 def _add_json_flag(parser: argparse.ArgumentParser) -> None:
@@ -137,6 +129,40 @@ def _serve(args: argparse.Namespace) -> dict[str, Any]:
     return {"service": args.service, "stopped": True}
 
 
+def _up(args: argparse.Namespace) -> dict[str, Any]:
+    from services.common.settings import ServiceSettings
+    from services.local_stack.stack import (
+        StackOptions,
+        default_directory,
+        default_model_store,
+        run_up,
+    )
+
+    directory = Path(args.dir).expanduser().resolve() if args.dir else default_directory()
+    store_url = args.store_url or ServiceSettings().store_url
+    model_store = Path(args.model_store).resolve() if args.model_store else None
+    options = StackOptions(
+        directory=directory,
+        store_url=store_url,
+        model_store=model_store or default_model_store(directory),
+        free_ports=args.free_ports,
+        skip=frozenset(args.skip),
+        ready_timeout_s=args.timeout,
+    )
+
+    def report(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    return run_up(options, detach=args.detach, report=report)
+
+
+def _down(args: argparse.Namespace) -> dict[str, Any]:
+    from services.local_stack.stack import default_directory, run_down
+
+    directory = Path(args.dir).expanduser().resolve() if args.dir else default_directory()
+    return run_down(directory, stop_timeout_s=args.timeout)
+
+
 def _predict(args: argparse.Namespace) -> dict[str, Any]:
     from services.prediction.cli_predict import run_predict
 
@@ -156,6 +182,20 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="top patches per biomarker")
     parser.add_argument("--no-heatmaps", action="store_true", help="skip the heatmap PNGs")
     parser.add_argument("--timeout", type=float, default=3600.0, help="deadline, seconds")
+
+
+def _flows_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.deployments import serve, serve_options
+
+    options = serve_options(
+        cron=args.cron,
+        interval_s=args.interval_s,
+        manifest_path=args.manifest,
+        cohort_name=args.cohort,
+        task_runner=args.task_runner,
+        dask_address=args.dask_address,
+    )
+    return serve(options, report=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,13 +296,40 @@ def build_parser() -> argparse.ArgumentParser:
     flows = sub.add_parser("flows", help="Prefect flows and deployments")
     flows_sub = flows.add_subparsers(dest="flows_command", metavar="ACTION", required=True)
     flows_serve = flows_sub.add_parser("serve", help="serve the scheduled deployments")
-    flows_serve.set_defaults(handler=_planned("histomarker flows serve", 10))
+    flows_serve.add_argument("--cron", help='training schedule (default "0 3 * * 0")')
+    flows_serve.add_argument(
+        "--interval-s", type=float, help="seconds between batch predictions (default 600)"
+    )
+    flows_serve.add_argument("--manifest", metavar="PATH", help="cohort manifest to train on")
+    flows_serve.add_argument("--cohort", metavar="NAME", help="its cohort name in the store")
+    flows_serve.add_argument(
+        "--task-runner", choices=["thread", "dask"], help="per-slide fan-out (default thread)"
+    )
+    flows_serve.add_argument(
+        "--dask-address", metavar="ADDR", help="Dask scheduler (default: a local cluster)"
+    )
+    flows_serve.set_defaults(handler=_flows_serve)
     _add_json_flag(flows_serve)
 
     up = sub.add_parser("up", help="start the whole stack as local processes on 127.0.0.1")
-    up.set_defaults(handler=_planned("histomarker up", 11))
+    up.add_argument("--dir", help="state, logs and working folders (~/.histomarker/stack)")
+    up.add_argument("--detach", action="store_true", help="return once every part is ready")
+    up.add_argument("--free-ports", action="store_true", help="free ports, not the defaults")
+    up.add_argument("--store-url", help="object store (default: HISTOMARKER_STORE_URL or file)")
+    up.add_argument("--model-store", help="TorchServe model store (./model-store if present)")
+    up.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=["prefect", "torchserve", "flows"],
+        help="leave this part out (repeatable)",
+    )
+    up.add_argument("--timeout", type=float, default=180.0, help="readiness wait per part, s")
+    up.set_defaults(handler=_up)
     down = sub.add_parser("down", help="stop the stack started by `histomarker up`")
-    down.set_defaults(handler=_planned("histomarker down", 11))
+    down.add_argument("--dir", help="the folder given to `up` (~/.histomarker/stack)")
+    down.add_argument("--timeout", type=float, default=30.0, help="SIGTERM to SIGKILL, s")
+    down.set_defaults(handler=_down)
 
     serve = sub.add_parser("serve", help="run one gRPC service in the foreground")
     serve.add_argument("service", choices=["tiling", "nuclei", "analysis", "prediction"])

@@ -58,25 +58,6 @@ def test_every_subcommand_takes_json() -> None:
 
 
 @pytest.mark.parametrize(
-    ("argv", "issue"),
-    [
-        (["flows", "serve"], 10),
-        (["up"], 11),
-        (["down"], 11),
-    ],
-)
-def test_unbuilt_subcommands_say_so_and_exit_2(
-    argv: list[str], issue: int, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(argv) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1
-    assert "not built yet" in lines[0] and f"issue #{issue}" in lines[0]
-
-
-@pytest.mark.parametrize(
     "argv",
     [["tile"], ["synth", "out", "--slides", "many"], ["no-such-command"], ["serve", "gpu"]],
 )

@@ -1,0 +1,217 @@
+"""predict_batch end to end: two slides in the inbox, a real PredictionService on a
+real TorchServe with tiny models trained once here, Prefect's test harness.
+
+The first batch predicts both slides (a summary table with both, heatmaps stored);
+the second finds their records and skips them, writing no table.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from services.common.objectstore import ObjectStore, open_store
+from services.synth.labels import BIOMARKERS
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(900),
+    pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17"),
+]
+
+PATCH_PX = 48
+PATCHES_PER_SLIDE = 16
+
+
+def _patch(rng: np.random.Generator, positive: bool) -> np.ndarray:
+    canvas = np.clip(
+        np.array([236.0, 172.0, 204.0]) + rng.normal(0, 6, (PATCH_PX, PATCH_PX, 3)), 0, 255
+    ).astype(np.uint8)
+    canvas = np.ascontiguousarray(canvas)
+    for _ in range(int(rng.integers(10, 16)) if positive else int(rng.integers(1, 4))):
+        centre = (int(rng.integers(0, PATCH_PX)), int(rng.integers(0, PATCH_PX)))
+        colour = (95, 45, 150) if positive else (170, 120, 185)
+        cv2.circle(canvas, centre, int(rng.integers(2, 5)), colour, -1)
+    return canvas
+
+
+def _training_cohort(store: ObjectStore) -> pd.DataFrame:
+    """Four slides of patch shards, two per class (the models only need to exist)."""
+    from services.tiling.shards import ShardWriter
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        positive = i % 2 == 0
+        slide_id = f"TRAIN-{i:02d}"
+        prefix = f"tiles/{slide_id}/h0"
+        writer = ShardWriter(store, prefix, "20x", patches_per_shard=PATCHES_PER_SLIDE)
+        for k in range(PATCHES_PER_SLIDE):
+            writer.add(_patch(rng, positive), x=k * 512, y=0)
+        buffer = io.BytesIO()
+        pd.DataFrame(writer.close()).to_parquet(buffer, index=False)
+        store.put_bytes(f"{prefix}/grid.parquet", buffer.getvalue())
+        store.put_bytes(f"{prefix}/tile.json", json.dumps({"params_hash": "h0"}).encode())
+        row = {"slide_id": slide_id, "patient_id": f"P{i:02d}"}
+        row["kind"] = "cancer" if positive else "normal"
+        row.update({b: int(positive) for b in BIOMARKERS})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _train(store: ObjectStore, manifest: pd.DataFrame, name: str, out: Path) -> Path:
+    from services.inference.dataset import build_patch_table
+    from services.inference.training import TrainConfig, train
+
+    detector = name == "cancer_detector"
+    column = "kind" if detector else name.removeprefix("biomarker_")
+    classes = ("normal", "cancer") if detector else ("negative", "positive")
+    table = build_patch_table(store, manifest, column, classes)
+    config = TrainConfig(
+        backbone="tiny",
+        input_px=32,
+        class_names=classes,
+        model_name=name,
+        version="1",
+        epochs=1,
+        batch_size=16,
+        lr=3e-3,
+        seed=1,
+        val_fraction=0.5,
+        augment=False,
+        mixed_precision="off",
+        checkpoint_dir=out / "checkpoints",
+    )
+    return train(table, store, config, out / "bundle", progress=False).bundle_dir
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Prefect's test harness with its home in a temp folder, telemetry off."""
+    from prefect.settings import (
+        PREFECT_HOME,
+        PREFECT_LOCAL_STORAGE_PATH,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-predict")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PREFECT_HOME", str(home))
+        env.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        env.setenv("DO_NOT_TRACK", "1")
+        updates: dict[Any, Any] = {
+            PREFECT_HOME: home,
+            PREFECT_LOCAL_STORAGE_PATH: home / "storage",
+            PREFECT_SERVER_ANALYTICS_ENABLED: False,
+        }
+        with temporary_settings(updates=updates), prefect_test_harness(server_startup_timeout=180):
+            yield home
+
+
+@pytest.fixture(scope="module")
+def prediction(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Tiny models trained once, on TorchServe; PredictionService; two inbox slides."""
+    from services.inference.archive import build_mar
+    from services.inference.registry import publish_bundle
+    from services.inference.torchserve import TorchServe, TorchServeConfig
+    from services.prediction.server import PredictionSettings, create
+    from services.synth.cohort import generate_cohort
+
+    root = tmp_path_factory.mktemp("predict-batch")
+    store = open_store((root / "store").as_uri())
+    manifest = _training_cohort(store)
+    names = ["cancer_detector", *(f"biomarker_{b}" for b in BIOMARKERS)]
+    bundles = {n: _train(store, manifest, n, root / "train" / n) for n in names}
+    model_store = root / "model-store"
+    with ThreadPoolExecutor(2) as pool:
+        built = pool.map(lambda n: build_mar(bundles[n], model_store), names)
+        mars = dict(zip(names, built, strict=True))
+    for name in names:
+        publish_bundle(store, bundles[name], mars[name])
+
+    generate_cohort(root / "cohort", 2, seed=5, preset="tiny", truth_crops=0)
+    slides = pd.read_csv(root / "cohort" / "manifest.csv")
+    inbox = {}
+    for index, path in enumerate(slides["slide_path"]):
+        source = root / "cohort" / path
+        key = f"inbox/NEW-{index}{source.suffix}"
+        store.put_file(key, source)
+        inbox[f"NEW-{index}"] = key
+    store.put_bytes("inbox/README.txt", b"not a slide")
+
+    config = TorchServeConfig.with_free_ports(model_store, root / "torchserve")
+    torchserve = TorchServe(config).start()
+    try:
+        with ThreadPoolExecutor(len(mars)) as pool:
+            list(pool.map(lambda m: torchserve.register(m, initial_workers=1), mars.values()))
+        settings = PredictionSettings(
+            port=0,
+            store_url=store.url,
+            slide_cache_dir=root / "slide-cache",
+            torchserve_grpc_target=torchserve.grpc_inference_target,
+            torchserve_management_url=torchserve.management_url,
+            torchserve_key_file=config.work_dir / "key_file.json",
+            batch_size=8,
+            max_in_flight=2,
+        )
+        server, port = create(settings)
+        server.start()
+        try:
+            yield {
+                "store": store,
+                "inbox": inbox,
+                "env": {
+                    "HISTOMARKER_STORE_URL": store.url,
+                    "HISTOMARKER_PREDICTION_TARGET": f"127.0.0.1:{port}",
+                    "HISTOMARKER_WORK_DIR": str(root / "work"),
+                },
+            }
+        finally:
+            server.stop(0).wait()
+    finally:
+        torchserve.stop()
+
+
+def test_two_inbox_slides_are_predicted_once_then_skipped(
+    prefect_api: Path, prediction: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.predict import BatchOptions, predict_batch
+
+    for name, value in prediction["env"].items():
+        monkeypatch.setenv(name, value)
+    store: ObjectStore = prediction["store"]
+    # Keep every tissue patch: the tiny detector was not trained on these slides.
+    options = BatchOptions(cancer_confidence=0.0)
+
+    first = predict_batch("inbox/", options)
+    assert [o.slide_id for o in first.outcomes] == sorted(prediction["inbox"])
+    assert {o.status for o in first.outcomes} == {"predicted"}, first.outcomes
+    assert first.table_key == f"runs/predictions/batches/{first.batch_id}.parquet"
+    table = pd.read_parquet(io.BytesIO(store.get_bytes(first.table_key)))
+    assert sorted(table["slide_id"]) == sorted(prediction["inbox"])
+    assert set(table["status"]) == {"predicted"} and set(table["prediction_status"]) == {"ok"}
+    for biomarker in BIOMARKERS:
+        assert table[f"{biomarker}_probability"].between(0, 1).all()
+        assert set(table[f"{biomarker}_call"]) <= {"positive", "negative"}
+        for key in table[f"{biomarker}_heatmap_key"]:
+            assert key.endswith(f"heatmap_{biomarker}.png") and store.exists(key)
+    for key in table["prediction_key"]:
+        assert json.loads(store.get_bytes(key))["status"] == "ok"
+
+    second = predict_batch("inbox/", options)
+    assert {o.status for o in second.outcomes} == {"skipped"}
+    assert second.table_key == ""
+    before = {o.slide_id: o.biomarkers for o in first.outcomes}
+    assert {o.slide_id: o.biomarkers for o in second.outcomes} == before
