@@ -215,3 +215,100 @@ def mutations(
         random_message,
         st.lists(st.sampled_from(paths), min_size=1, max_size=3, unique=True),
     )
+
+
+#: Statuses a fuzzed request may get: each names the caller's mistake, or says the
+#: (valid) request asked for more work than its deadline allows.
+CLIENT_STATUSES = frozenset(
+    {
+        grpc.StatusCode.OK,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
+
+
+def fuzz_settings(max_examples: int) -> Any:
+    """Hypothesis settings for fuzzing a running service: repeatable, no deadline."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+
+
+def status_of(
+    call: Callable[[list[bytes], float], list[bytes]], payloads: list[bytes], timeout_s: float
+) -> tuple[grpc.StatusCode, str]:
+    """The status (and details) a raw call ends with."""
+    try:
+        call(payloads, timeout_s)
+    except grpc.RpcError as error:
+        return error.code(), error.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def assert_serving(channel: grpc.Channel, service: str) -> None:
+    """The service still answers its health check with SERVING."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    reply = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=service), timeout=10
+    )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def check_arbitrary_requests(
+    channel: grpc.Channel,
+    method: MethodDescriptor,
+    requests: st.SearchStrategy[list[Message]],
+    max_examples: int,
+    timeout_s: float = 10.0,
+) -> None:
+    """Every drawn request list gets OK or a client status with a readable reason
+    (no traceback), and the service keeps serving."""
+    from hypothesis import given
+
+    call = raw_call(channel, method)
+
+    @fuzz_settings(max_examples)
+    @given(requests)
+    def check(batch: list[Message]) -> None:
+        code, details = status_of(call, [m.SerializeToString() for m in batch], timeout_s)
+        assert code in CLIENT_STATUSES, (code, details, batch)
+        if code != grpc.StatusCode.OK:
+            assert details and "Traceback" not in details and len(details) < 2000
+
+    check()
+    assert_serving(channel, method.containing_service.full_name)
+
+
+def check_unparsable_bytes(
+    channel: grpc.Channel, method: MethodDescriptor, max_examples: int
+) -> None:
+    """Bytes that are no request message get INVALID_ARGUMENT saying so."""
+    from google.protobuf.message import DecodeError
+    from hypothesis import given
+
+    call = raw_call(channel, method)
+    parse = GetMessageClass(method.input_type).FromString
+
+    @fuzz_settings(max_examples)
+    @given(st.binary(min_size=1, max_size=64))
+    def check(data: bytes) -> None:
+        try:
+            parse(data)
+        except DecodeError:
+            code, details = status_of(call, [data], 10.0)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+            assert "malformed request" in details
+
+    check()
+    assert_serving(channel, method.containing_service.full_name)

@@ -15,13 +15,16 @@ import grpc
 import numpy as np
 import pandas as pd
 import pytest
-from google.protobuf.message import DecodeError
-from google.protobuf.message_factory import GetMessageClass
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from protofuzz import messages, mutations, raw_call
+from protofuzz import (
+    check_arbitrary_requests,
+    check_unparsable_bytes,
+    messages,
+    mutations,
+    raw_call,
+    status_of,
+)
 
 from services.analysis.server import AnalysisSettings, create
 from services.common.grpc_client import open_channel
@@ -31,22 +34,6 @@ from services.nuclei.features import FEATURE_NAMES
 
 SERVICE = analysis_pb2.DESCRIPTOR.services_by_name["AnalysisService"]
 #: Statuses a bad request may get: each names the caller's mistake.
-CLIENT_STATUSES = {
-    grpc.StatusCode.OK,
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.OUT_OF_RANGE,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    # A valid request for more work than its deadline allows (e.g. 1000 trees).
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-FUZZ = settings(
-    max_examples=30,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 PATCHES = "runs/f/patches.csv"
 FEATURES = "runs/f/features.parquet"
 MANIFEST = "cohorts/f/manifest.csv"
@@ -200,64 +187,27 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[grpc.Channel]:
         server.stop(0).wait()
 
 
-def _status_of(call, payloads: list[bytes]) -> tuple[grpc.StatusCode, str]:
-    try:
-        call(payloads, 10.0)
-    except grpc.RpcError as error:
-        return error.code(), error.details() or ""
-    return grpc.StatusCode.OK, ""
-
-
-def _assert_serving(channel: grpc.Channel) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE.full_name), timeout=10)
-    assert reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
 def test_the_valid_seeds_succeed(service: grpc.Channel) -> None:
     for name, request in _valid_requests().items():
         call = raw_call(service, SERVICE.methods_by_name[name])
-        assert _status_of(call, [request.SerializeToString()]) == (grpc.StatusCode.OK, ""), name
+        assert status_of(call, [request.SerializeToString()], 10.0) == (grpc.StatusCode.OK, ""), (
+            name
+        )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method_name", [m.name for m in SERVICE.methods])
 def test_arbitrary_messages_get_a_clear_answer(service: grpc.Channel, method_name: str) -> None:
     method = SERVICE.methods_by_name[method_name]
-    call = raw_call(service, method)
     valid = _valid_requests()[method_name]
     request = st.one_of(
         messages(method.input_type, strings=KEYS, blobs=(_png(8),)),
         mutations(valid, strings=KEYS, blobs=(_png(8),)),
         mutations(valid, strings=KEYS, blobs=(_png(8),)),
     )
-
-    @FUZZ
-    @given(request)
-    def check(message) -> None:
-        code, details = _status_of(call, [message.SerializeToString()])
-        assert code in CLIENT_STATUSES, (code, details, message)
-        if code != grpc.StatusCode.OK:
-            assert details and "Traceback" not in details and len(details) < 2000
-
-    check()
-    _assert_serving(service)
+    check_arbitrary_requests(service, method, st.lists(request, min_size=1, max_size=1), 30)
 
 
 @pytest.mark.parametrize("method_name", [m.name for m in SERVICE.methods])
 def test_unparsable_bytes_are_invalid_argument(service: grpc.Channel, method_name: str) -> None:
-    method = SERVICE.methods_by_name[method_name]
-    call = raw_call(service, method)
-
-    @FUZZ
-    @given(st.binary(min_size=1, max_size=64))
-    def check(data: bytes) -> None:
-        try:
-            GetMessageClass(method.input_type).FromString(data)
-        except DecodeError:
-            code, details = _status_of(call, [data])
-            assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
-            assert "malformed request" in details
-
-    check()
-    _assert_serving(service)
+    check_unparsable_bytes(service, SERVICE.methods_by_name[method_name], 30)

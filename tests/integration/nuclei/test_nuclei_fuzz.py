@@ -16,12 +16,13 @@ import grpc
 import numpy as np
 import pandas as pd
 import pytest
-from google.protobuf.message import DecodeError
-from google.protobuf.message_factory import GetMessageClass
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from protofuzz import messages, mutations, raw_call
+from protofuzz import (
+    check_arbitrary_requests,
+    check_unparsable_bytes,
+    messages,
+    mutations,
+)
 
 from services.common.grpc_client import open_channel
 from services.common.objectstore import ObjectStore, open_store
@@ -33,26 +34,10 @@ from services.nuclei.server import NucleiSettings, create
 from services.tiling.shards import ShardWriter
 
 SERVICE = nuclei_pb2.DESCRIPTOR.services_by_name["NucleiService"]
-#: Statuses a bad request may get: each names the caller's mistake.
-CLIENT_STATUSES = {
-    grpc.StatusCode.OK,
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.OUT_OF_RANGE,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    # A valid request for more work than its deadline allows.
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-FUZZ = settings(
-    max_examples=60,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 SHARD_PREFIX = "tiles/FUZZ-1/0123456789abcdef"
 
 
+#: Statuses a bad request may get: each names the caller's mistake.
 def _patch(side: int, seed: int = 0) -> np.ndarray:
     """A small pink patch with a few dark nuclei."""
     rng = np.random.default_rng(seed)
@@ -111,20 +96,6 @@ BLOBS = (
 )
 
 
-def _status_of(call, payloads: list[bytes]) -> tuple[grpc.StatusCode, str]:
-    try:
-        call(payloads, 20.0)
-    except grpc.RpcError as error:
-        return error.code(), error.details() or ""
-    return grpc.StatusCode.OK, ""
-
-
-def _assert_serving(channel: grpc.Channel) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE.full_name), timeout=10)
-    assert reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
 def _assert_tables_whole(store: ObjectStore, store_dir: Path) -> None:
     """Every parquet object reads whole with the table's columns; no put in flight."""
     for info in store.list(""):
@@ -140,40 +111,16 @@ def _assert_tables_whole(store: ObjectStore, store_dir: Path) -> None:
 def test_arbitrary_messages_get_a_clear_answer(service, method_name: str) -> None:
     channel, store, store_dir, valid, keys = service
     method = SERVICE.methods_by_name[method_name]
-    call = raw_call(channel, method)
     one = st.one_of(
         messages(method.input_type, strings=keys, blobs=BLOBS),
         mutations(valid[method_name], strings=keys, blobs=BLOBS),
     )
     requests = st.lists(one, min_size=1, max_size=3)
-
-    @FUZZ
-    @given(requests)
-    def check(batch) -> None:
-        code, details = _status_of(call, [m.SerializeToString() for m in batch])
-        assert code in CLIENT_STATUSES, (code, details, batch)
-        if code != grpc.StatusCode.OK:
-            assert details and "Traceback" not in details and len(details) < 2000
-
-    check()
-    _assert_serving(channel)
+    check_arbitrary_requests(channel, method, requests, 60, timeout_s=20.0)
     _assert_tables_whole(store, store_dir)
 
 
 @pytest.mark.parametrize("method_name", [m.name for m in SERVICE.methods])
 def test_unparsable_bytes_are_invalid_argument(service, method_name: str) -> None:
-    channel, _, _, _, _ = service
-    call = raw_call(channel, SERVICE.methods_by_name[method_name])
-
-    @FUZZ
-    @given(st.binary(min_size=1, max_size=64))
-    def check(data: bytes) -> None:
-        try:
-            GetMessageClass(SERVICE.methods_by_name[method_name].input_type).FromString(data)
-        except DecodeError:
-            code, details = _status_of(call, [data])
-            assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
-            assert "malformed request" in details
-
-    check()
-    _assert_serving(channel)
+    channel = service[0]
+    check_unparsable_bytes(channel, SERVICE.methods_by_name[method_name], 60)

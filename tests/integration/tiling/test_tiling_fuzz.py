@@ -14,12 +14,13 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from google.protobuf.message import DecodeError
-from google.protobuf.message_factory import GetMessageClass
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from protofuzz import messages, mutations, raw_call
+from protofuzz import (
+    check_arbitrary_requests,
+    check_unparsable_bytes,
+    messages,
+    mutations,
+)
 
 from services.common.grpc_client import open_channel
 from services.common.objectstore import open_store
@@ -29,25 +30,9 @@ from services.tiling.client import tile_slide
 from services.tiling.server import TilingSettings, create
 
 SERVICE = tiling_pb2.DESCRIPTOR.services_by_name["TilingService"]
+
+
 #: Statuses a bad request may get: each names the caller's mistake.
-CLIENT_STATUSES = {
-    grpc.StatusCode.OK,
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.OUT_OF_RANGE,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    # A valid request for more work than its deadline allows.
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-FUZZ = settings(
-    max_examples=60,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-
-
 @pytest.fixture(scope="module")
 def service(
     tmp_path_factory: pytest.TempPathFactory,
@@ -111,20 +96,6 @@ KEYS = ("slides/s.tiff", "slides/garbage.svs", "slides/missing.svs", "refs/none/
 BLOBS = (_png(8), _png(64), b"\x89PNG\r\n\x1a\n" + b"\x00" * 30)
 
 
-def _status_of(call, payloads: list[bytes]) -> tuple[grpc.StatusCode, str]:
-    try:
-        call(payloads, 10.0)
-    except grpc.RpcError as error:
-        return error.code(), error.details() or ""
-    return grpc.StatusCode.OK, ""
-
-
-def _assert_serving(channel: grpc.Channel) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE.full_name), timeout=10)
-    assert reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
 def _assert_nothing_half_written(store_dir: Path) -> None:
     """Every tiling output folder is finished (its manifest written last) or absent."""
     for folder in (store_dir / "tiles").glob("*/*") if (store_dir / "tiles").exists() else ():
@@ -144,40 +115,15 @@ def _assert_nothing_half_written(store_dir: Path) -> None:
 def test_arbitrary_messages_get_a_clear_answer(service, method_name: str) -> None:
     channel, store_dir, valid = service
     method = SERVICE.methods_by_name[method_name]
-    call = raw_call(channel, method)
     one = st.one_of(
         messages(method.input_type, strings=KEYS, blobs=BLOBS),
         mutations(valid[method_name], strings=KEYS, blobs=BLOBS),
     )
-    requests = st.lists(one, min_size=1, max_size=3)
-
-    @FUZZ
-    @given(requests)
-    def check(batch) -> None:
-        code, details = _status_of(call, [m.SerializeToString() for m in batch])
-        assert code in CLIENT_STATUSES, (code, details, batch)
-        if code != grpc.StatusCode.OK:
-            assert details and "Traceback" not in details and len(details) < 2000
-
-    check()
-    _assert_serving(channel)
+    check_arbitrary_requests(channel, method, st.lists(one, min_size=1, max_size=3), 60)
     _assert_nothing_half_written(store_dir)
 
 
 @pytest.mark.parametrize("method_name", [m.name for m in SERVICE.methods])
 def test_unparsable_bytes_are_invalid_argument(service, method_name: str) -> None:
     channel, _, _ = service
-    call = raw_call(channel, SERVICE.methods_by_name[method_name])
-
-    @FUZZ
-    @given(st.binary(min_size=1, max_size=64))
-    def check(data: bytes) -> None:
-        try:
-            GetMessageClass(SERVICE.methods_by_name[method_name].input_type).FromString(data)
-        except DecodeError:
-            code, details = _status_of(call, [data])
-            assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
-            assert "malformed request" in details
-
-    check()
-    _assert_serving(channel)
+    check_unparsable_bytes(channel, SERVICE.methods_by_name[method_name], 60)
