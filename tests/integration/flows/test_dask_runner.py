@@ -24,31 +24,6 @@ TILING = TilingConfig(patch_px=128, max_patches=8)
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Prefect's test harness with its home in a temp folder, telemetry off."""
-    from prefect.settings import (
-        PREFECT_HOME,
-        PREFECT_LOCAL_STORAGE_PATH,
-        PREFECT_SERVER_ANALYTICS_ENABLED,
-        temporary_settings,
-    )
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect-dask")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("PREFECT_HOME", str(home))
-        env.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        env.setenv("DO_NOT_TRACK", "1")
-        updates: dict[Any, Any] = {
-            PREFECT_HOME: home,
-            PREFECT_LOCAL_STORAGE_PATH: home / "storage",
-            PREFECT_SERVER_ANALYTICS_ENABLED: False,
-        }
-        with temporary_settings(updates=updates), prefect_test_harness(server_startup_timeout=180):
-            yield home
-
-
-@pytest.fixture(scope="module")
 def tiling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from services.synth.cohort import generate_cohort
     from services.tiling.server import create
@@ -65,7 +40,7 @@ def tiling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
 
 def test_preprocess_on_a_local_dask_cluster_matches_the_thread_runner(
-    prefect_api: Path, tiling: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    prefect_home: Path, tiling: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from distributed import LocalCluster
     from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings

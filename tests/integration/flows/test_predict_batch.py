@@ -96,31 +96,6 @@ def _train(store: ObjectStore, manifest: pd.DataFrame, name: str, out: Path) -> 
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Prefect's test harness with its home in a temp folder, telemetry off."""
-    from prefect.settings import (
-        PREFECT_HOME,
-        PREFECT_LOCAL_STORAGE_PATH,
-        PREFECT_SERVER_ANALYTICS_ENABLED,
-        temporary_settings,
-    )
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect-predict")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("PREFECT_HOME", str(home))
-        env.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        env.setenv("DO_NOT_TRACK", "1")
-        updates: dict[Any, Any] = {
-            PREFECT_HOME: home,
-            PREFECT_LOCAL_STORAGE_PATH: home / "storage",
-            PREFECT_SERVER_ANALYTICS_ENABLED: False,
-        }
-        with temporary_settings(updates=updates), prefect_test_harness(server_startup_timeout=180):
-            yield home
-
-
-@pytest.fixture(scope="module")
 def prediction(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Tiny models trained once, on TorchServe; PredictionService; two inbox slides."""
     from services.inference.archive import build_mar
@@ -185,7 +160,7 @@ def prediction(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
 
 
 def test_two_inbox_slides_are_predicted_once_then_skipped(
-    prefect_api: Path, prediction: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    prefect_home: Path, prediction: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from flows.predict import BatchOptions, predict_batch
 
