@@ -9,8 +9,8 @@ own session (stopped as a group), its database in ``PREFECT_HOME``, and no UI.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 from services.common.errors import Unavailable
+from services.common.processes import stop_group
 
 LOOPBACK = "127.0.0.1"
 #: Telemetry switches, for the server and every process that talks to it.
@@ -121,16 +122,12 @@ class EmbeddedPrefectServer:
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM to the server's process group, SIGKILL after ``timeout_s``."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        except ProcessLookupError:
-            process.wait()
+        # The whole group: the server's own children too, even if it has exited.
+        stop_group(process.pid, None, timeout_s)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10.0)
 
     def __enter__(self) -> EmbeddedPrefectServer:
         return self.start()

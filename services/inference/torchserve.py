@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from services.common.errors import (
     Unauthenticated,
     Unavailable,
 )
+from services.common.processes import group_members, stop_group
 
 LOOPBACK = "127.0.0.1"
 #: Name of the key file token-authorized TorchServe writes into its working folder.
@@ -536,23 +536,16 @@ class TorchServe:
             return
         self.inference.close()
         self.management.close()
-        group = process.pid
-        _signal_group(group, signal.SIGTERM)
+        stop_group(process.pid, None, timeout_s)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=timeout_s)
-        if not _wait_group_gone(group, timeout_s):
-            _signal_group(group, signal.SIGKILL)
-            _wait_group_gone(group, 10.0)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+            process.wait(timeout=10.0)
         self._process = None
         self._keys = None
         self.inference.token = self.management.token = None
 
     def processes(self) -> list[int]:
         """PIDs of the live processes this instance started (its process group)."""
-        return _group_members(self._process.pid) if self._process is not None else []
+        return group_members(self._process.pid) if self._process is not None else []
 
     @property
     def keys(self) -> TokenKeys | None:
@@ -765,44 +758,6 @@ def _torchserve_executable() -> str:
     if found is None:
         raise FailedPrecondition("the torchserve command is not installed (run `make install`)")
     return found
-
-
-def _signal_group(group: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(group, signum)
-
-
-def _group_members(group: int) -> list[int]:
-    """Live (non-zombie) processes of a process group, from /proc."""
-    members = []
-    proc = Path("/proc")
-    if not proc.is_dir():
-        try:
-            os.killpg(group, 0)
-        except (ProcessLookupError, PermissionError):
-            return []
-        return [group]
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # After the ")" closing the command name: state, ppid, pgrp, ...
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == group:
-            members.append(int(entry.name))
-    return members
-
-
-def _wait_group_gone(group: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not _group_members(group):
-            return True
-        time.sleep(0.1)
-    return not _group_members(group)
 
 
 __all__ = [

@@ -33,14 +33,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from services.common.errors import FailedPrecondition, HistomarkerError, Unavailable
-from services.common.settings import DEFAULT_PORTS, ServiceSettings
-from services.local_stack.processes import (
+from services.common.processes import (
     is_our_group,
     is_same_process,
     reap,
     start_ticks,
     stop_group,
 )
+from services.common.settings import DEFAULT_PORTS, ServiceSettings
 from services.local_stack.state import (
     STATE_FILE,
     ComponentRecord,

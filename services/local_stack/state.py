@@ -26,7 +26,7 @@ class ComponentRecord:
     Attributes:
         name: ``prefect``, ``torchserve``, ``tiling``, ... or ``flows``.
         pid: PID of the process started, also its process group id.
-        start_ticks: The process's start time (see ``processes.start_ticks``).
+        start_ticks: The process's start time (see ``services.common.processes.start_ticks``).
         ports: Its TCP ports on 127.0.0.1 by role.
         log: Its log file.
         ready: Whether it passed its readiness check.

@@ -22,7 +22,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.local_stack.processes import group_members
+from services.common.processes import group_members
 from services.local_stack.stack import GRPC_SERVICES
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,8 @@
-"""Process groups of the local stack: identify them exactly, stop them whole.
+"""Process groups we start (the local stack, TorchServe, the embedded Prefect
+server): identify them exactly, stop them whole.
 
-Every component starts in its own session, so its PID is also its process group id
-and every process it spawns (TorchServe's Java frontend and Python workers, the
+Every such process starts in its own session, so its PID is also its process group
+id and every process it spawns (TorchServe's Java frontend and Python workers, the
 Prefect server's workers) belongs to that group. A PID alone may be reused after the
 process exits; the kernel's start time (``/proc/PID/stat`` field 22, clock ticks
 since boot) makes (PID, start time) unique, so a stale state file never leads us to
