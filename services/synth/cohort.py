@@ -15,6 +15,7 @@ that stops half-way leaves no manifest that looks finished.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,8 @@ import pandas as pd
 from services.cohort.manifest import Manifest
 from services.common.errors import InvalidInput
 from services.common.progress import ProgressBar
-from services.synth.labels import BIOMARKERS, manifest_rows, sample_cohort
-from services.synth.slide import generate_slide, preset_size
+from services.synth.labels import BIOMARKERS, SlideSpec, manifest_rows, sample_cohort
+from services.synth.slide import SlideFiles, generate_slide, preset_size
 
 MANIFEST_NAME = "manifest.csv"
 
@@ -38,6 +39,8 @@ def generate_cohort(
     truth_crops: int = 4,
     progress: bool = False,
     overwrite: bool = False,
+    normal_fraction: float = 0.25,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Generate a cohort and return a JSON-able summary.
 
@@ -49,6 +52,9 @@ def generate_cohort(
         truth_crops: 40x crops with nucleus ground truth per slide.
         progress: Show a progress bar per slide on standard error.
         overwrite: Replace an existing cohort's manifest.
+        normal_fraction: Share of normal slides (see ``sample_cohort``).
+        workers: Slides rendered at once, each in its own process; with more than
+            one, progress is a line per finished slide instead of a bar per slide.
 
     Returns:
         Counts per kind and label, the manifest path and the time taken.
@@ -60,14 +66,21 @@ def generate_cohort(
     manifest_path = out / MANIFEST_NAME
     if manifest_path.exists() and not overwrite:
         raise InvalidInput(f"{manifest_path} exists already; choose another folder")
-    specs = sample_cohort(n_slides, seed)
+    if workers < 1:
+        raise InvalidInput(f"workers must be >= 1, got {workers}")
+    specs = sample_cohort(n_slides, seed, normal_fraction)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows = manifest_rows(specs)
-    for index, (spec, row) in enumerate(zip(specs, rows, strict=True), start=1):
-        label = f"slide {index}/{len(specs)} {spec.slide_id}"
-        bar = ProgressBar(label, "tiles") if progress else None
-        files = generate_slide(spec, out, preset, truth_crops=truth_crops, progress=bar)
+    if workers == 1:
+        written = []
+        for index, spec in enumerate(specs, start=1):
+            label = f"slide {index}/{len(specs)} {spec.slide_id}"
+            bar = ProgressBar(label, "tiles") if progress else None
+            written.append(generate_slide(spec, out, preset, truth_crops=truth_crops, progress=bar))
+    else:
+        written = _generate_in_processes(specs, out, preset, truth_crops, workers, progress)
+    for row, files in zip(rows, written, strict=True):
         row["slide_path"] = files.slide
         row["truth_masks"] = files.masks
         row["tissue_mask"] = files.tissue_mask
@@ -90,3 +103,26 @@ def generate_cohort(
         "seed": seed,
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
+
+
+def _generate_in_processes(
+    specs: list[SlideSpec],
+    out: Path,
+    preset: str,
+    truth_crops: int,
+    workers: int,
+    progress: bool,
+) -> list[SlideFiles]:
+    """Render the slides ``workers`` at a time; results in the order of ``specs``."""
+    bar = ProgressBar("synthetic slides", "slides") if progress else None
+    with ProcessPoolExecutor(min(workers, len(specs))) as pool:
+        futures = [
+            pool.submit(generate_slide, spec, out, preset, truth_crops=truth_crops)
+            for spec in specs
+        ]
+        written = []
+        for done, future in enumerate(futures, start=1):
+            written.append(future.result())
+            if bar is not None:
+                bar(done, len(futures))
+    return written
