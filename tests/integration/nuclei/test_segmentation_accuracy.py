@@ -70,14 +70,14 @@ def test_segmentation_finds_the_nuclei(pooled: MatchResult) -> None:
     assert total.true_positives + total.false_negatives > 1000
     assert total.mean_dice >= 0.80  # the issue's target: met
     assert total.precision >= 0.90  # what is found is right
-    assert total.f1 >= 0.75  # a floor against regressions, below the target
+    assert total.f1 >= 0.78  # a floor against regressions, below the target
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="open (issue 7): pooled detection F1 0.79 against the 0.85 target; packed "
-    "vesicular nuclei and heavily overlapping ones are missed (recall 0.59-0.80)",
+    reason="open (issue 7): pooled detection F1 0.80 against the 0.85 target; packed "
+    "vesicular nuclei and heavily overlapping ones are missed (recall 0.69-0.81)",
 )
 def test_detection_f1_meets_the_target(pooled: MatchResult) -> None:
     assert pooled.f1 >= 0.85
