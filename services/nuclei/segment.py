@@ -82,7 +82,7 @@ class SegmentationParams:
     min_area_um2: float = 12.0
     max_area_um2: float = 300.0
     min_solidity: float = 0.85
-    threshold_step: int = 8
+    threshold_step: int = 16
     min_level: int = 24
     min_contrast: int = 48
     split_below_solidity: float = 0.98
@@ -194,7 +194,12 @@ def _level_regions(
     # Labels without per-label statistics (OpenCV's statistics pass costs four
     # times the labelling): areas by counting, boxes from the contours on demand.
     count, labels = cv2.connectedComponents(filled, connectivity=8)
-    areas = np.bincount(labels.ravel(), minlength=count).astype(np.float64)
+    if count <= 65536:
+        # A histogram of 16-bit labels counts twice as fast as numpy's bincount.
+        areas = cv2.calcHist([labels.astype(np.uint16)], [0], None, [count], [0, count])
+        areas = areas.ravel().astype(np.float64)
+    else:
+        areas = np.bincount(labels.ravel(), minlength=count).astype(np.float64)
     contour_labels = np.zeros(0, np.int64)
     if contours:
         # Each outline starts on one of its region's pixels.
