@@ -369,7 +369,9 @@ def _split_clusters(
     fine = cv2.GaussianBlur(h_raw.astype(np.float32), (0, 0), sigmaX=0.5 / mpp)
     foreground = (fine >= max(params.min_level, otsu)).astype(np.uint8)
     claimed = cv2.dilate((labels > 0).astype(np.uint8), np.ones((3, 3), np.uint8))
-    free = ndi.binary_fill_holes(foreground) & (claimed == 0)
+    outlines, _ = cv2.findContours(foreground, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(foreground, outlines, -1, 1, thickness=cv2.FILLED)  # holes filled
+    free = (foreground > 0) & (claimed == 0)
     _, regions, stats, _ = cv2.connectedComponentsWithStats(free.astype(np.uint8), connectivity=8)
     large = stats[:, cv2.CC_STAT_AREA] >= 2 * min_px
     large[0] = False
@@ -377,7 +379,7 @@ def _split_clusters(
         return labels
     free = large[regions]
     centre = cv2.GaussianBlur(h_raw.astype(np.float32), (0, 0), sigmaX=1.0 / mpp)
-    around = cv2.GaussianBlur(h_raw.astype(np.float32), (0, 0), sigmaX=3.0 / mpp)
+    around = _wide_blur(h_raw.astype(np.float32), 3.0 / mpp)
     # Pale, not empty: a vesicular nucleus' centre holds some chromatin; a gap
     # closed in by the rims of its neighbours holds none.
     stained = h_raw >= params.min_level
@@ -397,6 +399,25 @@ def _split_clusters(
     out = labels.copy()
     out[keep] = basins[keep] + int(labels.max())
     return out
+
+
+def _wide_blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian blur with a wide kernel, computed at a reduced size (a blur of
+    several pixels keeps no detail a quarter-size image loses)."""
+    factor = int(sigma_px // 3)
+    if factor < 2:
+        return cv2.GaussianBlur(image, (0, 0), sigmaX=sigma_px)
+    height, width = image.shape
+    small = cv2.resize(
+        image, (max(1, width // factor), max(1, height // factor)), interpolation=cv2.INTER_AREA
+    )
+    small = cv2.GaussianBlur(small, (0, 0), sigmaX=sigma_px / factor)
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def _pad1(image: np.ndarray) -> np.ndarray:
+    """The image with a one-pixel border of zeros."""
+    return cv2.copyMakeBorder(image, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
 
 
 def _mask_solidity(mask: np.ndarray) -> float:
@@ -524,7 +545,7 @@ def _split_region(
     """
     from skimage.segmentation import watershed
 
-    padded = np.pad(mask, 1).astype(np.uint8)
+    padded = _pad1(mask.astype(np.uint8))
     distance = cv2.distanceTransform(padded, cv2.DIST_L2, 5)
     markers = _distance_seeds(distance, params.min_split_distance_um / mpp, max(1.0, 0.5 / mpp))
     if markers.max() < 2:
@@ -577,7 +598,7 @@ def _split_at_notches(
     Returns:
         int32 labels 1..2 of the parts over ``mask``'s box, or None.
     """
-    padded = np.pad(mask, 1).astype(np.uint8)
+    padded = _pad1(mask.astype(np.uint8))
     contours, _ = cv2.findContours(padded, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     if not contours:
         return None
@@ -624,7 +645,7 @@ def _smooth_outlines(labels: np.ndarray, mpp: float) -> np.ndarray:
     # Per nucleus: erode each label within itself (a pixel bordering another label
     # counts as an edge), then grow back inside the same label.
     same = np.ones(labels.shape, np.uint8)
-    padded = np.pad(labels, 1)
+    padded = _pad1(labels)
     for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
         neighbour = padded[1 + dy : padded.shape[0] - 1 + dy, 1 + dx : padded.shape[1] - 1 + dx]
         same &= (neighbour == labels).astype(np.uint8)
