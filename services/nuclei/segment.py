@@ -304,9 +304,9 @@ def segment_nuclei(
             window = h[y : y + hh, x : x + w]
             parts = None
             unfilled = region & (window >= levels[k])
-            if unfilled.sum() < region.sum():
-                # Its holes were filled: a ring of nuclei round a lumen splits only
-                # with the lumen left open.
+            if region.sum() - unfilled.sum() >= min_px:
+                # A hole the size of a nucleus was filled: a ring of nuclei round a
+                # lumen splits only with the lumen left open.
                 parts = _split_region(
                     unfilled, mpp, params, window, levels[k] + params.min_contrast
                 )
