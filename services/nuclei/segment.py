@@ -35,6 +35,10 @@ _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0
 _RGB_FROM_HED = _RGB_FROM_HED / np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
 #: Column of the unmixing matrix that gives the hematoxylin concentration.
 _H_FROM_OD = np.linalg.inv(_RGB_FROM_HED)[:, 0].astype(np.float32)
+_H_SHARE = [
+    (-np.log((np.arange(256, dtype=np.float32) + 1.0) / 256.0) * weight).astype(np.float32)
+    for weight in _H_FROM_OD
+]
 #: Hematoxylin optical density (natural log) mapped to grey level 255; darker
 #: nuclei saturate, which only merges the top levels of the ladder.
 H_OD_FULL_SCALE = 3.0
@@ -133,9 +137,10 @@ def hematoxylin_u8(rgb: np.ndarray, adaptive: bool = False) -> np.ndarray:
     255 is an OD of 3 (``H_OD_FULL_SCALE``), or with ``adaptive`` the image's 99.5th
     percentile clipped to ``H_OD_SCALE_RANGE``.
     """
-    od_lut = -np.log((np.arange(256, dtype=np.float32) + 1.0) / 256.0)
-    od = od_lut[rgb]
-    h = od @ _H_FROM_OD
+    # Per channel, a table from 8-bit value to its share of the hematoxylin OD.
+    h = cv2.LUT(rgb[..., 0], _H_SHARE[0])
+    h += cv2.LUT(rgb[..., 1], _H_SHARE[1])
+    h += cv2.LUT(rgb[..., 2], _H_SHARE[2])
     full_scale = H_OD_FULL_SCALE
     if adaptive:
         top = float(
@@ -655,9 +660,11 @@ def _smooth_outlines(labels: np.ndarray, mpp: float) -> np.ndarray:
     kept = (grown == labels) & (labels > 0)
     out = np.where(kept, labels, 0).astype(np.int32)
     # A nucleus the opening removed entirely (smaller than the disc) stays as it was.
-    lost = np.setdiff1d(np.unique(labels), np.unique(out))
-    if lost.size:
-        restore = np.isin(labels, lost)
+    before = np.bincount(labels.ravel()) > 0
+    lost = before & (np.bincount(out.ravel(), minlength=len(before)) == 0)
+    lost[0] = False
+    if lost.any():
+        restore = lost[labels]
         out[restore] = labels[restore]
     return out
 
