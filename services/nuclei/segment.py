@@ -138,9 +138,9 @@ def hematoxylin_u8(rgb: np.ndarray, adaptive: bool = False) -> np.ndarray:
     percentile clipped to ``H_OD_SCALE_RANGE``.
     """
     # Per channel, a table from 8-bit value to its share of the hematoxylin OD.
-    h = cv2.LUT(rgb[..., 0], _H_SHARE[0])
-    h += cv2.LUT(rgb[..., 1], _H_SHARE[1])
-    h += cv2.LUT(rgb[..., 2], _H_SHARE[2])
+    h = np.asarray(cv2.LUT(rgb[..., 0], _H_SHARE[0]), np.float32)
+    h += np.asarray(cv2.LUT(rgb[..., 1], _H_SHARE[1]), np.float32)
+    h += np.asarray(cv2.LUT(rgb[..., 2], _H_SHARE[2]), np.float32)
     full_scale = H_OD_FULL_SCALE
     if adaptive:
         top = float(

@@ -344,7 +344,7 @@ def test_patch_limit_and_deadline(stack: Stack, tmp_path: Path) -> None:
     request = nuclei_pb2.ExtractFeaturesForShardsRequest(
         shards=[_ref(shard) for shard in stack.shards], output=_ref("runs/late/f.parquet")
     )
-    error = _error(stack.stub.ExtractFeaturesForShards, request, timeout=0.3)
+    error = _error(stack.stub.ExtractFeaturesForShards, request, timeout=0.1)
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert not list(stack.store.list("runs/limit/")) and not list(stack.store.list("runs/late/"))
     _assert_serving(stack.channel)
