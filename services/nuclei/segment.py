@@ -442,19 +442,27 @@ def _nucleus_like_parts(
     h: np.ndarray | None,
     min_peak: int,
     better_than: float = 0.0,
+    all_or_none: bool = False,
 ) -> np.ndarray:
     """Per part (index 0 unused): nucleus-sized, solid (and more solid than
-    ``better_than``) and, when ``h`` is given, dark enough somewhere (``min_peak``)."""
+    ``better_than``) and, when ``h`` is given, dark enough somewhere (``min_peak``).
+    With ``all_or_none`` the checks stop at the first part that fails."""
     count = int(parts.max())
     sizes = np.bincount(parts.ravel(), minlength=count + 1) * (mpp * mpp)
     good = (sizes >= params.min_area_um2) & (sizes <= params.max_area_um2)
     good[0] = False
+    if all_or_none and not good[1:].all():
+        return good
     if h is not None and count:
         peaks = ndi.maximum(h, parts, np.arange(1, count + 1))
         good[1:] &= np.asarray(peaks) >= min_peak
+        if all_or_none and not good[1:].all():
+            return good
     threshold = max(params.min_solidity, better_than)
     for part in np.flatnonzero(good):
         good[part] = _mask_solidity(parts == part) >= threshold
+        if all_or_none and not good[part]:
+            break
     return good
 
 
@@ -469,7 +477,8 @@ def _parts_ok(
     """At least two parts, every one nucleus-like."""
     if parts.max() < 2:
         return False
-    return bool(_nucleus_like_parts(parts, mpp, params, h, min_peak, better_than)[1:].all())
+    good = _nucleus_like_parts(parts, mpp, params, h, min_peak, better_than, all_or_none=True)
+    return bool(good[1:].all())
 
 
 def _distance_seeds(
