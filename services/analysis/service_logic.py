@@ -142,7 +142,9 @@ def load_table(store: ObjectStore, key: str, what: str) -> pd.DataFrame:
         try:
             table = read_table(path)
         except InvalidInput as exc:
-            raise InvalidInput(f"{what} ({key}): {exc}".replace(path.name, key)) from None
+            # The server's temporary path never reaches the caller: name the key.
+            message = f"{what} ({key}): {exc}".replace(str(path), key)
+            raise InvalidInput(message.replace(path.name, key)) from None
         except Exception as exc:  # parsers raise many kinds on corrupt files
             raise InvalidInput(
                 f"{what} ({key}): cannot read the table ({type(exc).__name__})"

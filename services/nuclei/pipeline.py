@@ -164,6 +164,11 @@ def decode_image(data: bytes, what: str = "image") -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        # Pillow refuses headers declaring ~180 million pixels or more: far over our side.
+        raise InvalidInput(
+            f"{what} declares an image over {MAX_SIDE_PX} px a side: send it in patches"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InvalidInput(f"{what} is not a PNG, JPEG or TIFF image") from exc
     with image:

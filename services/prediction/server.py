@@ -537,6 +537,8 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
                 try:
                     path = folder / f"{slide_id}.{extension}"
                     self._receive(messages, meta.size_bytes, meta.sha256, path, budget)
+                    with open_slide(path):  # a file no reader opens is refused, not stored
+                        pass
                     stored = self.store.put_file(key, path)
                     prediction = self._run(slide_id, path, meta.sha256, params, budget, None)
                 finally:
