@@ -4,6 +4,16 @@
 set -eu
 : "${MINIO_ROOT_USER:?}" "${MINIO_ROOT_PASSWORD:?}" "${HISTOMARKER_S3_ACCESS_KEY:?}" \
   "${HISTOMARKER_S3_SECRET_KEY:?}" "${HISTOMARKER_BUCKET:=histomarker}"
+# .env.example's placeholders are public: refuse them rather than create the accounts.
+for name in MINIO_ROOT_USER MINIO_ROOT_PASSWORD HISTOMARKER_S3_ACCESS_KEY HISTOMARKER_S3_SECRET_KEY; do
+  eval "value=\$$name"
+  case "$value" in
+  *CHANGE-ME*)
+    echo "minio-init: $name is still the CHANGE-ME placeholder of .env.example; set it in .env" >&2
+    exit 1
+    ;;
+  esac
+done
 
 mc alias set local http://minio:9000 "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD" >/dev/null
 mc mb --ignore-existing "local/$HISTOMARKER_BUCKET"

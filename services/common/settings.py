@@ -27,6 +27,10 @@ DEFAULT_PORTS = {
 }
 
 
+#: Marks the placeholder values of .env.example, refused as secrets.
+PLACEHOLDER = "CHANGE-ME"
+
+
 class ServiceSettings(BaseSettings):
     """What every gRPC service of histomarker is configured with."""
 
@@ -62,6 +66,14 @@ class ServiceSettings(BaseSettings):
     auth_token: SecretStr | None = None
     #: Log level name.
     log_level: str = "INFO"
+
+    @field_validator("auth_token", "s3_access_key", "s3_secret_key")
+    @classmethod
+    def _not_a_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
+        # .env.example's values are public: a service never runs with one of them.
+        if value is not None and PLACEHOLDER in value.get_secret_value():
+            raise ValueError(f"still the {PLACEHOLDER} placeholder of .env.example: set a secret")
+        return value
 
     @field_validator("log_level")
     @classmethod
