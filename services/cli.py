@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("out", metavar="OUT", help="output folder")
     synth.add_argument("--slides", type=int, default=8, help="number of slides")
     synth.add_argument("--seed", type=int, default=0, help="random seed")
-    synth.add_argument("--preset", choices=["tiny", "small", "standard"], default="tiny")
+    synth.add_argument("--preset", choices=["tiny", "demo", "small", "standard"], default="tiny")
     synth.add_argument("--truth-crops", type=int, default=4, help="40x crops with nucleus truth")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing cohort")
     synth.set_defaults(handler=_synth)

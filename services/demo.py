@@ -105,8 +105,8 @@ class DemoScale:
 SCALES: dict[str, DemoScale] = {
     "full": DemoScale(
         name="full",
-        slides=120,
-        preset="tiny",
+        slides=100,
+        preset="demo",
         normal_fraction=0.2,
         heldout_fraction=0.35,
         cohort_seed=0,
@@ -117,22 +117,26 @@ SCALES: dict[str, DemoScale] = {
             detector=ModelTraining(
                 backbone="tiny",
                 input_px=64,
-                epochs=3,
+                epochs=10,
                 batch_size=32,
                 lr=3e-3,
-                max_patches_per_epoch=1200,
+                max_patches_per_epoch=1000,
                 mixed_precision="off",
             ),
+            # An epoch is twice the minority class's patches (at most 500): short, so
+            # several of them.
             biomarker=ModelTraining(
                 backbone="tiny",
                 input_px=96,
-                epochs=4,
+                epochs=8,
                 batch_size=32,
                 lr=3e-3,
-                max_patches_per_epoch=1200,
+                max_patches_per_epoch=500,
                 mixed_precision="off",
             ),
-            selection=Selection(threshold=0.9, min_patches_per_slide=2, max_patches_per_slide=6),
+            # Slides whose detector is rarely above 0.9 still give the biomarker models
+            # their six most confident 20x patches (24 40x patches).
+            selection=Selection(threshold=0.9, min_patches_per_slide=6, max_patches_per_slide=6),
             analysis=Analysis(folds=3, n_estimators=100, bootstrap=200),
         ),
     ),
@@ -195,8 +199,16 @@ class _Stages:
 
 
 def _prepare_output(out: Path, scale: DemoScale) -> bool:
-    """Clear the last run's outputs; returns whether its cohort can be reused."""
+    """Clear the last run's outputs; returns whether its cohort can be reused.
+
+    A stack left running by a demo that was killed outright (SIGKILL gives it no
+    chance to stop its stack) is stopped first, exactly its recorded processes.
+    """
+    from services.local_stack.stack import run_down
+
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "stack").is_dir():
+        run_down(out / "stack")
     for name in (RESULTS_MD, RESULTS_JSON, PREDICTIONS_CSV, REPORT_HTML):
         (out / name).unlink(missing_ok=True)
     for name in ("stack", "store"):

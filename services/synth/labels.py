@@ -57,6 +57,7 @@ mean ``m`` and concentration ``k`` (``a = m k``, ``b = (1 - m) k``).
 label          parameter                    effect                              noise
 =============  ===========================  ==================================  =================
 TP53 mutated   lymphocyte_density_per_mm2   400 -> 800 /mm² (x2.0)              x LN(0.35)
+TP53 mutated   tumour_lymphocyte_share      0.35 -> 0.70 (TILs in tumour)       (none)
 (via lymph.)   immune score                 follows lymphocyte density          + N(0, 0.5)
 PIK3CA mut.    karyorrhexis_rate            0.015 -> 0.075 per nucleus (x5)     x LN(0.8)
 ER+            gland_fraction               mean +0.30                          Beta(m, 3)
@@ -248,6 +249,9 @@ class Morphology:
             PIK3CA mutation raises it (Basal a little).
         lymphocyte_density_per_mm2: Lymphocytes per mm² of stroma, including the
             stroma between tumour nests; TP53 mutation raises it.
+        tumour_lymphocyte_share: Density of lymphocytes inside tumour as a share of
+            ``lymphocyte_density_per_mm2`` (tumour-infiltrating lymphocytes); TP53
+            mutation raises it. 0 on normal slides.
         normal_nucleus_major_um: Mean major axis of normal epithelial nuclei, µm.
         stroma_fraction: Share of the non-tumour tissue that is fibrous stroma.
         fat_fraction: Share of the non-tumour tissue that is adipose tissue.
@@ -269,6 +273,7 @@ class Morphology:
     tumour_density_per_mm2: float
     karyorrhexis_rate: float
     lymphocyte_density_per_mm2: float
+    tumour_lymphocyte_share: float
     normal_nucleus_major_um: float
     stroma_fraction: float
     fat_fraction: float
@@ -377,6 +382,7 @@ def _normal_morphology(rng: np.random.Generator) -> Morphology:
         tumour_density_per_mm2=0.0,
         karyorrhexis_rate=0.0,
         lymphocyte_density_per_mm2=150.0 * _lognormal(rng, 0.45),
+        tumour_lymphocyte_share=0.0,
         normal_nucleus_major_um=float(np.clip(rng.normal(7.5, 0.3), 6.5, 8.5)),
         stroma_fraction=stroma,
         fat_fraction=fat,
@@ -414,6 +420,7 @@ def _cancer_morphology(labels: SlideLabels, rng: np.random.Generator) -> Morphol
         tumour_density_per_mm2=density,
         karyorrhexis_rate=min(karyorrhexis, 0.5),
         lymphocyte_density_per_mm2=lymphocytes,
+        tumour_lymphocyte_share=0.7 if labels.tp53 else 0.35,
         normal_nucleus_major_um=float(np.clip(rng.normal(7.5, 0.3), 6.5, 8.5)),
         stroma_fraction=stroma,
         fat_fraction=fat,

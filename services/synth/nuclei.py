@@ -53,6 +53,8 @@ class NucleusParams:
         tumour_cv: Coefficient of variation of tumour nuclear size (pleomorphism).
         tumour_density_per_mm2: Tumour nuclei per mm² of tumour.
         lymphocyte_density_per_mm2: Lymphocytes per mm² of stroma near tumour.
+        tumour_lymphocyte_share: Lymphocyte density inside tumour as a share of the
+            stromal one (tumour-infiltrating lymphocytes).
         karyorrhexis_rate: Fragment clusters per tumour nucleus.
         tumour_axis_ratio: Mean major/minor axis ratio of tumour nuclei.
         epithelial_major_um: Mean major axis of normal duct nuclei, µm.
@@ -68,6 +70,7 @@ class NucleusParams:
     tumour_axis_ratio: float = 1.3
     epithelial_major_um: float = 8.0
     stromal_density_per_mm2: float = 900.0
+    tumour_lymphocyte_share: float = 0.35
 
 
 @dataclass
@@ -156,7 +159,8 @@ class NucleusField:
         table[STROMA] = (0, lymph, params.stromal_density_per_mm2, 0, 0)
         table[FAT] = (0, 0.15 * lymph, 120.0, 0, 0)
         table[LOBULE] = (0, 0.6 * lymph, 1.3 * params.stromal_density_per_mm2, 0, 0)
-        table[TUMOUR] = (tumour, 0.35 * lymph, 150.0, 0, karyo)
+        til = params.tumour_lymphocyte_share * lymph
+        table[TUMOUR] = (tumour, til, 150.0, 0, karyo)
         table[NECROSIS] = (0.12 * tumour, 0.1 * lymph, 0, 0, max(karyo, 0.04 * tumour) * 2.5)
         self._table = table
         # The grid must be at least as dense as the densest spot, lymphoid aggregates

@@ -47,6 +47,7 @@ from services.synth.textures import TextureAtlas
 #: Level-0 sizes (width, height) of the presets, px at 0.25 µm/px (40x).
 PRESETS: dict[str, tuple[int, int]] = {
     "tiny": (4096, 3072),
+    "demo": (8192, 6144),
     "small": (12288, 8192),
     "standard": (40960, 30720),
 }
@@ -119,6 +120,7 @@ class SyntheticSlide:
             tumour_cv=m.tumour_nucleus_cv,
             tumour_density_per_mm2=m.tumour_density_per_mm2,
             lymphocyte_density_per_mm2=m.lymphocyte_density_per_mm2,
+            tumour_lymphocyte_share=m.tumour_lymphocyte_share,
             karyorrhexis_rate=m.karyorrhexis_rate,
             epithelial_major_um=m.normal_nucleus_major_um,
         )
