@@ -2,33 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from prefect_harness import prefect_home
 
-import pytest
-
-
-@pytest.fixture(scope="session")
-def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Prefect's test harness with its home, results and database in a temp folder."""
-    from prefect.settings import (
-        PREFECT_HOME,
-        PREFECT_LOCAL_STORAGE_PATH,
-        PREFECT_SERVER_ANALYTICS_ENABLED,
-        temporary_settings,
-    )
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("PREFECT_HOME", str(home))
-        env.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        env.setenv("DO_NOT_TRACK", "1")
-        updates: dict[Any, Any] = {
-            PREFECT_HOME: home,
-            PREFECT_LOCAL_STORAGE_PATH: home / "storage",
-            PREFECT_SERVER_ANALYTICS_ENABLED: False,
-        }
-        with temporary_settings(updates=updates), prefect_test_harness(server_startup_timeout=180):
-            yield home
+__all__ = ["prefect_home"]
