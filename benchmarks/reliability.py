@@ -250,6 +250,20 @@ def _load_section(load: dict[str, Any] | None) -> list[str]:
     ]
     if load["levels"]:
         lines += [table(load["levels"]), ""]
+        for rpc in dict.fromkeys(row["target"] for row in load["levels"]):
+            rows = [row for row in load["levels"] if row["target"] == rpc]
+            lines.append(
+                f"- {rpc} service memory: {rows[0]['rss_before_mb']:.0f} MB after the "
+                f"warm-up, at most {max(r['rss_peak_mb'] for r in rows):.0f} MB during "
+                f"{sum(r['requests'] for r in rows)} requests, {rows[-1]['rss_after_mb']:.0f} MB "
+                "after the last level; "
+                + (
+                    "the server stayed up throughout."
+                    if all(r["server_alive"] for r in rows)
+                    else "**the server died**."
+                )
+            )
+        lines.append("")
     else:
         lines += ["The load test produced no figures (see its exit code).", ""]
     return lines
