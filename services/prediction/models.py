@@ -20,7 +20,10 @@ not registered: :meth:`ModelRegistry.deployment` raises FailedPrecondition namin
 every missing one. TorchServe down is Unavailable.
 
 Scoring goes through the :class:`PatchScorer` interface: :class:`TorchServeScorer`
-(TorchServe's gRPC inference API, one ``.npy`` batch per request) in the service,
+(TorchServe's gRPC inference API, one ``.npy`` batch per request; a request that
+fails because TorchServe is down or busy — a worker that died mid-request answers
+"Worker died." — is sent again a few times with back-off while TorchServe starts a
+new worker) in the service,
 :class:`LocalScorer` (the same ``serving_io`` functions on bundles loaded in this
 process) in unit tests and offline runs.
 """
@@ -28,6 +31,7 @@ process) in unit tests and offline runs.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import urllib.parse
@@ -40,7 +44,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from services.common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.common.objectstore import ObjectStore
 from services.inference.bundle import CONFIG_FILE, METRICS_FILE, ModelConfig, load_bundle
 from services.inference.registry import MODELS_PREFIX, model_prefix
@@ -54,6 +64,11 @@ BIOMARKER_PREFIX = "biomarker_"
 
 #: One patch's output as the handler returns it (``serving_io.patch_outputs``).
 PatchOutput = dict[str, Any]
+#: Seconds before each new attempt of a scoring request TorchServe failed as down or
+#: busy (15.5 s in all: long enough for TorchServe to replace a dead worker).
+SCORE_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+log = logging.getLogger(__name__)
 
 
 def model_name_of(biomarker: str) -> str:
@@ -144,15 +159,32 @@ class PatchScorer(Protocol):
 class TorchServeScorer:
     """Scores through TorchServe's gRPC inference API, one request per batch.
 
+    Scoring has no side effects, so a request TorchServe failed as down or busy
+    (Unavailable, ResourceExhausted) is sent again after each of ``retry_delays_s``.
+
     Args:
         client: A client of the gRPC inference API (with the inference key).
+        retry_delays_s: Seconds before each new attempt.
     """
 
-    def __init__(self, client: TorchServeGrpcClient) -> None:
+    def __init__(
+        self, client: TorchServeGrpcClient, retry_delays_s: Sequence[float] = SCORE_RETRY_DELAYS_S
+    ) -> None:
         self.client = client
+        self.retry_delays_s = tuple(retry_delays_s)
 
     def score(self, model: DeployedModel, patches: np.ndarray) -> list[PatchOutput]:
-        answer = self.client.predict(model.name, encode_npy(patches), model.version)
+        data = encode_npy(patches)
+        for delay_s in (*self.retry_delays_s, None):
+            try:
+                answer = self.client.predict(model.name, data, model.version)
+            except (Unavailable, ResourceExhausted) as exc:
+                if delay_s is None:
+                    raise
+                log.warning("scoring with %s failed, again in %.1f s: %s", model.name, delay_s, exc)
+                time.sleep(delay_s)
+                continue
+            break
         if not isinstance(answer, list) or len(answer) != len(patches):
             raise Unavailable(
                 f"TorchServe answered {model.name} with {type(answer).__name__} for "
