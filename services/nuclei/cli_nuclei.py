@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.errors import InvalidInput, NotFound
-from services.nuclei.pipeline import analyze_patch, encode_labels_tiff, labels_dtype
-from services.tiling.images import read_image
+from services.nuclei.pipeline import analyze_patch, decode_image, encode_labels_tiff, labels_dtype
 
 #: Features shown by the readable summary (all 75 are in ``--json``).
 SUMMARY_FEATURES = ("morph.area.mean", "morph.circularity.mean", "spatial.degree.mean")
@@ -60,7 +59,8 @@ def run_nuclei(args: argparse.Namespace) -> dict[str, Any]:
         raise InvalidInput(f"--mpp must be a positive number of µm/px, got {args.mpp}")
     if not Path(args.image).is_file():
         raise NotFound(f"no image file {args.image!r}")
-    analysis = analyze_patch(read_image(args.image), mpp)
+    image = Path(args.image)
+    analysis = analyze_patch(decode_image(image.read_bytes(), image.name), mpp)
     features = analysis.features
     result: dict[str, Any] = {
         "nuclei": features.nucleus_count,

@@ -22,7 +22,6 @@ import math
 import re
 import tarfile
 import tempfile
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,6 +32,7 @@ import pandas as pd
 
 from services.common.cancellation import WorkBudget
 from services.common.errors import InvalidInput, NotFound
+from services.common.images import decode_rgb
 from services.common.objectstore import ObjectStore
 from services.nuclei.features import FEATURE_NAMES, PatchFeatures, nucleus_table, patch_features
 from services.nuclei.segment import MAX_SIDE_PX, SegmentationParams, check_patch, segment_nuclei
@@ -44,9 +44,6 @@ DEFAULT_MPP = 0.25
 _MPP_TOLERANCE = 1e-6
 #: Columns of the shard feature table before the 75 feature columns.
 TABLE_COLUMNS = ("slide_id", "shard", "member", "x", "y", "mpp", "nucleus_count", "few_nuclei")
-#: Image modes accepted as colour (palette images are expanded to RGB).
-_COLOUR_MODES = {"RGB": "RGB", "RGBA": "RGB", "RGBX": "RGB", "P": "RGB", "PA": "RGB"}
-_FORMATS = {"PNG", "JPEG", "TIFF", "MPO"}
 _MEMBER_ORIGIN = re.compile(r"^(?:.*/)?x?(\d+)_y?(\d+)\.[A-Za-z0-9]+$")
 _TILES_KEY = re.compile(r"^tiles/([^/]+)/")
 
@@ -143,58 +140,8 @@ def analyze_patch(
 
 
 def decode_image(data: bytes, what: str = "image") -> np.ndarray:
-    """Decode a PNG, JPEG or TIFF into uint8 RGB after checking its header.
-
-    The size is read from the header before any pixel is decoded, so a small file
-    claiming a huge image costs nothing.
-
-    Args:
-        data: The encoded file content.
-        what: How errors name the image (e.g. ``patch 'a.png'``).
-
-    Raises:
-        InvalidInput: Empty, not an image, not PNG/JPEG/TIFF, not colour, not 8-bit,
-            or over 4096 px a side.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise InvalidInput(f"{what} is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        # Pillow refuses headers declaring ~180 million pixels or more: far over our side.
-        raise InvalidInput(
-            f"{what} declares an image over {MAX_SIDE_PX} px a side: send it in patches"
-        ) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InvalidInput(f"{what} is not a PNG, JPEG or TIFF image") from exc
-    with image:
-        if image.format not in _FORMATS:
-            raise InvalidInput(f"{what} is {image.format}, not PNG, JPEG or TIFF")
-        width, height = image.size
-        if max(width, height) > MAX_SIDE_PX:
-            raise InvalidInput(
-                f"{what} is {width}x{height} px, over {MAX_SIDE_PX} px a side: send it in patches"
-            )
-        if min(width, height) < 1:
-            raise InvalidInput(f"{what} has no pixels")
-        if image.mode not in _COLOUR_MODES:
-            raise InvalidInput(
-                f"{what} has mode {image.mode!r}: need an 8-bit RGB H&E image "
-                "(greyscale and 16-bit images are refused)"
-            )
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                rgb = np.asarray(image.convert(_COLOUR_MODES[image.mode]))
-        except Exception as exc:  # Pillow raises many types for corrupt content
-            raise InvalidInput(f"{what} cannot be decoded ({type(exc).__name__})") from exc
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise InvalidInput(f"{what} did not decode to 8-bit RGB")
-    return np.ascontiguousarray(rgb)
+    """Encoded bytes to RGB under the nuclei's side limit (see :func:`decode_rgb`)."""
+    return decode_rgb(data, what, MAX_SIDE_PX)
 
 
 def labels_dtype(labels: np.ndarray) -> type[np.unsignedinteger]:

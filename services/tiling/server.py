@@ -7,13 +7,11 @@ stain, pipeline, highres); this module converts messages and binds it to
 
 from __future__ import annotations
 
-import io
 import json
 import queue
 import re
 import tempfile
 import threading
-import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy as np
 from services.common.cancellation import WorkBudget
 from services.common.errors import InvalidInput
 from services.common.grpc_server import HistomarkerServer, ServiceBinding, create_server, serve
+from services.common.images import decode_rgb
 from services.common.refs import served_key
 from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
@@ -116,40 +115,7 @@ def _tissue_params(message: tiling_pb2.TissueParams) -> tuple[TissueParams, floa
 
 def _decode_image(image: common_pb2.Image, index: int, where: str = "") -> np.ndarray:
     name = f"{where}: images[{index}]" if where else f"images[{index}]"
-    data = np.frombuffer(image.data, np.uint8)
-    if data.size == 0:
-        raise InvalidInput(f"{name} is empty")
-    side_px = _declared_side_px(image.data)
-    if side_px is not None and side_px > MAX_IMAGE_SIDE_PX:
-        raise InvalidInput(f"{name} is larger than {MAX_IMAGE_SIDE_PX} px a side")
-    try:
-        header = cv2.imdecode(data, cv2.IMREAD_REDUCED_COLOR_8)
-        if header is None:
-            raise InvalidInput(f"{name} is not a PNG, JPEG or TIFF image")
-        if max(header.shape[:2]) * 8 > MAX_IMAGE_SIDE_PX + 8:
-            raise InvalidInput(f"{name} is larger than {MAX_IMAGE_SIDE_PX} px a side")
-        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    except cv2.error:  # OpenCV asserts on headers declaring over 2^30 pixels
-        raise InvalidInput(f"{name} is larger than {MAX_IMAGE_SIDE_PX} px a side") from None
-    if bgr is None:
-        raise InvalidInput(f"{name} cannot be decoded")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def _declared_side_px(data: bytes) -> int | None:
-    """The longer side its header declares, px, read without decoding a pixel (OpenCV
-    would decode a PNG whole before reducing it); None when Pillow does not know it."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as header:
-                return max(header.size)
-    except Image.DecompressionBombError:  # over ~180 million pixels declared
-        return MAX_IMAGE_SIDE_PX + 1
-    except Exception:  # not a format Pillow knows: OpenCV decides below
-        return None
+    return decode_rgb(image.data, name, MAX_IMAGE_SIDE_PX)
 
 
 def _encode_image(rgb: np.ndarray, image_format: Any) -> common_pb2.Image:

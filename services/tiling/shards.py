@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from services.common.errors import InvalidInput
+from services.common.images import decode_rgb
 from services.common.objectstore import ObjectStore
 
 #: Patches per shard: ~1000 JPEG 512 px patches make ~60-100 MB shards.
@@ -45,16 +46,9 @@ def encode_patch(rgb: np.ndarray, image_format: str = "jpeg", quality: int = 90)
 
 
 def decode_patch(data: bytes) -> np.ndarray:
-    """Decode JPEG or PNG bytes to an RGB ``uint8`` patch."""
-    if not data:
-        raise InvalidInput("the patch image is empty")
-    try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    except cv2.error:  # OpenCV asserts, e.g. on headers declaring over 2^30 pixels
-        raise InvalidInput("cannot decode the patch image: too large or malformed") from None
-    if image is None:
-        raise InvalidInput("cannot decode the patch image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    """Decode JPEG or PNG bytes to an RGB ``uint8`` patch (the one picture rule of
+    :func:`services.common.images.decode_rgb`)."""
+    return decode_rgb(data, "the patch image")
 
 
 @dataclass

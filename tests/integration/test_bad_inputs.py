@@ -82,14 +82,13 @@ TIMEOUT_S = 30.0
 
 #: Pictures the design converts rather than refuses, per RPC or command.
 CONVERTED = {
-    # OpenCV's decoder repeats grey, drops alpha, scales 16 bits and converts CMYK.
-    "NormalizePatches": {"grey", "rgba", "grey16", "cmyk_jpeg"},
-    "ExtractFeaturesForShards": {"grey", "rgba", "grey16", "cmyk_jpeg"},
-    # The patch RPCs take 8-bit colour only; alpha is dropped.
+    # One rule for every picture (services/common/images.py): 8-bit colour only,
+    # the alpha channel dropped; greyscale, 16-bit and CMYK refused.
+    "NormalizePatches": {"rgba"},
+    "ExtractFeaturesForShards": {"rgba"},
     "SegmentNuclei": {"rgba"},
     "ExtractFeatures": {"rgba"},
-    # The command reads the file as a one-level slide (see services/tiling/reader.py).
-    "cli nuclei": {"grey", "rgba", "grey16", "cmyk_jpeg"},
+    "cli nuclei": {"rgba"},
 }
 
 #: Words naming the rule each bad key breaks.

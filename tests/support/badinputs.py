@@ -3,8 +3,8 @@
 Each entry is a small file's bytes with the file name a user would give it and
 what is wrong with it. Tests write them where the code under test looks for them
 (a temporary folder, an object store, a gRPC message) and check that every entry
-is refused with a readable reason, or - where the design converts it, e.g. a
-greyscale slide - accepted.
+is refused with a readable reason, or - where the design converts it, e.g. an
+RGBA picture or a greyscale slide - accepted.
 
 Kinds of content:
 
