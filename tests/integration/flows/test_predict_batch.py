@@ -15,10 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 import pandas as pd
 import pytest
+from tiny_models import ALL_MODELS, publish_models, train_tiny, training_cohort
 
 from services.common.objectstore import ObjectStore, open_store
 from services.synth.labels import BIOMARKERS
@@ -29,92 +28,20 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17"),
 ]
 
-PATCH_PX = 48
-PATCHES_PER_SLIDE = 16
-
-
-def _patch(rng: np.random.Generator, positive: bool) -> np.ndarray:
-    canvas = np.clip(
-        np.array([236.0, 172.0, 204.0]) + rng.normal(0, 6, (PATCH_PX, PATCH_PX, 3)), 0, 255
-    ).astype(np.uint8)
-    canvas = np.ascontiguousarray(canvas)
-    for _ in range(int(rng.integers(10, 16)) if positive else int(rng.integers(1, 4))):
-        centre = (int(rng.integers(0, PATCH_PX)), int(rng.integers(0, PATCH_PX)))
-        colour = (95, 45, 150) if positive else (170, 120, 185)
-        cv2.circle(canvas, centre, int(rng.integers(2, 5)), colour, -1)
-    return canvas
-
-
-def _training_cohort(store: ObjectStore) -> pd.DataFrame:
-    """Four slides of patch shards, two per class (the models only need to exist)."""
-    from services.tiling.shards import ShardWriter
-
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(4):
-        positive = i % 2 == 0
-        slide_id = f"TRAIN-{i:02d}"
-        prefix = f"tiles/{slide_id}/h0"
-        writer = ShardWriter(store, prefix, "20x", patches_per_shard=PATCHES_PER_SLIDE)
-        for k in range(PATCHES_PER_SLIDE):
-            writer.add(_patch(rng, positive), x=k * 512, y=0)
-        buffer = io.BytesIO()
-        pd.DataFrame(writer.close()).to_parquet(buffer, index=False)
-        store.put_bytes(f"{prefix}/grid.parquet", buffer.getvalue())
-        store.put_bytes(f"{prefix}/tile.json", json.dumps({"params_hash": "h0"}).encode())
-        row = {"slide_id": slide_id, "patient_id": f"P{i:02d}"}
-        row["kind"] = "cancer" if positive else "normal"
-        row.update({b: int(positive) for b in BIOMARKERS})
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _train(store: ObjectStore, manifest: pd.DataFrame, name: str, out: Path) -> Path:
-    from services.inference.dataset import build_patch_table
-    from services.inference.training import TrainConfig, train
-
-    detector = name == "cancer_detector"
-    column = "kind" if detector else name.removeprefix("biomarker_")
-    classes = ("normal", "cancer") if detector else ("negative", "positive")
-    table = build_patch_table(store, manifest, column, classes)
-    config = TrainConfig(
-        backbone="tiny",
-        input_px=32,
-        class_names=classes,
-        model_name=name,
-        version="1",
-        epochs=1,
-        batch_size=16,
-        lr=3e-3,
-        seed=1,
-        val_fraction=0.5,
-        augment=False,
-        mixed_precision="off",
-        checkpoint_dir=out / "checkpoints",
-    )
-    return train(table, store, config, out / "bundle", progress=False).bundle_dir
-
 
 @pytest.fixture(scope="module")
 def prediction(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Tiny models trained once, on TorchServe; PredictionService; two inbox slides."""
-    from services.inference.archive import build_mar
-    from services.inference.registry import publish_bundle
     from services.inference.torchserve import TorchServe, TorchServeConfig
     from services.prediction.server import PredictionSettings, create
     from services.synth.cohort import generate_cohort
 
     root = tmp_path_factory.mktemp("predict-batch")
     store = open_store((root / "store").as_uri())
-    manifest = _training_cohort(store)
-    names = ["cancer_detector", *(f"biomarker_{b}" for b in BIOMARKERS)]
-    bundles = {n: _train(store, manifest, n, root / "train" / n) for n in names}
+    manifest = training_cohort(store, 4)
+    bundles = {n: train_tiny(store, manifest, n, root / "train" / n) for n in ALL_MODELS}
     model_store = root / "model-store"
-    with ThreadPoolExecutor(2) as pool:
-        built = pool.map(lambda n: build_mar(bundles[n], model_store), names)
-        mars = dict(zip(names, built, strict=True))
-    for name in names:
-        publish_bundle(store, bundles[name], mars[name])
+    mars = publish_models(store, bundles, model_store)
 
     generate_cohort(root / "cohort", 2, seed=5, preset="tiny", truth_crops=0)
     slides = pd.read_csv(root / "cohort" / "manifest.csv")

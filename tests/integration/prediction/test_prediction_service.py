@@ -22,12 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import grpc
-import numpy as np
 import pandas as pd
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tiny_models import ALL_MODELS, publish_models, train_tiny, training_cohort
 
 from services import cli
 from services.common.errors import InvalidInput, ResourceExhausted
@@ -35,11 +34,7 @@ from services.common.grpc_client import open_channel
 from services.common.grpc_server import HistomarkerServer, ServiceBinding, create_server
 from services.common.objectstore import ObjectStore, open_store
 from services.common.stubs.histomarker.v1 import common_pb2, prediction_pb2, prediction_pb2_grpc
-from services.inference.archive import build_mar
-from services.inference.dataset import build_patch_table
-from services.inference.registry import publish_bundle
 from services.inference.torchserve import TorchServe, TorchServeConfig
-from services.inference.training import TrainConfig, train
 from services.prediction.client import PredictionClient, file_digest, options_of
 from services.prediction.models import CANCER_DETECTOR, LocalScorer
 from services.prediction.pipeline import PredictionParams, predict_slide
@@ -47,7 +42,6 @@ from services.prediction.server import SERVICE_NAME, PredictionServicer, Predict
 from services.synth.cohort import generate_cohort
 from services.synth.labels import BIOMARKERS
 from services.tiling.reader import open_slide
-from services.tiling.shards import ShardWriter
 from services.tiling.stain import builtin_reference
 
 pytestmark = [
@@ -55,9 +49,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17"),
 ]
 
-PATCH_PX = 48
 SLIDES_PER_CLASS = 4
-PATCHES_PER_SLIDE = 16
 MAX_UPLOAD_MB = 64
 #: Keeps every 20x tissue patch as cancer: the tiny detector was not trained on
 #: these slides, and the tests exercise the service, not the model.
@@ -79,77 +71,18 @@ class Stack:
     slide_path: Path
 
 
-def _patch(rng: np.random.Generator, positive: bool) -> np.ndarray:
-    """Pink with purple blobs: many dense ones for the positive class."""
-    canvas = np.clip(
-        np.array([236.0, 172.0, 204.0]) + rng.normal(0, 6, (PATCH_PX, PATCH_PX, 3)), 0, 255
-    ).astype(np.uint8)
-    canvas = np.ascontiguousarray(canvas)
-    for _ in range(int(rng.integers(10, 16)) if positive else int(rng.integers(1, 4))):
-        centre = (int(rng.integers(0, PATCH_PX)), int(rng.integers(0, PATCH_PX)))
-        colour = (95, 45, 150) if positive else (170, 120, 185)
-        cv2.circle(canvas, centre, int(rng.integers(2, 5)), colour, -1)
-    return canvas
-
-
-def _training_cohort(store: ObjectStore) -> pd.DataFrame:
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(2 * SLIDES_PER_CLASS):
-        positive = i % 2 == 0
-        slide_id = f"TRAIN-{i:02d}"
-        prefix = f"tiles/{slide_id}/h0"
-        writer = ShardWriter(store, prefix, "20x", patches_per_shard=PATCHES_PER_SLIDE)
-        for k in range(PATCHES_PER_SLIDE):
-            writer.add(_patch(rng, positive), x=k * 512, y=0)
-        buffer = io.BytesIO()
-        pd.DataFrame(writer.close()).to_parquet(buffer, index=False)
-        store.put_bytes(f"{prefix}/grid.parquet", buffer.getvalue())
-        store.put_bytes(f"{prefix}/tile.json", json.dumps({"params_hash": "h0"}).encode())
-        row = {"slide_id": slide_id, "patient_id": f"P{i:02d}"}
-        row["kind"] = "cancer" if positive else "normal"
-        row.update({b: int(positive) for b in BIOMARKERS})
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _train(store: ObjectStore, manifest: pd.DataFrame, name: str, out: Path) -> Path:
-    detector = name == CANCER_DETECTOR
-    column = "kind" if detector else name.removeprefix("biomarker_")
-    classes = ("normal", "cancer") if detector else ("negative", "positive")
-    table = build_patch_table(store, manifest, column, classes)
-    config = TrainConfig(
-        backbone="tiny",
-        input_px=32,
-        class_names=classes,
-        model_name=name,
-        version="1",
-        epochs=2 if detector else 1,
-        batch_size=16,
-        lr=3e-3,
-        seed=1,
-        val_fraction=0.5,
-        augment=False,
-        mixed_precision="off",
-        checkpoint_dir=out / "checkpoints",
-    )
-    return train(table, store, config, out / "bundle", progress=False).bundle_dir
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("prediction")
     store = open_store((root / "store").as_uri())
-    manifest = _training_cohort(store)
-    names = [CANCER_DETECTOR, *(f"biomarker_{b}" for b in BIOMARKERS)]
-    bundles = {name: _train(store, manifest, name, root / "train" / name) for name in names}
+    manifest = training_cohort(store, 2 * SLIDES_PER_CLASS)
+    names = list(ALL_MODELS)
+    bundles = {
+        name: train_tiny(store, manifest, name, root / "train" / name, detector_epochs=2)
+        for name in names
+    }
     model_store = root / "model-store"
-    with ThreadPoolExecutor(2) as pool:
-        mars = dict(
-            zip(names, pool.map(lambda n: build_mar(bundles[n], model_store), names), strict=True)
-        )
-    for name in names:
-        publish_bundle(store, bundles[name], mars[name])
+    mars = publish_models(store, bundles, model_store)
     metrics = {n: json.loads((bundles[n] / "metrics.json").read_text()) for n in names}
 
     cohort = root / "cohort"
