@@ -49,6 +49,8 @@ SERVICE_NAME = "histomarker.v1.TilingService"
 #: Images one NormalizePatches message (or FitStainReference call) may carry, and their
 #: largest side, px.
 MAX_IMAGES = 256
+#: Pixels of one reference image used to fit stains (a 512 px patch is 262144).
+FIT_PIXELS_PER_IMAGE = 524_288
 MAX_IMAGE_SIDE_PX = 4096
 _PARAMS_HASH = re.compile(r"^[0-9a-f]{16}$")
 _POLICIES = {
@@ -116,6 +118,15 @@ def _tissue_params(message: tiling_pb2.TissueParams) -> tuple[TissueParams, floa
 def _decode_image(image: common_pb2.Image, index: int, where: str = "") -> np.ndarray:
     name = f"{where}: images[{index}]" if where else f"images[{index}]"
     return decode_rgb(image.data, name, MAX_IMAGE_SIDE_PX)
+
+
+def _fit_sample(rgb: np.ndarray) -> np.ndarray:
+    """An image's pixels for fitting stains, (n, 3): all of a patch up to
+    FIT_PIXELS_PER_IMAGE, an even spread of that many from a larger image (the
+    stain estimate needs a sample, not every pixel, and memory stays bounded)."""
+    pixels = rgb.reshape(-1, 3)
+    step = -(-len(pixels) // FIT_PIXELS_PER_IMAGE)
+    return pixels[::step] if step > 1 else pixels
 
 
 def _encode_image(rgb: np.ndarray, image_format: Any) -> common_pb2.Image:
@@ -388,7 +399,7 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
             raise InvalidInput(f"images: at most {MAX_IMAGES} per call")
         method = _METHODS.get(request.method, "vahadane")
         pixels = np.concatenate(
-            [_decode_image(image, i).reshape(-1, 3) for i, image in enumerate(request.images)]
+            [_fit_sample(_decode_image(image, i)) for i, image in enumerate(request.images)]
         )
         normalizer = get_normalizer(method)
         name = request.output.key.split("/")[-2] if request.output.key.count("/") >= 2 else ""
@@ -481,11 +492,13 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
         source = None
         if request.HasField("source_matrix"):
             source = stain_from_proto(request.source_matrix, f"{where}: source_matrix")
-        images = [_decode_image(image, i, where) for i, image in enumerate(request.images)]
         response = tiling_pb2.NormalizePatchesResponse()
         if number == 0 and target is not None:
             response.reference.CopyFrom(stain_to_proto(target))
-        for rgb in images:
+        # One image decoded at a time: a message of many large, well-compressed
+        # pictures would otherwise hold them all decoded at once.
+        for i, image in enumerate(request.images):
+            rgb = _decode_image(image, i, where)
             patch_source = source
             if patch_source is None:
                 try:
