@@ -19,7 +19,8 @@
 Outputs under the output folder (default ``demo-out``): ``results.md`` and
 ``results.json`` (the held-out AUROC table), ``predictions.csv`` (one row per
 held-out slide), ``report.html`` (the training run's analysis report), ``cohort/``
-(kept and reused by the next run when its settings are the same), ``store/`` (the
+(kept and reused by the next run when its settings are the same; delete it after
+changing the generator's rules), ``store/`` (the
 object store: models, tiles, runs) and ``stack/logs/``. A rerun replaces everything
 but a matching cohort.
 """
@@ -437,7 +438,8 @@ def run_demo(
         scale: ``full`` (``make demo``) or ``quick`` (a small run for tests).
 
     Returns:
-        ``ok`` (every task met its AUROC target), the table, the paths and the
+        ``ok`` (every held-out slide was predicted, and, at the full scale, every
+        task met its AUROC target), ``targets_met``, the table, the paths and the
         seconds per stage.
     """
     from services.demo_heldout.scores import heldout_results, markdown_table, slide_table
@@ -506,6 +508,7 @@ def run_demo(
     return {
         "ok": ok,
         "targets_met": targets_met,
+        "cohort_reused": reuse,
         "out_dir": str(out),
         "results": document["results"],
         "not_trained": skipped_rows,

@@ -91,7 +91,7 @@ def test_quick_demo_stops_its_stack_on_ctrl_c_then_reruns_to_a_table(tmp_path: P
     assert not _processes_in(out), _processes_in(out)
     result = json.loads(second.stdout)  # stdout is one JSON document
     assert result["ok"] is True
-    assert "(reused)" in second.stderr
+    assert result["cohort_reused"] is True
 
     manifest = pd.read_csv(out / "cohort" / "manifest.csv")
     train = pd.read_csv(out / "cohort" / "train.csv")
