@@ -281,13 +281,18 @@ def auroc(labels: np.ndarray, probabilities: np.ndarray) -> float:
 def build_schedule(
     optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The learning-rate schedule, stepped once per optimizer step."""
-    if config.schedule == "onecycle":
+    """The learning-rate schedule, stepped once per optimizer step.
+
+    One-cycle needs at least a step and a half in each of its two phases (torch
+    divides by each phase's length); shorter runs take the cosine schedule.
+    """
+    if config.schedule == "onecycle" and total_steps >= 3:
+        edge = 1.5 / total_steps
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=config.lr,
             total_steps=total_steps,
-            pct_start=max(config.warmup_fraction, 1e-6),
+            pct_start=min(max(config.warmup_fraction, edge), 1.0 - edge),
             anneal_strategy="cos",
         )
     warmup = round(config.warmup_fraction * total_steps)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from services.common.errors import InvalidInput
-from services.inference.training import TrainConfig, use_autocast
+from services.inference.training import TrainConfig, build_schedule, use_autocast
 
 
 def test_autocast_modes() -> None:
@@ -20,3 +20,21 @@ def test_autocast_modes() -> None:
 def test_bad_precision_is_refused() -> None:
     with pytest.raises(InvalidInput, match="mixed_precision"):
         TrainConfig(backbone="tiny", input_px=32, mixed_precision="yes")
+
+
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 10, 40])
+@pytest.mark.parametrize("warmup", [0.0, 0.1, 0.5])
+def test_schedule_runs_every_step_of_short_runs(total_steps: int, warmup: float) -> None:
+    """One-cycle divides by each phase's length: 10 steps at a tenth of warm-up made
+    a phase of zero steps (ZeroDivisionError). Every schedule must run to its end
+    with finite, non-negative learning rates that peak at most at ``lr``."""
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=0.01)
+    config = TrainConfig(lr=0.01, warmup_fraction=warmup)
+    schedule = build_schedule(optimizer, config, total_steps)
+    rates = []
+    for _ in range(total_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert all(0.0 <= rate <= 0.01 + 1e-12 for rate in rates), rates
