@@ -179,9 +179,10 @@ def _convex_areas(labels: np.ndarray, count: int) -> np.ndarray:
     return areas
 
 
-def _delaunay_neighbours(points: np.ndarray) -> list[np.ndarray] | None:
-    """Neighbour indices of each point in the Delaunay triangulation; None when the
-    points are too few or all on a line."""
+def _delaunay_neighbours(points: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each point's neighbours in the Delaunay triangulation, as (indptr, indices):
+    point i's are ``indices[indptr[i]:indptr[i + 1]]``; None when the points are too
+    few or all on a line."""
     if len(points) < MIN_NUCLEI:
         return None
     from scipy.spatial import Delaunay, QhullError
@@ -191,7 +192,7 @@ def _delaunay_neighbours(points: np.ndarray) -> list[np.ndarray] | None:
     except (QhullError, ValueError):
         return None
     indptr, indices = triangulation.vertex_neighbor_vertices
-    return [indices[indptr[i] : indptr[i + 1]] for i in range(len(points))]
+    return indptr, indices
 
 
 def nucleus_table(labels: np.ndarray, rgb: np.ndarray, mpp: float) -> pd.DataFrame:
@@ -274,12 +275,16 @@ def _add_spatial(table: pd.DataFrame, mpp: float) -> None:
     n = len(table)
     shortest, longest, mean, degree = (np.zeros(n) for _ in range(4))
     if neighbours is not None:
-        for i, around in enumerate(neighbours):
-            if len(around) == 0:
-                continue
-            distances = np.hypot(*(points[around] - points[i]).T)
-            shortest[i], longest[i] = distances.min(), distances.max()
-            mean[i], degree[i] = distances.mean(), len(around)
+        indptr, indices = neighbours
+        counts = np.diff(indptr)
+        has = counts > 0
+        source = np.repeat(np.arange(n), counts)
+        distances = np.hypot(*(points[indices] - points[source]).T)
+        starts = indptr[:-1][has]
+        shortest[has] = np.minimum.reduceat(distances, starts)
+        longest[has] = np.maximum.reduceat(distances, starts)
+        mean[has] = np.add.reduceat(distances, starts) / counts[has]
+        degree[:] = counts
     table["min_neighbor_distance_um"] = shortest
     table["max_neighbor_distance_um"] = longest
     table["mean_neighbor_distance_um"] = mean

@@ -503,11 +503,11 @@ def _distance_seeds(
     suppressed = np.zeros(len(ys), bool)
     kept = []
     limit = min_distance_px**2
-    for i in range(len(ys)):
-        if suppressed[i]:
-            continue
+    while not suppressed.all():
+        i = int(np.argmin(suppressed))  # the strongest candidate still standing
         kept.append(i)
         suppressed |= (ys - ys[i]) ** 2 + (xs - xs[i]) ** 2 < limit
+        suppressed[i] = True
     ky, kx = ys[kept], xs[kept]
     n = len(kept)
     group = np.arange(n)
