@@ -218,12 +218,13 @@ class LocalScorer:
             probabilities, logits = predict(network, x, config)
         return patch_outputs(probabilities, logits, config)
 
+    def deployed(self) -> tuple[dict[str, DeployedModel], list[str]]:
+        """The loaded models by name (as :meth:`ModelRegistry.deployed`; none unusable)."""
+        return {name: _local_model(name, cfg) for name, (_, cfg) in self._models.items()}, []
+
     def deployment(self, biomarkers: Sequence[str] = BIOMARKERS) -> Deployment:
         """The loaded models as a deployment (FailedPrecondition naming missing ones)."""
-        return _deployment(
-            {name: _local_model(name, cfg) for name, (_, cfg) in self._models.items()},
-            biomarkers,
-        )
+        return _deployment(self.deployed()[0], biomarkers)
 
 
 def _local_model(name: str, config: ModelConfig) -> DeployedModel:

@@ -27,7 +27,6 @@ from typing import Any
 
 import grpc
 import pytest
-import torch
 from badinputs import (
     BAD_KEYS,
     BAD_SLIDE_IDS,
@@ -40,6 +39,7 @@ from badinputs import (
     tiled_slide,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tiny_models import untrained_scorer
 
 from services import cli
 from services.analysis.server import AnalysisSettings
@@ -58,14 +58,9 @@ from services.common.stubs.histomarker.v1 import (
     tiling_pb2,
     tiling_pb2_grpc,
 )
-from services.inference.backbones import build_backbone
-from services.inference.bundle import ModelConfig, save_bundle
-from services.inference.preprocess import PreprocessConfig
 from services.nuclei.server import NucleiSettings
 from services.nuclei.server import create as create_nuclei
-from services.prediction.models import CANCER_DETECTOR, LocalScorer, model_name_of
 from services.prediction.server import PredictionServicer, PredictionSettings
-from services.synth.labels import BIOMARKERS
 from services.tiling.server import TilingSettings
 from services.tiling.server import create as create_tiling
 
@@ -137,23 +132,6 @@ def _shard_key(name: str) -> str:
     return f"tiles/BAD-1/{PARAMS_HASH}/shards/{name}.tar"
 
 
-def _untrained_scorer(folder: Path) -> LocalScorer:
-    """Tiny models with random weights: these tests stop before any patch is scored."""
-    bundles = {}
-    for seed, name in enumerate([CANCER_DETECTOR, *(model_name_of(b) for b in BIOMARKERS)]):
-        torch.manual_seed(seed)
-        classes = ("normal", "cancer") if name == CANCER_DETECTOR else ("negative", "positive")
-        config = ModelConfig(
-            name=name,
-            version="1",
-            backbone="tiny",
-            class_names=classes,
-            preprocess=PreprocessConfig(input_px=32),
-        )
-        bundles[name] = save_bundle(folder / name, build_backbone("tiny", 2, input_px=32), config)
-    return LocalScorer(bundles)
-
-
 def _seed_store(store: ObjectStore) -> None:
     for item in SLIDES:
         store.put_bytes(f"slides/{item.filename}", item.data)
@@ -186,7 +164,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             server.start()
             servers.append(server)
             channels[name] = open_channel(f"127.0.0.1:{port}")
-        scorer = _untrained_scorer(root / "bundles")
+        scorer = untrained_scorer(root / "bundles")
         settings = PredictionSettings(
             **common,
             slide_cache_dir=root / "prediction-cache",

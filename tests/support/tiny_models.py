@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -21,6 +22,9 @@ import pandas as pd
 
 from services.common.objectstore import ObjectStore
 from services.synth.labels import BIOMARKERS
+
+if TYPE_CHECKING:
+    from services.prediction.models import LocalScorer
 
 CANCER_DETECTOR = "cancer_detector"
 #: Every model of the method: the detector and one per biomarker.
@@ -114,3 +118,28 @@ def publish_models(
     for name in names:
         publish_bundle(store, bundles[name], mars[name])
     return mars
+
+
+def untrained_scorer(folder: Path) -> LocalScorer:
+    """The seven models as tiny networks with random weights, scored in this process:
+    for tests that stop before any score matters (input checks, fuzzing)."""
+    import torch
+
+    from services.inference.backbones import build_backbone
+    from services.inference.bundle import ModelConfig, save_bundle
+    from services.inference.preprocess import PreprocessConfig
+    from services.prediction.models import CANCER_DETECTOR, LocalScorer, model_name_of
+
+    bundles = {}
+    for seed, name in enumerate([CANCER_DETECTOR, *(model_name_of(b) for b in BIOMARKERS)]):
+        torch.manual_seed(seed)
+        classes = ("normal", "cancer") if name == CANCER_DETECTOR else ("negative", "positive")
+        config = ModelConfig(
+            name=name,
+            version="1",
+            backbone="tiny",
+            class_names=classes,
+            preprocess=PreprocessConfig(input_px=32),
+        )
+        bundles[name] = save_bundle(folder / name, build_backbone("tiny", 2, input_px=32), config)
+    return LocalScorer(bundles)
