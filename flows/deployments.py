@@ -25,9 +25,8 @@ the environment (see :mod:`flows.runners`).
 
 from __future__ import annotations
 
-import os
 import signal
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 from flows.prefect_server import TELEMETRY_OFF, EmbeddedPrefectServer
 from flows.settings import FlowSettings
 from services.common.errors import InvalidInput
+from services.common.processes import environment
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -201,21 +201,6 @@ def describe(deployments: list[RunnerDeployment]) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def _environment(updates: Mapping[str, str]) -> Iterator[None]:
-    """``os.environ`` with ``updates`` (inherited by every child), restored on exit."""
-    saved = {name: os.environ.get(name) for name in updates}
-    os.environ.update(updates)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-@contextmanager
 def prefect_api(report: Report) -> Iterator[tuple[str, bool]]:
     """The Prefect API to serve against: (URL, whether embedded).
 
@@ -233,12 +218,12 @@ def prefect_api(report: Report) -> Iterator[tuple[str, bool]]:
     if configured:
         yield str(configured), False
         return
-    with _environment(TELEMETRY_OFF), temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+    with environment(TELEMETRY_OFF), temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False}):
         server = EmbeddedPrefectServer()
         report(f"starting the embedded Prefect server on 127.0.0.1:{server.port} ...")
         with (
             server,
-            _environment({"PREFECT_API_URL": server.api_url}),
+            environment({"PREFECT_API_URL": server.api_url}),
             temporary_settings({PREFECT_API_URL: server.api_url}),
         ):
             yield server.api_url, True
@@ -291,7 +276,7 @@ def serve(options: ServeOptions, report: Report | None = None) -> dict[str, Any]
     try:
         with (
             _stop_on_sigterm(),
-            _environment(options.environment()),
+            environment(options.environment()),
             prefect_api(say) as (url, embedded),
         ):
             result.update(api_url=url, embedded=embedded)

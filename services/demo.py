@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +42,7 @@ import pandas as pd
 from flows.config import Analysis, ModelTraining, PipelineConfig, Selection, TilingConfig
 from services.cohort.manifest import LABEL_COLUMNS
 from services.common.errors import InvalidInput
+from services.common.processes import environment, interruptible
 
 #: Files of the output folder the demo writes (a rerun replaces them).
 RESULTS_MD = "results.md"
@@ -259,34 +258,6 @@ def _split(out: Path, scale: DemoScale) -> tuple[Path, pd.DataFrame]:
     return train_path, heldout
 
 
-@contextlib.contextmanager
-def _interruptible() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt like Ctrl-C does, so the stack is stopped."""
-    previous = {
-        signum: signal.signal(signum, signal.default_int_handler)
-        for signum in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def _flow_environment(stack: Any, out: Path) -> dict[str, str]:
     """The settings ``flows.settings.FlowSettings`` reads, pointing at the stack."""
     from services.inference.torchserve import read_key_file
@@ -328,7 +299,7 @@ def _train(stack: Any, out: Path, train_manifest: Path, scale: DemoScale) -> Any
         PREFECT_HOME: out / "stack" / "prefect",
         PREFECT_SERVER_ANALYTICS_ENABLED: False,
     }
-    with _environment(_flow_environment(stack, out)), temporary_settings(updates=updates):
+    with environment(_flow_environment(stack, out)), temporary_settings(updates=updates):
         return train_pipeline(str(train_manifest), COHORT_NAME, scale.pipeline)
 
 
@@ -469,7 +440,7 @@ def run_demo(
         skip=frozenset({"flows"}),  # the demo runs the flow itself, once
     )
     stack = LocalStack(options, report=stages.say)
-    with _interruptible():
+    with interruptible():
         try:
             with stages.stage("local stack up"):
                 stack.start()

@@ -7,6 +7,10 @@ Prefect server's workers) belongs to that group. A PID alone may be reused after
 process exits; the kernel's start time (``/proc/PID/stat`` field 22, clock ticks
 since boot) makes (PID, start time) unique, so a stale state file never leads us to
 signal a stranger.
+
+Also the two contexts the commands that start them share: :func:`interruptible`
+(SIGTERM as Ctrl-C, so a ``finally`` stops what was started) and :func:`environment`
+(variables every child inherits, restored after).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 _PROC = Path("/proc")
@@ -122,3 +127,37 @@ def stop_group(group: int, leader_ticks: int | None, timeout_s: float) -> bool:
     wait_group_gone(group, 10.0)
     reap(group)
     return True
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGINT (Ctrl-C) and SIGTERM raise KeyboardInterrupt inside the block, so
+    whatever the block started is stopped by its ``finally``.
+
+    SIGINT is set explicitly: a shell without job control starts background
+    commands with it ignored.
+    """
+    previous = {
+        signum: signal.signal(signum, signal.default_int_handler)
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def environment(updates: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``updates`` (inherited by every child), restored on exit."""
+    saved = {name: os.environ.get(name) for name in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

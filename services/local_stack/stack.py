@@ -34,6 +34,7 @@ from typing import IO, Any
 
 from services.common.errors import FailedPrecondition, HistomarkerError, Unavailable
 from services.common.processes import (
+    interruptible,
     is_our_group,
     is_same_process,
     reap,
@@ -539,24 +540,6 @@ def _signals_ignored() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-@contextlib.contextmanager
-def _interruptible() -> Iterator[None]:
-    """SIGINT (Ctrl-C) and SIGTERM (``histomarker down``) raise KeyboardInterrupt.
-
-    SIGINT is set explicitly: a shell without job control starts background
-    commands with it ignored, and ``up`` must stop cleanly however it was started.
-    """
-    previous = {
-        signum: signal.signal(signum, signal.default_int_handler)
-        for signum in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def _lock(directory: Path) -> IO[str]:
     """Hold ``<dir>/up.lock``: one ``up`` at a time per folder (released at exit)."""
     handle = (directory / "up.lock").open("w")
@@ -596,7 +579,7 @@ def run_up(options: StackOptions, *, detach: bool, report: Report) -> dict[str, 
                 )
             remove_state(options.directory)  # left by a stack that is gone
         stack = LocalStack(options, detached=detach, report=report)
-        with _interruptible():
+        with interruptible():
             try:
                 stack.start()
             except KeyboardInterrupt:
