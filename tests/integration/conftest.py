@@ -5,6 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from prefect_harness import prefect_home
+
+#: One Prefect test harness for the whole session, shared by the flow and fault tests
+#: (a harness per folder would nest two, and flows would record to the wrong one).
+__all__ = ["prefect_home"]
 
 #: Credentials the S3 test server accepts (moto accepts any; these are dummies).
 S3_TEST_ACCESS_KEY = "histomarker-test"

@@ -1,6 +1,6 @@
 """A Prefect API for flow tests: Prefect's test harness, once per session.
 
-Conftests import :func:`prefect_home` to offer it as a fixture
+The integration conftest imports :func:`prefect_home` to offer it as a fixture
 (``from prefect_harness import prefect_home``).
 """
 

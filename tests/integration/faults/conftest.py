@@ -1,13 +1,11 @@
-"""Fault tests: Prefect's harness and a tiny synthetic cohort."""
+"""Fault tests: a tiny synthetic cohort (Prefect's harness is the integration
+conftest's ``prefect_home``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from prefect_harness import prefect_home
-
-__all__ = ["prefect_home"]
 
 #: Slides of the fault tests' cohort (``tiny`` preset, 4096x3072 px).
 COHORT_SLIDES = 3

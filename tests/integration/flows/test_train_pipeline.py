@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,19 @@ def _latest_states(names: list[str]) -> dict[str, str]:
     return latest
 
 
+def _settled_states(names: list[str], expected: str, timeout_s: float = 60.0) -> dict[str, str]:
+    """The latest states of ``names`` once each is ``expected``, or as they are after
+    ``timeout_s``: the server records task-run states from events, a little after
+    the flow has returned (longer on a busy machine)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = _latest_states(names)
+        settled = set(states) == set(names) and set(states.values()) == {expected}
+        if settled or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
+
+
 def test_a_failed_run_resumes_from_its_cached_tasks_and_serves_every_model(
     prefect_home: Path, stack: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -144,14 +158,17 @@ def test_a_failed_run_resumes_from_its_cached_tasks_and_serves_every_model(
     state = train_pipeline(manifest, "tiny", CONFIG, return_state=True)
     assert state.is_failed()
     model_tasks = ["train-cancer_detector", *(f"train-biomarker_{b}" for b in LABEL_COLUMNS)]
-    assert set(_latest_states(model_tasks).values()) == {"Completed"}
+    states = _settled_states(model_tasks, "Completed")
+    assert set(states.values()) == {"Completed"}, states
 
     # Run 2: the right address; the finished tasks come from the cache.
     monkeypatch.setenv("HISTOMARKER_NUCLEI_TARGET", stack["nuclei"])
     result = train_pipeline(manifest, "tiny", CONFIG)
-    states = _latest_states([*model_tasks, "tile-" + result.detector.split.biomarker[0]])
+    states = _settled_states([*model_tasks, "tile-" + result.detector.split.biomarker[0]], "Cached")
     assert set(states.values()) == {"Cached"}, states
-    features = _latest_states([f"nuclei-{s}" for s in result.detector.split.biomarker])
+    features = _settled_states(
+        [f"nuclei-{s}" for s in result.detector.split.biomarker], "Completed"
+    )
     assert set(features.values()) == {"Completed"}, features
 
     # Every model is stored and served with READY workers.
