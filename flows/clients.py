@@ -40,31 +40,25 @@ def service_errors(service: str) -> Iterator[None]:
 
 
 @contextmanager
-def tiling_stub(settings: FlowSettings) -> Iterator[Any]:
-    """A TilingService stub over a channel closed on exit."""
+def _stub(settings: FlowSettings, target: str, stub_class: Any) -> Iterator[Any]:
+    """A service stub over a channel (the flows' token and message limit) closed on exit."""
     channel = open_channel(
-        settings.tiling_target,
-        token=settings.secret("auth_token"),
-        max_message_mb=settings.max_message_mb,
+        target, token=settings.secret("auth_token"), max_message_mb=settings.max_message_mb
     )
     try:
-        yield tiling_pb2_grpc.TilingServiceStub(channel)
+        yield stub_class(channel)
     finally:
         channel.close()
 
 
-@contextmanager
-def nuclei_stub(settings: FlowSettings) -> Iterator[Any]:
-    """A NucleiService stub over a channel closed on exit."""
-    channel = open_channel(
-        settings.nuclei_target,
-        token=settings.secret("auth_token"),
-        max_message_mb=settings.max_message_mb,
-    )
-    try:
-        yield nuclei_pb2_grpc.NucleiServiceStub(channel)
-    finally:
-        channel.close()
+def tiling_stub(settings: FlowSettings) -> Any:
+    """A TilingService stub over a channel closed on exit (a context manager)."""
+    return _stub(settings, settings.tiling_target, tiling_pb2_grpc.TilingServiceStub)
+
+
+def nuclei_stub(settings: FlowSettings) -> Any:
+    """A NucleiService stub over a channel closed on exit (a context manager)."""
+    return _stub(settings, settings.nuclei_target, nuclei_pb2_grpc.NucleiServiceStub)
 
 
 def torchserve_management(settings: FlowSettings) -> RestClient:
