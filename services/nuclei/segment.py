@@ -13,8 +13,9 @@ Packed clusters of vesicular nuclei (chromatin along the membrane, pale centres)
 one region at every level: the bright rims of neighbours touch, so no threshold
 separates them and their union has no waist for a shape split. What separates them is
 the rim itself, a ridge of hematoxylin between two pale basins. Foreground that no
-level claimed is therefore flooded from its pale centres over the hematoxylin image
-(a watershed on the stain, not on its inverse), and the nucleus-like basins are kept.
+level claimed is therefore flooded over the hematoxylin image (a watershed on the
+stain, not on its inverse) from the bottoms of its deep basins (h-minima), and the
+nucleus-sized basins are kept.
 
 Everything works on whole label images per level (OpenCV connected components and
 contours, NumPy gathers); there is no Python loop over pixels.
@@ -78,9 +79,12 @@ class SegmentationParams:
             nuclei to split, µm.
         notch_depth_um: Least depth of the two outline notches where overlapping
             nuclei meet, µm.
-        basin_depth: Least dip of a nucleus' pale centre below the hematoxylin
-            around it (grey levels, 3 µm neighbourhood) for the cluster split by
-            stain basins (0 disables it).
+        basin_depth: Least depth of a basin of the hematoxylin (grey levels: from
+            its bottom up to the rim where it spills into its neighbour) for the
+            cluster split by stain basins (0 disables it).
+        basin_min_solidity: Least solidity of a basin kept as a nucleus. Lower
+            than ``min_solidity``: a basin's outline follows stain rims, and a
+            nucleus partly under its neighbour is a crescent.
     """
 
     min_area_um2: float = 12.0
@@ -92,7 +96,8 @@ class SegmentationParams:
     split_below_solidity: float = 0.98
     min_split_distance_um: float = 3.0
     notch_depth_um: float = 0.5
-    basin_depth: int = 8
+    basin_depth: int = 20
+    basin_min_solidity: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0 < self.min_area_um2 < self.max_area_um2:
@@ -107,6 +112,8 @@ class SegmentationParams:
             raise InvalidInput("split_below_solidity must be within 0-1")
         if not 0 <= self.basin_depth <= 255:
             raise InvalidInput("basin_depth must be within 0-255 grey levels")
+        if not 0 < self.basin_min_solidity <= 1:
+            raise InvalidInput("basin_min_solidity must be within (0, 1]")
 
 
 def check_patch(rgb: np.ndarray, mpp: float) -> np.ndarray:
@@ -363,9 +370,11 @@ def _split_clusters(
     """Add the nuclei of packed clusters that no threshold level separated.
 
     Foreground (Otsu level of the hematoxylin, holes filled) that no nucleus claimed
-    is flooded over the stain image from markers at pale centres — pixels at least
-    ``basin_depth`` below the hematoxylin of their 3 µm neighbourhood — so basins
-    meet on the rims between neighbours. Nucleus-like basins are added.
+    is flooded over the stain image from the bottoms of its basins at least
+    ``basin_depth`` deep (h-minima of the hematoxylin smoothed over 0.5 µm), so the
+    basins meet on the rims between neighbours. Nucleus-sized basins that are not
+    thin slivers are added; their outlines follow the rims, so a nucleus partly
+    hidden under its neighbour keeps its crescent shape.
     """
     if params.basin_depth <= 0:
         return labels
@@ -383,41 +392,55 @@ def _split_clusters(
     if not large.any():
         return labels
     free = large[regions]
-    centre = cv2.GaussianBlur(h_raw.astype(np.float32), (0, 0), sigmaX=1.0 / mpp)
-    around = _wide_blur(h_raw.astype(np.float32), 3.0 / mpp)
+    # Work in the box of the free foreground (with a margin for the basins' rims).
+    rows, cols = np.nonzero(free)
+    margin = 4
+    y0, x0 = max(0, int(rows.min()) - margin), max(0, int(cols.min()) - margin)
+    y1 = min(free.shape[0], int(rows.max()) + 1 + margin)
+    x1 = min(free.shape[1], int(cols.max()) + 1 + margin)
+    free_box = free[y0:y1, x0:x1]
+    fine_box = np.ascontiguousarray(fine[y0:y1, x0:x1])
+    # A nucleus' basin spills within the largest nucleus' radius.
+    reach_px = int(np.ceil(np.sqrt(params.max_area_um2 / np.pi) / mpp))
+    bottoms = _basin_bottoms(fine_box, params.basin_depth, reach_px)
     # Pale, not empty: a vesicular nucleus' centre holds some chromatin; a gap
     # closed in by the rims of its neighbours holds none.
-    stained = h_raw >= params.min_level
-    pale = (free & stained & (centre < around - params.basin_depth)).astype(np.uint8)
-    pale = cv2.morphologyEx(pale, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    _, markers, stats, _ = cv2.connectedComponentsWithStats(pale, connectivity=8)
-    tiny = stats[:, cv2.CC_STAT_AREA] * (mpp * mpp) < 2.0
-    tiny[0] = False
-    markers[tiny[markers]] = 0
+    bottoms &= fine_box >= params.min_level
+    _, markers = cv2.connectedComponents((bottoms & free_box).astype(np.uint8), connectivity=8)
     if not markers.any():
         return labels
     from skimage.segmentation import watershed
 
-    basins = watershed(fine, markers, mask=free).astype(np.int32)
-    good = _nucleus_like_parts(basins, mpp, params, None, 0)
+    stain = h_raw[y0:y1, x0:x1]
+    basins = watershed(stain, markers, mask=free_box).astype(np.int32)
+    good = _nucleus_like_parts(basins, mpp, params, None, 0, min_solidity=params.basin_min_solidity)
     keep = good[basins]
     out = labels.copy()
-    out[keep] = basins[keep] + int(labels.max())
+    window = out[y0:y1, x0:x1]
+    window[keep] = basins[keep] + int(labels.max())
     return out
 
 
-def _wide_blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
-    """Gaussian blur with a wide kernel, computed at a reduced size (a blur of
-    several pixels keeps no detail a quarter-size image loses)."""
-    factor = int(sigma_px // 3)
-    if factor < 2:
-        return cv2.GaussianBlur(image, (0, 0), sigmaX=sigma_px)
-    height, width = image.shape
-    small = cv2.resize(
-        image, (max(1, width // factor), max(1, height // factor)), interpolation=cv2.INTER_AREA
-    )
-    small = cv2.GaussianBlur(small, (0, 0), sigmaX=sigma_px / factor)
-    return cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
+def _basin_bottoms(image: np.ndarray, depth: float, reach_px: int) -> np.ndarray:
+    """The bottoms of the basins of ``image`` at least ``depth`` deep (h-minima),
+    judged within ``reach_px`` of each bottom.
+
+    Reconstruction by erosion of ``image + depth`` over ``image`` fills every basin
+    up to the level at which it spills over, but by at most ``depth``; where it rose
+    by the full ``depth`` lies the bottom of a basin that deep. The filling spreads
+    one pixel per erosion, so stopping after ``reach_px`` erosions keeps the basins
+    whose rim lies within that distance: a nucleus' basin spills within its own
+    radius, while a pale stretch wider than any nucleus would take hundreds.
+    """
+    kernel = np.ones((3, 3), np.uint8)
+    filled = image + np.float32(depth)
+    for _ in range(0, reach_px, 8):
+        before = filled
+        for _ in range(8):  # check for the fixed point every 8 erosions
+            filled = np.maximum(cv2.erode(filled, kernel), image)
+        if np.array_equal(before, filled):
+            break
+    return (filled - image) >= np.float32(depth) - 1e-3
 
 
 def _pad1(image: np.ndarray) -> np.ndarray:
@@ -443,10 +466,12 @@ def _nucleus_like_parts(
     min_peak: int,
     better_than: float = 0.0,
     all_or_none: bool = False,
+    min_solidity: float | None = None,
 ) -> np.ndarray:
-    """Per part (index 0 unused): nucleus-sized, solid (and more solid than
-    ``better_than``) and, when ``h`` is given, dark enough somewhere (``min_peak``).
-    With ``all_or_none`` the checks stop at the first part that fails."""
+    """Per part (index 0 unused): nucleus-sized, solid (at least ``min_solidity``,
+    by default the params', and more solid than ``better_than``) and, when ``h`` is
+    given, dark enough somewhere (``min_peak``). With ``all_or_none`` the checks stop
+    at the first part that fails."""
     count = int(parts.max())
     sizes = np.bincount(parts.ravel(), minlength=count + 1) * (mpp * mpp)
     good = (sizes >= params.min_area_um2) & (sizes <= params.max_area_um2)
@@ -458,7 +483,8 @@ def _nucleus_like_parts(
         good[1:] &= np.asarray(peaks) >= min_peak
         if all_or_none and not good[1:].all():
             return good
-    threshold = max(params.min_solidity, better_than)
+    least = params.min_solidity if min_solidity is None else min_solidity
+    threshold = max(least, better_than)
     for part in np.flatnonzero(good):
         good[part] = _mask_solidity(parts == part) >= threshold
         if all_or_none and not good[part]:

@@ -65,23 +65,15 @@ def pooled(crops: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> MatchResul
 
 
 @pytest.mark.slow
-def test_segmentation_finds_the_nuclei(pooled: MatchResult) -> None:
+def test_segmentation_meets_the_targets(pooled: MatchResult) -> None:
+    """The issue's targets: detection F1 >= 0.85 at IoU >= 0.5, mean Dice of matched
+    nuclei >= 0.80. Measured: F1 0.851 (precision 0.929, recall 0.784), Dice 0.903;
+    on three other seeds (3, 5, 13) F1 0.861."""
     total = pooled
     assert total.true_positives + total.false_negatives > 1000
-    assert total.mean_dice >= 0.80  # the issue's target: met
+    assert total.mean_dice >= 0.80
     assert total.precision >= 0.90  # what is found is right
-    assert total.f1 >= 0.78  # a floor against regressions, below the target
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 7): pooled detection F1 0.79 against the 0.85 target (precision "
-    "0.92, recall 0.70): touching solid nuclei in clusters, heavily overlapping ones and "
-    "slivers cut by the patch edge are missed",
-)
-def test_detection_f1_meets_the_target(pooled: MatchResult) -> None:
-    assert pooled.f1 >= 0.85
+    assert total.f1 >= 0.85
 
 
 def test_counts_on_the_real_stained_sample_are_plausible() -> None:

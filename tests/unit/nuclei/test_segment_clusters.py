@@ -48,9 +48,9 @@ def test_touching_ring_nuclei_are_found_one_by_one() -> None:
     for seed in range(6):
         rgb, truth = _vesicular_cluster(seed)
         total = total + match_instances(truth, segment_nuclei(rgb, 0.25))
-    # 72 nuclei; measured: 52 found, 1 false, mean Dice 0.84.
-    assert total.true_positives >= 48, total
-    assert total.false_positives <= 2, total
+    # 72 nuclei; measured: 62 found, 2 false, mean Dice 0.87.
+    assert total.true_positives >= 58, total
+    assert total.false_positives <= 3, total
     assert total.mean_dice >= 0.8, total
 
 
