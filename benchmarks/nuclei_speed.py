@@ -16,7 +16,7 @@ generator's nucleus ground-truth crops), pinned to one CPU core:
 It also reports detection F1 (IoU > 0.5) and Dice of matched nuclei of both against
 the ground truth, outside pen, blur and fold masks. Run:
 
-    .venv/bin/python benchmarks/nuclei_speed.py [--seeds 7 11 21] [--core 0]
+    .venv/bin/python benchmarks/nuclei_speed.py [--seeds 7 11 21] [--core 0] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -218,6 +218,7 @@ def main() -> None:
     parser.add_argument("--core", type=int, default=0, help="CPU core to pin to")
     parser.add_argument("--baseline-crops", type=int, default=12, help="crops for the baseline")
     parser.add_argument("--cache", type=Path, default=None, help="cohort folder to reuse")
+    parser.add_argument("--repeat", type=int, default=3, help="timed passes; the fastest counts")
     args = parser.parse_args()
     os.sched_setaffinity(0, {args.core})
     import cv2
@@ -246,11 +247,20 @@ def main() -> None:
         ("scikit-image, straightforward", theirs, crops[: args.baseline_crops]),
     ):
         run(subset[0][0])  # warm-up (imports)
+        # Only segmentation + features are timed (the fastest of --repeat passes:
+        # the machine is shared); the scoring comes after.
+        seconds = float("inf")
+        for _ in range(args.repeat):
+            elapsed = 0.0
+            found = []
+            for rgb, _, _ in subset:
+                started = time.perf_counter()
+                found.append(run(rgb))
+                elapsed += time.perf_counter() - started
+            seconds = min(seconds, elapsed)
         match = MatchResult(0, 0, 0, ())
-        started = time.perf_counter()
-        for rgb, truth, ignore in subset:
-            match = match + match_instances(truth, run(rgb), ignore=ignore)
-        seconds = time.perf_counter() - started
+        for (_, truth, ignore), labels in zip(subset, found, strict=True):
+            match = match + match_instances(truth, labels, ignore=ignore)
         rows.append((name, len(subset), len(subset) / seconds, match))
     print(f"seeds {args.seeds}, 512 px 40x crops, one core")
     print("| implementation | crops | patches/s | detection F1 (IoU > 0.5) | Dice |")

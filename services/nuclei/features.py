@@ -160,7 +160,6 @@ def _convex_areas(labels: np.ndarray, count: int) -> np.ndarray:
     """Per label, the pixels whose centres lie in or on the convex hull of the
     nucleus's pixels widened by half a pixel (regionprops' convex area), px."""
     from scipy import ndimage as ndi
-    from skimage.measure import grid_points_in_poly
 
     areas = np.zeros(count)
     # The pixels' edge midpoints, as regionprops takes them.
@@ -172,9 +171,16 @@ def _convex_areas(labels: np.ndarray, count: int) -> np.ndarray:
         contours, _ = cv2.findContours(window, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         points = np.concatenate([c.reshape(-1, 2) for c in contours]).astype(np.float32)
         points = (points[:, None, :] + corners[None]).reshape(-1, 2)
-        hull = cv2.convexHull(points).reshape(-1, 2)  # (x, y) in the window
-        # Centres inside or on the hull's edges count.
-        inside = grid_points_in_poly(window.shape, hull[:, ::-1], binarize=False) >= 1
+        hull = cv2.convexHull(points).reshape(-1, 2).astype(np.float64)  # (x, y)
+        # A centre is in or on a convex polygon when it lies on the same side of
+        # (or on) every edge; the coordinates are multiples of 0.5, so exact.
+        start, end = hull, np.roll(hull, -1, axis=0)
+        along_x = (end[:, 0] - start[:, 0])[:, None, None]
+        along_y = (end[:, 1] - start[:, 1])[:, None, None]
+        ys = np.arange(window.shape[0], dtype=np.float64)[None, :, None] - start[:, 1, None, None]
+        xs = np.arange(window.shape[1], dtype=np.float64)[None, None, :] - start[:, 0, None, None]
+        side = along_x * ys - along_y * xs
+        inside = (side >= 0).all(axis=0) | (side <= 0).all(axis=0)
         areas[label] = max(int(inside.sum()), int(window.sum()))
     return areas
 

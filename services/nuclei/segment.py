@@ -206,12 +206,7 @@ def _level_regions(
     # Labels without per-label statistics (OpenCV's statistics pass costs four
     # times the labelling): areas by counting, boxes from the contours on demand.
     count, labels = cv2.connectedComponents(filled, connectivity=8)
-    if count <= 65536:
-        # A histogram of 16-bit labels counts twice as fast as numpy's bincount.
-        areas = cv2.calcHist([labels.astype(np.uint16)], [0], None, [count], [0, count])
-        areas = areas.ravel().astype(np.float64)
-    else:
-        areas = np.bincount(labels.ravel(), minlength=count).astype(np.float64)
+    areas = _label_areas(labels, count)
     contour_labels = np.zeros(0, np.int64)
     if contours:
         # Each outline starts on one of its region's pixels.
@@ -588,7 +583,12 @@ def _split_region(
     padded = _pad1(mask.astype(np.uint8))
     distance = cv2.distanceTransform(padded, cv2.DIST_L2, 5)
     markers = _distance_seeds(distance, params.min_split_distance_um / mpp, max(1.0, 0.5 / mpp))
-    if markers.max() < 2:
+    seeds = int(markers.max())
+    if seeds < 2:
+        return None
+    # Every part nucleus-sized: the whole must hold that many nuclei's areas.
+    area_um2 = np.count_nonzero(padded) * (mpp * mpp)
+    if not seeds * params.min_area_um2 <= area_um2 <= seeds * params.max_area_um2:
         return None
     parts = watershed(-distance, markers, mask=padded.astype(bool))[1:-1, 1:-1]
     parts = parts.astype(np.int32)
@@ -679,24 +679,26 @@ def _smooth_outlines(labels: np.ndarray, mpp: float) -> np.ndarray:
     """Open the nuclei with a disc of OPENING_UM radius: cuts the thin tails a low
     threshold level drags along from cytoplasm; nuclei are round enough to keep."""
     radius = round(OPENING_UM / mpp)
-    if radius < 1 or labels.max() == 0:
+    count = int(labels.max()) + 1
+    if radius < 1 or count == 1:
         return labels
     disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    # Per nucleus: erode each label within itself (a pixel bordering another label
-    # counts as an edge), then grow back inside the same label.
-    same = np.ones(labels.shape, np.uint8)
-    padded = _pad1(labels)
-    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-        neighbour = padded[1 + dy : padded.shape[0] - 1 + dy, 1 + dx : padded.shape[1] - 1 + dx]
-        same &= (neighbour == labels).astype(np.uint8)
-    inner = ((labels > 0) & (same > 0)).astype(np.uint8)
+    # Labels as exact pixel values for OpenCV's min and max filters.
+    values: np.ndarray = labels.astype(np.uint16 if count <= 65536 else np.float32)
+    # Per nucleus: erode each label within itself (a pixel whose 4-neighbourhood
+    # holds another label or the image edge counts as an edge), then grow back
+    # inside the same label.
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    low = cv2.erode(values, cross, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    high = cv2.dilate(values, cross, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    same = low == high
+    inner = ((labels > 0) & same).astype(np.uint8)
     core = cv2.erode(inner, disc)
-    grown = cv2.dilate(core * labels.astype(np.float32), disc)  # labels survive as values
-    kept = (grown == labels) & (labels > 0)
+    grown = cv2.dilate(core.astype(values.dtype) * values, disc)  # labels as values
+    kept = (grown == values) & (labels > 0)
     out = np.where(kept, labels, 0).astype(np.int32)
     # A nucleus the opening removed entirely (smaller than the disc) stays as it was.
-    before = np.bincount(labels.ravel()) > 0
-    lost = before & (np.bincount(out.ravel(), minlength=len(before)) == 0)
+    lost = (_label_areas(labels, count) > 0) & (_label_areas(out, count) == 0)
     lost[0] = False
     if lost.any():
         restore = lost[labels]
@@ -704,12 +706,21 @@ def _smooth_outlines(labels: np.ndarray, mpp: float) -> np.ndarray:
     return out
 
 
+def _label_areas(labels: np.ndarray, count: int) -> np.ndarray:
+    """Pixels per label 0..count-1."""
+    if count <= 65536:
+        # A histogram of 16-bit labels counts twice as fast as numpy's bincount.
+        hist = cv2.calcHist([labels.astype(np.uint16)], [0], None, [count], [0, count])
+        return hist.ravel().astype(np.float64)
+    return np.bincount(labels.ravel(), minlength=count).astype(np.float64)
+
+
 def _relabel(labels: np.ndarray) -> np.ndarray:
     """Labels 1..n in raster order of first appearance; 0 stays background."""
     flat = labels.ravel()
-    present, first = np.unique(flat, return_index=True)
-    order = present[np.argsort(first)]
-    order = order[order != 0]
+    where = np.flatnonzero(flat)
+    present, first = np.unique(flat[where], return_index=True)
+    order = present[np.argsort(first, kind="stable")]
     lut = np.zeros(int(labels.max()) + 1, np.int32)
     lut[order] = np.arange(1, len(order) + 1, dtype=np.int32)
     return lut[labels]
