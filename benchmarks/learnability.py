@@ -10,6 +10,9 @@ AUROC of each biomarker. Run it at two cohort sizes to see what more slides buy:
     .venv/bin/python benchmarks/learnability.py --slides 240 --preset tiny
     .venv/bin/python benchmarks/learnability.py --slides 40 --preset demo
 
+With ``--store demo-out/store --cohort demo-out/cohort`` it trains on the patches a
+``histomarker demo`` run chose instead (its detector's BD patches).
+
 It sizes ``histomarker demo``'s cohort: the models must see enough slides, not
 enough patches.
 """
@@ -65,6 +68,28 @@ def tumour_patches(
             slides.append(row.slide_id)
         print(f"\rpatches: {done}/{len(cancer)} slides", end="", flush=True)
     print()
+    return np.stack(patches), np.array(slides)
+
+
+def stored_patches(store: Path, input_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 40x patches a training run kept in a file store (``tiles/<slide>/<key>/
+    shards/40x-*.tar``, already stain-normalized by the pipeline), resized."""
+    import tarfile
+
+    import cv2
+
+    patches, slides = [], []
+    for shard in sorted(store.glob("tiles/*/*/shards/40x-*.tar")):
+        slide = shard.parents[2].name
+        with tarfile.open(shard) as archive:
+            for member in archive.getmembers():
+                data = archive.extractfile(member)
+                if data is None:
+                    continue
+                bgr = cv2.imdecode(np.frombuffer(data.read(), np.uint8), cv2.IMREAD_COLOR)
+                rgb = np.ascontiguousarray(bgr[..., ::-1])
+                patches.append(cv2.resize(rgb, (input_px, input_px), interpolation=cv2.INTER_AREA))
+                slides.append(slide)
     return np.stack(patches), np.array(slides)
 
 
@@ -133,6 +158,13 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--cohort", type=Path, default=None, help="cohort folder to reuse")
+    parser.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        help="a demo run's file store: train on the 40x patches it kept instead "
+        "(with --cohort set to that run's cohort, for the labels)",
+    )
     parser.add_argument("--patches-per-slide", type=int, default=24)
     parser.add_argument("--input-px", type=int, default=96)
     parser.add_argument("--stain", default="macenko", help="macenko, vahadane, reinhard, none")
@@ -160,9 +192,12 @@ def main() -> None:
             workers=2,
         )
     generated = time.perf_counter() - started
-    patches, slides = tumour_patches(
-        cohort, args.patches_per_slide, args.input_px, args.stain, args.seed
-    )
+    if args.store is not None:
+        patches, slides = stored_patches(args.store, args.input_px)
+    else:
+        patches, slides = tumour_patches(
+            cohort, args.patches_per_slide, args.input_px, args.stain, args.seed
+        )
     manifest = pd.read_csv(cohort / "manifest.csv").set_index("slide_id")
     print(
         f"cohort {cohort} ({len(set(slides))} cancer slides, {len(patches)} patches of "
