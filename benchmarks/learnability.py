@@ -74,22 +74,20 @@ def tumour_patches(
 def stored_patches(store: Path, input_px: int) -> tuple[np.ndarray, np.ndarray]:
     """The 40x patches a training run kept in a file store (``tiles/<slide>/<key>/
     shards/40x-*.tar``, already stain-normalized by the pipeline), resized."""
-    import tarfile
-
     import cv2
 
+    from services.common.objectstore import open_store
+    from services.tiling.shards import iter_shard
+
+    objects = open_store(store.resolve().as_uri())
     patches, slides = [], []
-    for shard in sorted(store.glob("tiles/*/*/shards/40x-*.tar")):
-        slide = shard.parents[2].name
-        with tarfile.open(shard) as archive:
-            for member in archive.getmembers():
-                data = archive.extractfile(member)
-                if data is None:
-                    continue
-                bgr = cv2.imdecode(np.frombuffer(data.read(), np.uint8), cv2.IMREAD_COLOR)
-                rgb = np.ascontiguousarray(bgr[..., ::-1])
-                patches.append(cv2.resize(rgb, (input_px, input_px), interpolation=cv2.INTER_AREA))
-                slides.append(slide)
+    for info in sorted(objects.list("tiles/"), key=lambda info: info.key):
+        parts = info.key.split("/")
+        if len(parts) != 5 or parts[3] != "shards" or not parts[4].startswith("40x-"):
+            continue
+        for _, rgb in iter_shard(objects, info.key):
+            patches.append(cv2.resize(rgb, (input_px, input_px), interpolation=cv2.INTER_AREA))
+            slides.append(parts[1])
     return np.stack(patches), np.array(slides)
 
 

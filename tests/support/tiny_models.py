@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -120,9 +120,10 @@ def publish_models(
     return mars
 
 
-def untrained_scorer(folder: Path) -> LocalScorer:
+def untrained_scorer(folder: Path, input_px: int = 32, **config: Any) -> LocalScorer:
     """The seven models as tiny networks with random weights, scored in this process:
-    for tests that stop before any score matters (input checks, fuzzing)."""
+    for tests that stop before any score matters (input checks, fuzzing); ``config``
+    adds ``ModelConfig`` fields (temperature, TTA views)."""
     import torch
 
     from services.inference.backbones import build_backbone
@@ -134,12 +135,14 @@ def untrained_scorer(folder: Path) -> LocalScorer:
     for seed, name in enumerate([CANCER_DETECTOR, *(model_name_of(b) for b in BIOMARKERS)]):
         torch.manual_seed(seed)
         classes = ("normal", "cancer") if name == CANCER_DETECTOR else ("negative", "positive")
-        config = ModelConfig(
+        model_config = ModelConfig(
             name=name,
             version="1",
             backbone="tiny",
             class_names=classes,
-            preprocess=PreprocessConfig(input_px=32),
+            preprocess=PreprocessConfig(input_px=input_px),
+            **config,
         )
-        bundles[name] = save_bundle(folder / name, build_backbone("tiny", 2, input_px=32), config)
+        model = build_backbone("tiny", 2, input_px=input_px)
+        bundles[name] = save_bundle(folder / name, model, model_config)
     return LocalScorer(bundles)

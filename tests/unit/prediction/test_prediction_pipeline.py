@@ -19,20 +19,15 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from tiny_models import untrained_scorer
 
 from services.common.cancellation import WorkBudget
 from services.common.errors import Cancelled, FailedPrecondition, InvalidInput
 from services.common.objectstore import ObjectStore, open_store
-from services.inference.backbones import build_backbone
-from services.inference.bundle import ModelConfig, save_bundle
-from services.inference.preprocess import PreprocessConfig
 from services.prediction.models import (
-    CANCER_DETECTOR,
     DeployedModel,
     Deployment,
     LocalScorer,
-    model_name_of,
 )
 from services.prediction.pipeline import (
     BusyMeter,
@@ -50,22 +45,7 @@ INPUT_PX = 32
 @pytest.fixture(scope="module")
 def scorer(tmp_path_factory: pytest.TempPathFactory) -> LocalScorer:
     root = tmp_path_factory.mktemp("bundles")
-    bundles = {}
-    for seed, name in enumerate([CANCER_DETECTOR, *(model_name_of(b) for b in BIOMARKERS)]):
-        torch.manual_seed(seed)
-        classes = ("normal", "cancer") if name == CANCER_DETECTOR else ("negative", "positive")
-        config = ModelConfig(
-            name=name,
-            version="1",
-            backbone="tiny",
-            class_names=classes,
-            preprocess=PreprocessConfig(input_px=INPUT_PX),
-            temperature=1.3,
-            tta=("rot0", "rot90"),
-        )
-        model = build_backbone("tiny", 2, input_px=INPUT_PX)
-        bundles[name] = save_bundle(root / name, model, config)
-    return LocalScorer(bundles)
+    return untrained_scorer(root, INPUT_PX, temperature=1.3, tta=("rot0", "rot90"))
 
 
 @pytest.fixture(scope="module")
