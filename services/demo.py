@@ -19,8 +19,8 @@
 Outputs under the output folder (default ``demo-out``): ``results.md`` and
 ``results.json`` (the held-out AUROC table), ``predictions.csv`` (one row per
 held-out slide), ``report.html`` (the training run's analysis report), ``cohort/``
-(kept and reused by the next run when its settings are the same; delete it after
-changing the generator's rules), ``store/`` (the
+(kept and reused by the next run when its settings and the generator's
+``RULES_VERSION`` are the same), ``store/`` (the
 object store: models, tiles, runs) and ``stack/logs/``. A rerun replaces everything
 but a matching cohort.
 """
@@ -43,6 +43,7 @@ from flows.config import Analysis, ModelTraining, PipelineConfig, Selection, Til
 from services.cohort.manifest import LABEL_COLUMNS
 from services.common.errors import InvalidInput
 from services.common.processes import environment, interruptible
+from services.synth.labels import RULES_VERSION
 
 #: Files of the output folder the demo writes (a rerun replaces them).
 RESULTS_MD = "results.md"
@@ -98,6 +99,7 @@ class DemoScale:
             "preset": self.preset,
             "normal_fraction": self.normal_fraction,
             "seed": self.cohort_seed,
+            "rules": RULES_VERSION,
         }
 
 
@@ -105,9 +107,9 @@ class DemoScale:
 SCALES: dict[str, DemoScale] = {
     "full": DemoScale(
         name="full",
-        slides=100,
-        preset="demo",
-        normal_fraction=0.2,
+        slides=240,
+        preset="tiny",
+        normal_fraction=0.1,
         heldout_fraction=0.35,
         cohort_seed=0,
         split_seed=0,
@@ -123,15 +125,18 @@ SCALES: dict[str, DemoScale] = {
                 max_patches_per_epoch=1000,
                 mixed_precision="off",
             ),
-            # An epoch is twice the minority class's patches (at most 500): short, so
-            # several of them.
+            # The biomarker cues are nuclear detail (fragments of 1-2 µm, the spread of
+            # nucleus sizes): 128 px (1 µm/px) and the small backbone, which looks twice
+            # at every scale. An epoch is twice the minority class's patches (at most
+            # 1200); the validation patients' patches are sampled down to 400.
             biomarker=ModelTraining(
-                backbone="tiny",
-                input_px=96,
+                backbone="small",
+                input_px=128,
                 epochs=8,
                 batch_size=32,
                 lr=3e-3,
-                max_patches_per_epoch=500,
+                max_patches_per_epoch=1200,
+                max_val_patches=400,
                 mixed_precision="off",
             ),
             # Slides whose detector is rarely above 0.9 still give the biomarker models

@@ -131,6 +131,10 @@ from services.common.errors import InvalidInput
 #: The six labels of a cancer slide, in manifest column order.
 BIOMARKERS: tuple[str, ...] = ("tp53", "pik3ca", "er", "pr", "her2", "basal")
 
+#: Version of the label and morphology rules; bumped whenever a change makes the same
+#: seed give other slides (``histomarker demo`` regenerates a cohort of an older one).
+RULES_VERSION = 2
+
 #: Slide kinds.
 CANCER = "cancer"
 NORMAL = "normal"
@@ -396,16 +400,18 @@ def _cancer_morphology(labels: SlideLabels, rng: np.random.Generator) -> Morphol
     basal, er, pr = labels.basal, labels.er, labels.pr
     tumour_fraction = float(np.clip(_beta_mean(rng, 0.45, 8.0), 0.10, 0.85))
     necrosis = min(_beta_mean(rng, 0.12 if basal else 0.03, 8.0), 0.6)
-    gland_mean = 0.04 if basal else 0.10 + 0.30 * er + 0.10 * pr
+    gland_mean = 0.04 if basal else 0.10 + 0.25 * er + 0.20 * pr
     gland = min(_beta_mean(rng, gland_mean, 3.0), 0.95 - necrosis)
     solid = _beta_mean(rng, 0.55 if basal else 0.25, 4.0)
-    major_mean_um = 11.5 - 1.0 * er - 0.5 * pr + 2.0 * basal
+    major_mean_um = 11.5 - 1.0 * er - 1.0 * pr + 2.0 * basal
     major_um = float(np.clip(rng.normal(major_mean_um, 1.5), 7.0, 20.0))
     axis_ratio = max(1.4 * _lognormal(rng, 0.08), 1.05)
     cv = float(np.clip((0.15 + 0.12 * labels.her2) * _lognormal(rng, 0.28), 0.03, 0.8))
-    density = 4000.0 * (1.3 if basal else 1.0) * _lognormal(rng, 0.15)
+    density = (
+        4000.0 * (1.3 if basal else 1.0) * (0.8 if labels.her2 else 1.0) * _lognormal(rng, 0.15)
+    )
     karyorrhexis = (
-        0.015 * (5.0 if labels.pik3ca else 1.0) * (1.5 if basal else 1.0) * _lognormal(rng, 0.8)
+        0.015 * (6.0 if labels.pik3ca else 1.0) * (1.5 if basal else 1.0) * _lognormal(rng, 0.8)
     )
     lymphocytes = 400.0 * (2.0 if labels.tp53 else 1.0) * _lognormal(rng, 0.35)
     stroma, fat, epithelium = _composition(rng, (6.0, 3.0, 1.0))

@@ -137,8 +137,13 @@ class TextureAtlas:
     ) -> np.ndarray:
         """The texture over the level-0 box (x, y, width, height), wrapping around.
 
-        ``width`` and ``height`` must not exceed ``margin_px``.
+        A box within ``margin_px`` is a view of the padded texture; a larger one (a
+        render of more than a tile) is gathered with wrapped indexes, same values.
         """
         size = texture.shape[0] - self.margin_px
         ox, oy = x_px % size, y_px % size
-        return texture[oy : oy + height, ox : ox + width]
+        if width <= self.margin_px and height <= self.margin_px:
+            return texture[oy : oy + height, ox : ox + width]
+        rows = (oy + np.arange(height)) % size
+        cols = (ox + np.arange(width)) % size
+        return texture[np.ix_(rows, cols)]
