@@ -4,7 +4,7 @@ them (a tiny backbone, small patches, few epochs)."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from flows.records import Record
 from services.cohort.manifest import LABEL_COLUMNS
@@ -21,6 +21,17 @@ class TilingConfig(Record):
     seed: int = 0
     #: Smallest tissue fraction of a kept patch (0-1).
     min_tissue_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    #: (ours) Overlap of neighbouring 20x patches, px; 0 is the method's grid. Small
+    #: slides give the models more patches with it (PredictionService keeps 0).
+    overlap_px: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_patch(self) -> TilingConfig:
+        if self.overlap_px >= self.patch_px:
+            raise ValueError(
+                f"overlap_px must be below patch_px ({self.patch_px}), got {self.overlap_px}"
+            )
+        return self
 
 
 class ModelTraining(Record):

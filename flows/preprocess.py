@@ -29,6 +29,7 @@ def tiling_request(
         magnification=20.0,
         patch_size_px=config.patch_px,
         min_tissue_fraction=config.min_tissue_fraction,
+        overlap_px=config.overlap_px,
         stain_method=tiling_pb2.STAIN_METHOD_VAHADANE,
         max_patches=config.max_patches,
         seed=config.seed,

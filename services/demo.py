@@ -109,13 +109,15 @@ SCALES: dict[str, DemoScale] = {
         name="full",
         slides=240,
         preset="tiny",
-        normal_fraction=0.1,
+        normal_fraction=0.15,
         heldout_fraction=0.35,
         cohort_seed=0,
         split_seed=0,
         workers=2,
         pipeline=PipelineConfig(
-            tiling=TilingConfig(patch_px=512),
+            # Half-overlapping 20x patches: a tiny slide has about four 512 px ones
+            # on the plain grid, too few for the detector and the CD patches.
+            tiling=TilingConfig(patch_px=512, overlap_px=256),
             detector=ModelTraining(
                 backbone="tiny",
                 input_px=64,
@@ -128,14 +130,14 @@ SCALES: dict[str, DemoScale] = {
             # The biomarker cues are nuclear detail (fragments of 1-2 µm, the spread of
             # nucleus sizes): 128 px (1 µm/px) and the small backbone, which looks twice
             # at every scale. An epoch is twice the minority class's patches (at most
-            # 1200); the validation patients' patches are sampled down to 400.
+            # 1000); the validation patients' patches are sampled down to 400.
             biomarker=ModelTraining(
                 backbone="small",
                 input_px=128,
-                epochs=8,
+                epochs=7,
                 batch_size=32,
                 lr=3e-3,
-                max_patches_per_epoch=1200,
+                max_patches_per_epoch=1000,
                 max_val_patches=400,
                 mixed_precision="off",
             ),

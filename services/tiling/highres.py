@@ -112,6 +112,10 @@ def extract_40x(
 ) -> HighResResult:
     """Make the four 40x patches of each 20x patch and store them as shards.
 
+    Overlapping 20x patches can share a quadrant (on a grid whose stride is half a
+    patch, neighbours share two): each 40x window is stored once, under the first
+    20x patch that has it.
+
     Args:
         reader: The open slide.
         store: Where the shards and index go.
@@ -131,16 +135,25 @@ def extract_40x(
     name = f"40x-{digest}"
     writer = ShardWriter(store, prefix, name, patches_per_shard=patches_per_shard)
     rows = []
+    stored: set[tuple[int, int]] = set()
     try:
         for x, y, footprint in patches:
+            origins = quadrant_origins(x, y, footprint)
+            if stored.issuperset(origins):
+                continue
             if source is HighResSource.NATIVE:
                 quads = [
                     reader.read_patch(qx, qy, patch_px, low_mpp / 2)
-                    for qx, qy in quadrant_origins(x, y, footprint)
+                    if (qx, qy) not in stored
+                    else None
+                    for qx, qy in origins
                 ]
             else:
-                quads = upsample_quadrants(reader.read_patch(x, y, patch_px, low_mpp))
-            for (qx, qy), quad in zip(quadrant_origins(x, y, footprint), quads, strict=True):
+                quads = list(upsample_quadrants(reader.read_patch(x, y, patch_px, low_mpp)))
+            for (qx, qy), quad in zip(origins, quads, strict=True):
+                if quad is None or (qx, qy) in stored:
+                    continue
+                stored.add((qx, qy))
                 rows.append(
                     writer.add(
                         quad,

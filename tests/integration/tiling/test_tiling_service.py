@@ -262,6 +262,39 @@ def test_upsample_to_40x_native_and_upsampled(stack) -> None:
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_overlapping_20x_patches_store_each_40x_window_once(stack) -> None:
+    import pandas as pd
+
+    stub, slide, store_dir = stack
+    tiled = tile_slide(
+        stub,
+        tiling_pb2.TileSlideRequest(
+            slide=_slide_ref(slide.name), params=tiling_pb2.TilingParams(magnification=20)
+        ),
+        120,
+    )
+    store = open_store(store_dir.as_uri())
+    first = pd.read_parquet(io.BytesIO(store.get_bytes(tiled.grid.key))).iloc[0]
+    x, y, side = int(first.x), int(first.y), int(first.width)
+    # Two patches half a patch apart share two quadrants; the third repeats the first.
+    patches = [
+        common_pb2.PatchRef(x=px, y=y, width=side, height=side, mpp=0.5, size_px=512)
+        for px in (x, x + side // 2, x)
+    ]
+    response = stub.UpsampleTo40x(
+        tiling_pb2.UpsampleTo40xRequest(
+            slide=_slide_ref(slide.name), params_hash=tiled.params_hash, patches=patches
+        ),
+        timeout=120,
+    )
+    assert response.patch_count == 6
+    index = pd.read_parquet(io.BytesIO(store.get_bytes(response.index.key)))
+    assert len(index) == 6 and not index.duplicated(["x", "y"]).any()
+    assert sorted(set(index["x"])) == [x, x + side // 2, x + side]
+    shared = index[index["x"] == x + side // 2]
+    assert (shared["parent_x"] == x).all()
+
+
 def test_native_policy_needs_a_40x_level(tmp_path: Path) -> None:
     from services.common.errors import FailedPrecondition
     from services.tiling.highres import choose_source
