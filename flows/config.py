@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from flows.records import Record
 from services.cohort.manifest import LABEL_COLUMNS
+from services.inference.tta import TRANSFORM_NAMES
 
 
 class TilingConfig(Record):
@@ -49,6 +50,9 @@ class ModelTraining(Record):
     #: Local file of ImageNet weights for the backbone; random init without it.
     weights_path: str | None = None
     mixed_precision: str = "auto"
+    #: Test-time views of the served model (``services.inference.tta``); all eight by
+    #: default, fewer make evaluation and serving cheaper.
+    tta: tuple[str, ...] = TRANSFORM_NAMES
 
 
 class Selection(Record):

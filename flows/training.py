@@ -67,6 +67,7 @@ def train_config(
         max_val_patches=training.max_val_patches,
         mixed_precision=training.mixed_precision,
         weights_path=training.weights_path,
+        tta=training.tta,
     )
 
 

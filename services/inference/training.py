@@ -66,6 +66,7 @@ from services.inference.dataset import (
     validate_patch_table,
 )
 from services.inference.preprocess import PreprocessConfig
+from services.inference.tta import TRANSFORM_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ RELIABILITY_FILE = "reliability.png"
 CHECKPOINT_FORMAT = 1
 #: Config fields that may differ between a run and its resumption (they change
 #: where files go or how fast it runs, not what is computed).
-_RESUMABLE_CHANGES = ("num_workers", "checkpoint_dir", "cache_dir", "device")
+_RESUMABLE_CHANGES = ("num_workers", "checkpoint_dir", "cache_dir", "device", "tta")
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ class TrainConfig:
         checkpoint_dir: Where the epoch checkpoint goes; None for
             ``{output_dir}/checkpoints``.
         cache_dir: Local shard cache; None for a temporary folder removed afterwards.
+        tta: The bundle's test-time views (``tta.TRANSFORM_NAMES``, all eight by
+            default; fewer make serving cheaper).
     """
 
     backbone: str = "inception_v3"
@@ -147,6 +150,7 @@ class TrainConfig:
     weights_path: str | None = None
     checkpoint_dir: Path | None = None
     cache_dir: Path | None = None
+    tta: tuple[str, ...] = TRANSFORM_NAMES
 
     def __post_init__(self) -> None:
         spec = backbone_spec(self.backbone)  # InvalidInput for an unknown name
@@ -191,6 +195,7 @@ class TrainConfig:
             class_names=tuple(self.class_names),
             preprocess=PreprocessConfig(self.input_px),
             temperature=temperature,
+            tta=tuple(self.tta),
         )
 
     def fingerprint(self) -> dict[str, Any]:

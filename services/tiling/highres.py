@@ -23,6 +23,7 @@ from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.objectstore import ObjectStore
 from services.tiling.reader import SlideReader
 from services.tiling.shards import ShardWriter
+from services.tiling.stain import LabStats, Normalizer, StainMatrix
 
 
 class HighResSource(StrEnum):
@@ -99,6 +100,15 @@ def choose_source(reader: SlideReader, policy: str, high_mpp: float = 0.25) -> H
     return HighResSource.NATIVE if native else HighResSource.UPSAMPLED
 
 
+def _normalized(
+    rgb: np.ndarray, stain: tuple[Normalizer, StainMatrix | LabStats] | None
+) -> np.ndarray:
+    if stain is None:
+        return rgb
+    normalizer, source = stain
+    return normalizer.transform(rgb, source)  # type: ignore[arg-type]
+
+
 def extract_40x(
     reader: SlideReader,
     store: ObjectStore,
@@ -109,6 +119,7 @@ def extract_40x(
     patch_px: int = 512,
     low_mpp: float = 0.5,
     patches_per_shard: int = 1000,
+    stain: tuple[Normalizer, StainMatrix | LabStats] | None = None,
 ) -> HighResResult:
     """Make the four 40x patches of each 20x patch and store them as shards.
 
@@ -125,12 +136,17 @@ def extract_40x(
         patch_px: Patch side, px (the same at 20x and 40x).
         low_mpp: Resolution of the 20x patches, µm/px.
         patches_per_shard: Members per shard.
+        stain: The normalizer and slide stains of the tiling the 20x patches came
+            from (``pipeline.load_slide_stain``): native quadrants are normalized
+            like the 20x patches were, and an upsampled one comes from the normalized
+            20x patch, as in the PredictionService. None keeps the slide's colours.
 
     Returns:
         Where the 40x patches are and how they were made.
     """
     source = choose_source(reader, policy, low_mpp / 2)
-    selection = json.dumps([source.value, patch_px, low_mpp, sorted(patches)])
+    normalized = None if stain is None else json.loads(stain[1].to_json())
+    selection = json.dumps([source.value, patch_px, low_mpp, sorted(patches), normalized])
     digest = hashlib.sha256(selection.encode()).hexdigest()[:12]
     name = f"40x-{digest}"
     writer = ShardWriter(store, prefix, name, patches_per_shard=patches_per_shard)
@@ -143,13 +159,14 @@ def extract_40x(
                 continue
             if source is HighResSource.NATIVE:
                 quads = [
-                    reader.read_patch(qx, qy, patch_px, low_mpp / 2)
+                    _normalized(reader.read_patch(qx, qy, patch_px, low_mpp / 2), stain)
                     if (qx, qy) not in stored
                     else None
                     for qx, qy in origins
                 ]
             else:
-                quads = list(upsample_quadrants(reader.read_patch(x, y, patch_px, low_mpp)))
+                low = _normalized(reader.read_patch(x, y, patch_px, low_mpp), stain)
+                quads = list(upsample_quadrants(low))
             for (qx, qy), quad in zip(origins, quads, strict=True):
                 if quad is None or (qx, qy) in stored:
                     continue

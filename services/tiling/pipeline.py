@@ -37,7 +37,7 @@ from services.common.objectstore import ObjectStore
 from services.tiling.grid import GridParams, grid_shape, params_hash, patch_grid
 from services.tiling.reader import SlideReader
 from services.tiling.shards import ShardWriter
-from services.tiling.stain import LabStats, StainMatrix, get_normalizer
+from services.tiling.stain import LabStats, Normalizer, StainMatrix, get_normalizer
 from services.tiling.tissue import TissueMasks, TissueParams, save_masks, segment_tissue
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,35 @@ def _sample_for_stains(reader: SlideReader, grid: pd.DataFrame, params: TilePara
         for i in picks
     ]
     return np.concatenate([patch.reshape(-1, 3) for patch in patches])
+
+
+def load_slide_stain(
+    store: ObjectStore, prefix: str
+) -> tuple[Normalizer, StainMatrix | LabStats] | None:
+    """The normalizer a tiling used and its slide's stains, from its ``stain.json``.
+
+    Anything cut from the slide later (its 40x patches) goes through the same
+    transform as its 20x patches. None when the tiling did not normalize.
+
+    Raises:
+        InvalidInput: A malformed ``stain.json``.
+    """
+    key = _key(prefix, STAIN_JSON)
+    if not store.exists(key):
+        return None
+    try:
+        stain = json.loads(store.get_bytes(key))
+        slide, target = json.dumps(stain["slide"]), json.dumps(stain["target"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidInput(f"{key} is not a stain record: {exc}") from exc
+    if "mean" in stain["target"]:
+        normalizer = get_normalizer("reinhard")
+        normalizer.load_target(LabStats.from_json(target))  # type: ignore[arg-type]
+        return normalizer, LabStats.from_json(slide)
+    reference = StainMatrix.from_json(target)
+    normalizer = get_normalizer(reference.method)
+    normalizer.load_target(reference)  # type: ignore[arg-type]
+    return normalizer, StainMatrix.from_json(slide)
 
 
 def tiling_digest(params: TileParams, reference: StainMatrix | LabStats | None) -> str:

@@ -36,6 +36,7 @@ from services.tiling.pipeline import (
     TileParams,
     TileResult,
     compute_masks,
+    load_slide_stain,
     store_masks,
     tile_slide,
     tiling_digest,
@@ -432,16 +433,19 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
                 raise InvalidInput(f"patches[{i}]: needs x, y >= 0 and a positive width")
             patches.append((int(patch.x), int(patch.y), float(patch.width)))
         first = request.patches[0]
+        prefix = f"tiles/{slide_id}/{request.params_hash}"
+        stain = load_slide_stain(self.store, prefix)
         with open_slide(path) as reader:
             result = extract_40x(
                 reader,
                 self.store,
-                f"tiles/{slide_id}/{request.params_hash}",
+                prefix,
                 patches,
                 policy=_POLICIES.get(request.policy, "auto"),
                 patch_px=first.size_px or 512,
                 low_mpp=first.mpp or 0.5,
                 patches_per_shard=request.patches_per_shard or 1000,
+                stain=stain,
             )
         native = result.source is HighResSource.NATIVE
         return tiling_pb2.UpsampleTo40xResponse(

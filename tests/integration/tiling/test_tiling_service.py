@@ -17,6 +17,7 @@ from services.common.objectstore import open_store
 from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2, tiling_pb2_grpc
 from services.synth.cohort import generate_cohort
 from services.tiling.client import normalize_batches, tile_slide
+from services.tiling.pipeline import load_slide_stain
 from services.tiling.reader import open_slide
 from services.tiling.server import TilingSettings, create, stain_to_proto
 from services.tiling.stain import builtin_reference, get_normalizer
@@ -249,9 +250,15 @@ def test_upsample_to_40x_native_and_upsampled(stack) -> None:
         quad = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), 1), cv2.COLOR_BGR2RGB)
         with open_slide(slide) as reader:
             native = reader.read_region(int(first["x"]), int(first["y"]), 0, 512, 512)
-        error = np.abs(quad.astype(int) - native).mean()
+        # Normalized as the tiling's 20x patches were (what the PredictionService does
+        # to the 40x patches it scores): never the slide's own colours.
+        stain = load_slide_stain(store, f"tiles/{tiled.slide_id}/{tiled.params_hash}")
+        assert stain is not None
+        expected = stain[0].transform(native, stain[1])
+        error = np.abs(quad.astype(int) - expected).mean()
         # Native quadrants are the 40x pixels; upsampled ones only approximate them.
         assert error < (3 if source == common_pb2.HIGH_RES_SOURCE_NATIVE else 25)
+        assert np.abs(quad.astype(int) - native).mean() > error + 5
     with pytest.raises(grpc.RpcError) as info:
         stub.UpsampleTo40x(
             tiling_pb2.UpsampleTo40xRequest(

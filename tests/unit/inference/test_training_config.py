@@ -38,3 +38,12 @@ def test_schedule_runs_every_step_of_short_runs(total_steps: int, warmup: float)
         optimizer.step()
         schedule.step()
     assert all(0.0 <= rate <= 0.01 + 1e-12 for rate in rates), rates
+
+
+def test_the_bundle_keeps_the_chosen_test_time_views() -> None:
+    rotations = ("rot0", "rot90", "rot180", "rot270")
+    config = TrainConfig(backbone="small", input_px=128, tta=rotations)
+    assert config.model_config(temperature=1.5).tta == rotations
+    assert len(TrainConfig(backbone="tiny", input_px=32).model_config().tta) == 8
+    with pytest.raises(InvalidInput, match="unknown TTA transform 'spin'"):
+        TrainConfig(backbone="tiny", input_px=32, tta=("rot0", "spin"))
