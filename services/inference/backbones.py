@@ -33,21 +33,20 @@ class BackboneSpec:
     aux_min_input_px: int = 0
 
 
-class TinyCNN(nn.Module):
-    """Four conv blocks and global average pooling: for tests and CPU demos."""
+def _conv_block(inputs: int, outputs: int, stride: int) -> list[nn.Module]:
+    """3x3 convolution, batch norm, ReLU."""
+    return [
+        nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(outputs),
+        nn.ReLU(inplace=True),
+    ]
 
-    def __init__(self, num_classes: int = 2, width: int = 16) -> None:
+
+class _PooledCNN(nn.Module):
+    """Convolutional features, global average pooling and a linear head."""
+
+    def __init__(self, layers: list[nn.Module], channels: int, num_classes: int) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        channels = 3
-        for i in range(4):
-            out = width * 2**i
-            layers += [
-                nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(out),
-                nn.ReLU(inplace=True),
-            ]
-            channels = out
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
@@ -56,7 +55,20 @@ class TinyCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-class SmallCNN(nn.Module):
+class TinyCNN(_PooledCNN):
+    """Four conv blocks and global average pooling: for tests and CPU demos."""
+
+    def __init__(self, num_classes: int = 2, width: int = 16) -> None:
+        layers: list[nn.Module] = []
+        channels = 3
+        for i in range(4):
+            out = width * 2**i
+            layers += _conv_block(channels, out, 2)
+            channels = out
+        super().__init__(layers, channels, num_classes)
+
+
+class SmallCNN(_PooledCNN):
     """A CPU-sized classifier that still sees nuclear detail: a strided stem, then
     three stages of two 3x3 convolutions (the second strided), global average pooling.
 
@@ -66,27 +78,13 @@ class SmallCNN(nn.Module):
     """
 
     def __init__(self, num_classes: int = 2, width: int = 16) -> None:
-        super().__init__()
-
-        def block(inputs: int, outputs: int, stride: int) -> list[nn.Module]:
-            return [
-                nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1, bias=False),
-                nn.BatchNorm2d(outputs),
-                nn.ReLU(inplace=True),
-            ]
-
-        layers = block(3, width, 2)
+        layers = _conv_block(3, width, 2)
         channels = width
         for i in range(1, 4):
             out = width * 2**i
-            layers += block(channels, out, 1) + block(out, out, 2)
+            layers += _conv_block(channels, out, 1) + _conv_block(out, out, 2)
             channels = out
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        super().__init__(layers, channels, num_classes)
 
 
 def _inception_v3(num_classes: int, weights: dict | None, input_px: int) -> nn.Module:

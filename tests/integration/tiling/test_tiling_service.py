@@ -207,17 +207,19 @@ def test_fit_a_stored_reference_then_tile_with_it(stack) -> None:
     assert store.exists(result.stain.key)
 
 
+def _tiled_at_20x(stub, slide: Path):
+    """TileSlide of the slide at 20x with the default (Vahadane) normalization."""
+    request = tiling_pb2.TileSlideRequest(
+        slide=_slide_ref(slide.name), params=tiling_pb2.TilingParams(magnification=20)
+    )
+    return tile_slide(stub, request, 120)
+
+
 def test_upsample_to_40x_native_and_upsampled(stack) -> None:
     import pandas as pd
 
     stub, slide, store_dir = stack
-    tiled = tile_slide(
-        stub,
-        tiling_pb2.TileSlideRequest(
-            slide=_slide_ref(slide.name), params=tiling_pb2.TilingParams(magnification=20)
-        ),
-        120,
-    )
+    tiled = _tiled_at_20x(stub, slide)
     store = open_store(store_dir.as_uri())
     grid = pd.read_parquet(io.BytesIO(store.get_bytes(tiled.grid.key))).head(2)
     patches = [
@@ -273,13 +275,7 @@ def test_overlapping_20x_patches_store_each_40x_window_once(stack) -> None:
     import pandas as pd
 
     stub, slide, store_dir = stack
-    tiled = tile_slide(
-        stub,
-        tiling_pb2.TileSlideRequest(
-            slide=_slide_ref(slide.name), params=tiling_pb2.TilingParams(magnification=20)
-        ),
-        120,
-    )
+    tiled = _tiled_at_20x(stub, slide)
     store = open_store(store_dir.as_uri())
     first = pd.read_parquet(io.BytesIO(store.get_bytes(tiled.grid.key))).iloc[0]
     x, y, side = int(first.x), int(first.y), int(first.width)
