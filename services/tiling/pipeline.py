@@ -164,14 +164,13 @@ def load_slide_stain(
         slide, target = json.dumps(stain["slide"]), json.dumps(stain["target"])
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidInput(f"{key} is not a stain record: {exc}") from exc
-    if "mean" in stain["target"]:
-        normalizer = get_normalizer("reinhard")
-        normalizer.load_target(LabStats.from_json(target))  # type: ignore[arg-type]
-        return normalizer, LabStats.from_json(slide)
-    reference = StainMatrix.from_json(target)
-    normalizer = get_normalizer(reference.method)
+    reinhard = "mean" in stain["target"]
+    reference = LabStats.from_json(target) if reinhard else StainMatrix.from_json(target)
+    # The method the 20x patches were normalized with (older records: the target's).
+    method = stain.get("method") or ("reinhard" if reinhard else reference.method)  # type: ignore[union-attr]
+    normalizer = get_normalizer(str(method))
     normalizer.load_target(reference)  # type: ignore[arg-type]
-    return normalizer, StainMatrix.from_json(slide)
+    return normalizer, LabStats.from_json(slide) if reinhard else StainMatrix.from_json(slide)
 
 
 def tiling_digest(params: TileParams, reference: StainMatrix | LabStats | None) -> str:
@@ -324,6 +323,7 @@ def _run(
             source = normalizer.fallback_source(sample)
             estimate = f"fallback: {exc}"
         stain = {
+            "method": params.stain_method,
             "slide": json.loads(source.to_json()),
             "target": json.loads(reference.to_json()),
             "slide_estimate": estimate,

@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 
 from services.cli import main
+from services.common.errors import InvalidInput
 from services.common.objectstore import open_store
 from services.synth.cohort import generate_cohort
-from services.tiling.pipeline import TileParams, tile_slide
+from services.tiling.pipeline import TileParams, load_slide_stain, tile_slide
 from services.tiling.reader import open_slide
 from services.tiling.shards import decode_patch
 
@@ -73,6 +74,36 @@ def test_tile_with_a_reference_normalizes(slide: Path, tmp_path: Path, capsys) -
     stain = json.loads((out / "stain.json").read_text())
     assert {"slide", "target"} <= set(stain)
     assert result["patch_count"] > 0
+
+
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_the_stain_record_rebuilds_the_tiling_transform(
+    slide: Path, tmp_path: Path, capsys, method: str
+) -> None:
+    """What the 40x patches are normalized with: the 20x patches' own transform."""
+    with open_slide(slide) as reader:
+        reference = reader.read_region(1024, 1024, 1, 512, 512)
+    ref_path = tmp_path / "reference.png"
+    cv2.imwrite(str(ref_path), cv2.cvtColor(reference, cv2.COLOR_RGB2BGR))
+    out = tmp_path / method
+    argv = ["tile", str(slide), str(out), "--reference", str(ref_path), "--method", method]
+    assert main([*argv, "--json"]) == 0
+    capsys.readouterr()
+    store = open_store(out.as_uri())
+    stain = load_slide_stain(store, "")
+    assert stain is not None and json.loads(store.get_bytes("stain.json"))["method"] == method
+    row = pd.read_parquet(out / "grid.parquet").iloc[0]
+    stored = _members(out, row.shard)[row.member]
+    with open_slide(slide) as reader:
+        raw = reader.read_patch(int(row.x), int(row.y), 512, 0.5)
+    again = stain[0].transform(raw, stain[1])
+    assert np.abs(stored.astype(int) - again).mean() < 3  # JPEG q90
+    assert np.abs(stored.astype(int) - raw).mean() > 3
+    empty = open_store((tmp_path / "none").as_uri())
+    assert load_slide_stain(empty, "") is None
+    empty.put_bytes("bad/stain.json", b'{"slide": {}}')
+    with pytest.raises(InvalidInput, match="not a stain record"):
+        load_slide_stain(empty, "bad")
 
 
 def test_blank_slide_gives_an_empty_grid_not_an_error(tmp_path: Path, capsys) -> None:
