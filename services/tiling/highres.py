@@ -155,21 +155,19 @@ def extract_40x(
     try:
         for x, y, footprint in patches:
             origins = quadrant_origins(x, y, footprint)
-            if stored.issuperset(origins):
+            fresh = [origin for origin in origins if origin not in stored]
+            if not fresh:
                 continue
             if source is HighResSource.NATIVE:
-                quads = [
-                    _normalized(reader.read_patch(qx, qy, patch_px, low_mpp / 2), stain)
-                    if (qx, qy) not in stored
-                    else None
-                    for qx, qy in origins
-                ]
+                quads = {
+                    (qx, qy): _normalized(reader.read_patch(qx, qy, patch_px, low_mpp / 2), stain)
+                    for qx, qy in fresh
+                }
             else:
                 low = _normalized(reader.read_patch(x, y, patch_px, low_mpp), stain)
-                quads = list(upsample_quadrants(low))
-            for (qx, qy), quad in zip(origins, quads, strict=True):
-                if quad is None or (qx, qy) in stored:
-                    continue
+                quads = dict(zip(origins, upsample_quadrants(low), strict=True))
+            for qx, qy in fresh:
+                quad = quads[(qx, qy)]
                 stored.add((qx, qy))
                 rows.append(
                     writer.add(
