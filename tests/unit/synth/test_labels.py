@@ -183,8 +183,10 @@ def test_immune_score_follows_lymphocytes_and_tp53(cancer: dict[str, np.ndarray]
 def test_single_feature_is_learnable_but_not_trivial(
     label: str, feature: str, cancer: dict[str, np.ndarray]
 ) -> None:
+    # The parameter is never seen, only a sample of it in a slide's tissue: it may
+    # separate the classes well, but never perfectly.
     auroc = roc_auc_score(cancer[label], cancer[feature])
-    assert 0.7 < auroc < 0.95
+    assert 0.85 < auroc < 0.995
 
 
 def _mean_effect(
@@ -208,9 +210,10 @@ TRIPLE_NEGATIVE = SlideLabels(tp53=0, pik3ca=0, er=0, pr=0, her2=0, basal=0)
     ("label", "feature", "base", "low", "high"),
     [
         # (label, parameter, other labels, documented ratio or difference range)
-        ("tp53", "lymphocyte_density_per_mm2", LUMINAL, 1.7, 2.3),  # x2.0
-        ("pik3ca", "karyorrhexis_rate", LUMINAL, 4.0, 6.0),  # x5
-        ("her2", "tumour_nucleus_cv", LUMINAL, 1.6, 2.0),  # 0.15 -> 0.27
+        ("tp53", "lymphocyte_density_per_mm2", LUMINAL, 2.2, 2.8),  # x2.5
+        ("pik3ca", "karyorrhexis_rate", LUMINAL, 5.0, 7.0),  # x6
+        ("her2", "tumour_nucleus_cv", LUMINAL, 1.8, 2.2),  # 0.15 -> 0.30
+        ("her2", "tumour_density_per_mm2", LUMINAL, 0.70, 0.80),  # x0.75
         ("her2", "hematoxylin_scale", LUMINAL, 1.12, 1.18),  # x1.15
         ("basal", "tumour_density_per_mm2", TRIPLE_NEGATIVE, 1.25, 1.35),  # +30%
     ],
@@ -227,7 +230,8 @@ def test_multiplicative_rules(
     [
         ("er", "gland_fraction", TRIPLE_NEGATIVE, 0.25, 0.35),  # +0.30
         ("er", "tumour_nucleus_major_um", TRIPLE_NEGATIVE, -1.3, -0.7),  # -1.0 µm
-        ("pr", "tumour_nucleus_major_um", LUMINAL, -0.8, -0.2),  # -0.5 µm
+        ("pr", "tumour_nucleus_major_um", LUMINAL, -1.3, -0.7),  # -1.0 µm
+        ("pr", "solid_fraction", LUMINAL, -0.16, -0.08),  # 0.25 -> 0.13
         ("basal", "tumour_nucleus_major_um", TRIPLE_NEGATIVE, 1.7, 2.3),  # +2.0 µm
         ("basal", "necrosis_fraction", TRIPLE_NEGATIVE, 0.07, 0.11),  # 0.03 -> 0.12
         ("basal", "solid_fraction", TRIPLE_NEGATIVE, 0.25, 0.35),  # 0.25 -> 0.55
