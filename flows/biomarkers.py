@@ -173,8 +173,12 @@ def train_biomarkers(
     selection: Selection,
     bootstrap: int,
     run_prefix: str,
+    grid_overlap_px: int = 0,
 ) -> BiomarkerRun:
     """Train, serve and evaluate one model per biomarker (see the module docstring).
+
+    ``grid_overlap_px`` is the overlap of the 20x grid the slides were tiled on
+    (``TilingConfig.overlap_px``), recorded in each model's ``model.json``.
 
     Models train and are evaluated one after another (both are CPU-bound, and
     building a network draws from torch's global generator, which training seeds);
@@ -195,7 +199,9 @@ def train_biomarkers(
             logger.warning("%s skipped: %s", biomarker, reason)
             skipped.append(SkippedBiomarker(biomarker=biomarker, reason=reason))
             continue
-        model = train_model(model_name(biomarker), BIOMARKER_CLASSES, training, slides)
+        model = train_model(
+            model_name(biomarker), BIOMARKER_CLASSES, training, slides, grid_overlap_px
+        )
         pending.append(register_model.submit(model))
         results.append(
             evaluate_biomarker(biomarker, model, slides, selection.threshold, bootstrap, run_prefix)

@@ -23,7 +23,8 @@ class TilingConfig(Record):
     #: Smallest tissue fraction of a kept patch (0-1).
     min_tissue_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
     #: (ours) Overlap of neighbouring 20x patches, px; 0 is the method's grid. Small
-    #: slides give the models more patches with it (PredictionService keeps 0).
+    #: slides give the models more patches with it. The models' ``model.json``
+    #: record it, and the PredictionService tiles new slides with the detector's.
     overlap_px: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")

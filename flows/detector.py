@@ -52,12 +52,25 @@ def detector_slides(
 
 @flow(name="train_cancer_detector", log_prints=True)
 def train_cancer_detector(
-    cohort: CohortRef, tiled: list[TiledSlide], training: ModelTraining, split_seed: int = 0
+    cohort: CohortRef,
+    tiled: list[TiledSlide],
+    training: ModelTraining,
+    split_seed: int = 0,
+    grid_overlap_px: int = 0,
 ) -> DetectorResult:
-    """Split the cohort, train and calibrate the detector, store and serve it."""
+    """Split the cohort, train and calibrate the detector, store and serve it.
+
+    ``grid_overlap_px`` is the overlap of the 20x grid the slides were tiled on
+    (``TilingConfig.overlap_px``): the detector's ``model.json`` records it, and the
+    PredictionService tiles new slides with it.
+    """
     split = split_cohort(cohort, split_seed)
     model = train_model(
-        DETECTOR_NAME, DETECTOR_CLASSES, training, detector_slides(cohort, split, tiled)
+        DETECTOR_NAME,
+        DETECTOR_CLASSES,
+        training,
+        detector_slides(cohort, split, tiled),
+        grid_overlap_px,
     )
     registration = register_model(model)
     create_table_artifact(

@@ -62,7 +62,9 @@ def train_pipeline(
     prefix = f"runs/{run}"
     # Threads, or a Dask cluster when the settings ask for one (``flows.runners``).
     tiled = with_fanout_runner(preprocess)(cohort, config.tiling, config.max_concurrent_slides)
-    detector = train_cancer_detector(cohort, tiled, config.detector, config.split_seed)
+    detector = train_cancer_detector(
+        cohort, tiled, config.detector, config.split_seed, config.tiling.overlap_px
+    )
     cd_slides = select_discriminative(
         tiled,
         detector.split.biomarker,
@@ -79,6 +81,7 @@ def train_pipeline(
         config.selection,
         config.analysis.bootstrap,
         prefix,
+        config.tiling.overlap_px,
     )
     analysis = analyze_features(
         cohort,

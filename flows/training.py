@@ -49,9 +49,15 @@ class LabelledSlide(Record):
 
 
 def train_config(
-    name: str, class_names: tuple[str, ...], training: ModelTraining, version: str
+    name: str,
+    class_names: tuple[str, ...],
+    training: ModelTraining,
+    version: str,
+    grid_overlap_px: int,
 ) -> TrainConfig:
-    """The TrainConfig of a model (folders are set by the caller)."""
+    """The TrainConfig of a model (folders are set by the caller); ``grid_overlap_px``
+    is the overlap of the 20x grid its patches came from (``TilingConfig.overlap_px``),
+    recorded in its ``model.json``."""
     return TrainConfig(
         backbone=training.backbone,
         input_px=training.input_px,
@@ -68,13 +74,15 @@ def train_config(
         mixed_precision=training.mixed_precision,
         weights_path=training.weights_path,
         tta=training.tta,
+        grid_overlap_px=grid_overlap_px,
     )
 
 
 def model_version(
     name: str, class_names: tuple[str, ...], training: ModelTraining, table: pd.DataFrame
 ) -> str:
-    """Digest of what decides the weights: the settings and the patch table."""
+    """Digest of what decides the weights: the settings and the patch table (whose
+    shard keys name the tiling, so its grid overlap too)."""
     rows = table[["slide_id", "patient_id", "label", "shard", "member"]].astype(str)
     return input_digest(name, class_names, training, rows.to_numpy().tolist())[:VERSION_DIGITS]
 
@@ -96,9 +104,17 @@ def patch_table(
 
 @pipeline_task(task_run_name="train-{name}")
 def train_model(
-    name: str, class_names: tuple[str, ...], training: ModelTraining, slides: list[LabelledSlide]
+    name: str,
+    class_names: tuple[str, ...],
+    training: ModelTraining,
+    slides: list[LabelledSlide],
+    grid_overlap_px: int,
 ) -> ModelRef:
-    """Train, calibrate, archive and store one model (see the module docstring)."""
+    """Train, calibrate, archive and store one model (see the module docstring).
+
+    ``grid_overlap_px`` is the overlap of the 20x grid the slides were tiled on
+    (``TilingConfig.overlap_px``, px at 20x): the bundle records it for prediction.
+    """
     logger = get_run_logger()
     settings = FlowSettings()
     with settings.open_store() as store:
@@ -106,7 +122,7 @@ def train_model(
         version = model_version(name, class_names, training, table)
         work = settings.work_dir / "models" / name / version
         config = replace(
-            train_config(name, class_names, training, version),
+            train_config(name, class_names, training, version, grid_overlap_px),
             checkpoint_dir=work / "checkpoints",
             cache_dir=settings.work_dir / "shards",
         )

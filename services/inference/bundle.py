@@ -52,6 +52,10 @@ class ModelConfig:
             to, so that prediction normalizes new slides the same way: a store key
             of a ``stain.json``, empty for the built-in reference (TilingService's
             default), or ``none`` when they were not normalized.
+        grid_overlap_px: Overlap of neighbouring patches of the 20x grid the training
+            slides were tiled on, px at the grid's magnification (0 = the plain,
+            non-overlapping grid), so that prediction tiles new slides the same way.
+            A ``model.json`` written before this field loads as 0.
     """
 
     name: str
@@ -64,6 +68,7 @@ class ModelConfig:
     discriminative_threshold: float = 0.9
     decision_threshold: float = 0.5
     stain_reference: str = ""
+    grid_overlap_px: int = 0
 
     def __post_init__(self) -> None:
         if not _MODEL_NAME.match(self.name):
@@ -80,6 +85,11 @@ class ModelConfig:
         for what in ("discriminative_threshold", "decision_threshold"):
             if not 0.0 <= getattr(self, what) <= 1.0:
                 raise InvalidInput(f"{what} must be within 0-1")
+        overlap = self.grid_overlap_px
+        if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+            raise InvalidInput(
+                f"grid_overlap_px must be a whole number of px >= 0, got {overlap!r}"
+            )
 
     @property
     def num_classes(self) -> int:

@@ -76,8 +76,16 @@ RELIABILITY_FILE = "reliability.png"
 #: Bump when the checkpoint's content changes; older checkpoints are refused.
 CHECKPOINT_FORMAT = 1
 #: Config fields that may differ between a run and its resumption (they change
-#: where files go or how fast it runs, not what is computed).
-_RESUMABLE_CHANGES = ("num_workers", "checkpoint_dir", "cache_dir", "device", "tta")
+#: where files go, how fast it runs or what the bundle records for serving, not the
+#: weights).
+_RESUMABLE_CHANGES = (
+    "num_workers",
+    "checkpoint_dir",
+    "cache_dir",
+    "device",
+    "tta",
+    "grid_overlap_px",
+)
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,9 @@ class TrainConfig:
         cache_dir: Local shard cache; None for a temporary folder removed afterwards.
         tta: The bundle's test-time views (``tta.TRANSFORM_NAMES``, all eight by
             default; fewer make serving cheaper).
+        grid_overlap_px: Overlap of the 20x grid the training slides were tiled on,
+            px at 20x (0 = plain grid); recorded in the bundle's ``model.json`` for
+            prediction to tile new slides the same way. It does not change training.
     """
 
     backbone: str = "inception_v3"
@@ -151,6 +162,7 @@ class TrainConfig:
     checkpoint_dir: Path | None = None
     cache_dir: Path | None = None
     tta: tuple[str, ...] = TRANSFORM_NAMES
+    grid_overlap_px: int = 0
 
     def __post_init__(self) -> None:
         spec = backbone_spec(self.backbone)  # InvalidInput for an unknown name
@@ -196,6 +208,7 @@ class TrainConfig:
             preprocess=PreprocessConfig(self.input_px),
             temperature=temperature,
             tta=tuple(self.tta),
+            grid_overlap_px=self.grid_overlap_px,
         )
 
     def fingerprint(self) -> dict[str, Any]:

@@ -1,13 +1,15 @@
 """One slide's biomarker prediction, stage by stage (METHOD.md, stages 1 and 2).
 
-Stages: ``tissue`` (masks) -> ``grid`` (20x patches with tissue) -> ``stain`` (the
-slide's stain matrix, once) -> ``cancer_detection`` (20x patches, read and
+Stages: ``tissue`` (masks) -> ``grid`` (20x patches with tissue, on the grid the
+models were trained on: plain, or overlapping by ``grid.overlap_px``) -> ``stain``
+(the slide's stain matrix, once) -> ``cancer_detection`` (20x patches, read and
 normalized, scored by ``cancer_detector``; kept when the calibrated cancer
 probability is above the threshold, 0.9 by default) -> ``high_res`` (each kept patch
-becomes four 40x patches: the native 40x level, or Lanczos x2 of the normalized 20x
-patch) -> ``biomarkers`` (every 40x patch scored by each ``biomarker_*`` model) ->
-``aggregate`` (slide probability = mean of the patch probabilities, the paper's; the
-call at the model's threshold; top-k patches) -> ``heatmaps``.
+becomes four 40x patches, its quadrants: the native 40x level, or Lanczos x2 of the
+normalized 20x patch) -> ``biomarkers`` (every 40x patch scored by each
+``biomarker_*`` model) -> ``aggregate`` (slide probability = mean of the patch
+probabilities, the paper's; the call at the model's threshold; top-k patches) ->
+``heatmaps``.
 
 The middle stages run as one pipeline, so inference never waits for pixels: reader
 threads read and normalize batches of 20x patches ahead (a bounded read-ahead),
@@ -17,12 +19,19 @@ whenever a request slot frees, which keeps memory bounded. A :class:`BusyMeter`
 records when at least one request was in flight: its ``busy_fraction`` over the
 inference window is the scorer's (TorchServe's) utilisation.
 
+On an overlapping grid neighbouring 20x patches share quadrants (on a half-overlap
+grid, two with each neighbour). Each 40x window (by its level-0 origin) is scored
+once, under the first cancer 20x patch in grid order that has it — its parent — as
+tiling stores it (``tiling.highres.extract_40x``). Cancer results are taken in grid
+order for that, so a window's parent, and its pixels when upsampled, never depend on
+which request finished first.
+
 Outputs go to the object store under ``runs/predictions/{slide_id}/{params_hash}/``
 where the hash covers the slide's content digest, the parameters, the stain
 reference and the model versions::
 
     tissue.png, tissue.json, ...   the tissue masks (``tiling.pipeline.store_masks``)
-    patches.parquet                one row per 40x patch scored: slide_id, x, y,
+    patches.parquet                one row per 40x window scored: slide_id, x, y,
                                    width, height (level 0 px), parent_x, parent_y (its
                                    20x patch), cancer_probability and one probability
                                    column per biomarker (named after it)
@@ -70,7 +79,7 @@ from services.tiling.stain import StainMatrix, StainNormalizer, get_normalizer
 from services.tiling.tissue import TissueParams
 
 #: Bump when outputs or algorithms change (part of the hash).
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 RUNS_PREFIX = "runs/predictions"
 PREDICTION_JSON = "prediction.json"
 PATCH_TABLE = "patches.parquet"
@@ -104,7 +113,8 @@ class PredictionParams:
         cancer_confidence: Calibrated cancer probability a 20x patch must exceed to
             count as cancer (0-1); None for the detector's own threshold (0.9).
         high_res_policy: ``auto``, ``native`` or ``upsample`` (40x patches).
-        grid: The 20x patch grid.
+        grid: The 20x patch grid; its ``overlap_px`` should be the one the models
+            were trained on (the service takes the cancer detector's).
         tissue: Tissue mask parameters.
         mask_downsample: Level-0 px per mask px wanted for the masks.
         stain_method: Normalization method used when a reference is given.
@@ -367,7 +377,7 @@ class _Scores:
     """What the scoring stages produced."""
 
     cancer: np.ndarray  # (n20,) calibrated cancer probability per 20x patch
-    hi_rows: list[dict[str, int]] = field(default_factory=list)  # one per 40x patch
+    hi_rows: list[dict[str, int]] = field(default_factory=list)  # one per 40x window
     hi_probs: dict[str, list[np.ndarray]] = field(default_factory=dict)
     hi_batches: list[tuple[int, int]] = field(default_factory=list)  # row ranges
 
@@ -637,6 +647,8 @@ class _Engine:
             cancer=np.full(len(grid), np.nan),
             hi_probs={b: [] for b in params.biomarkers},
         )
+        #: Level-0 origins of the 40x windows queued so far (coordinator thread only).
+        self.claimed: set[tuple[int, int]] = set()
 
     # -- work done on the pools ----------------------------------------------------
     def _normalized(self, rgb: np.ndarray) -> np.ndarray:
@@ -661,37 +673,64 @@ class _Engine:
         return np.stack(patches)
 
     def _make_40x(
-        self, indices: np.ndarray, patches20: np.ndarray
+        self, work: list[tuple[int, np.ndarray, list[tuple[int, int]]]]
     ) -> tuple[list[dict[str, int]], np.ndarray]:
+        """The 40x patches of ``work``: (20x patch index, its normalized pixels, the
+        level-0 origins of the quadrants to make), with one table row each."""
         grid = self.params.grid
         rows: list[dict[str, int]] = []
         quads: list[np.ndarray] = []
         side = round(self.footprint / 2)
-        for i, patch in zip(indices, patches20, strict=True):
+        for i, patch, windows in work:
             x, y = int(self.xs[i]), int(self.ys[i])
-            origins = quadrant_origins(x, y, self.footprint)
             if self.hi_source is HighResSource.NATIVE:
                 with self.clock.time("read_40x"):
                     raw = [
                         self.reader.read_patch(qx, qy, grid.patch_px, grid.target_mpp / 2)
-                        for qx, qy in origins
+                        for qx, qy in windows
                     ]
                 made = [self._normalized(q) for q in raw]
             else:
                 with self.clock.time("make_40x"):
-                    made = upsample_quadrants(patch)  # the normalized 20x patch
-            for (qx, qy), quad in zip(origins, made, strict=True):
+                    upsampled = upsample_quadrants(patch)  # the normalized 20x patch
+                by_origin = dict(
+                    zip(quadrant_origins(x, y, self.footprint), upsampled, strict=True)
+                )
+                made = [by_origin[window] for window in windows]
+            for (qx, qy), quad in zip(windows, made, strict=True):
                 rows.append(
                     {
                         "x": qx,
                         "y": qy,
                         "width": side,
                         "height": side,
-                        "parent": int(i),
+                        "parent": i,
+                        "parent_x": x,
+                        "parent_y": y,
                     }
                 )
                 quads.append(quad)
         return rows, np.stack(quads)
+
+    def _claim_40x(
+        self, indices: np.ndarray, patches20: np.ndarray
+    ) -> list[tuple[int, np.ndarray, list[tuple[int, int]]]]:
+        """The quadrants of these cancer 20x patches not queued yet, claimed now.
+
+        Called in grid order: a window shared by overlapping patches goes to the first.
+
+        Returns:
+            (20x patch index, its pixels, level-0 origins of its unclaimed quadrants)
+            for each patch with at least one.
+        """
+        work = []
+        for i, patch in zip(indices, patches20, strict=True):
+            origins = quadrant_origins(int(self.xs[i]), int(self.ys[i]), self.footprint)
+            fresh = [origin for origin in origins if origin not in self.claimed]
+            if fresh:
+                self.claimed.update(fresh)
+                work.append((int(i), patch, fresh))
+        return work
 
     def _score(self, model: DeployedModel, patches: np.ndarray, what: str) -> np.ndarray:
         with self.meter.request(), self.clock.time(what):
@@ -709,10 +748,14 @@ class _Engine:
         readers = ThreadPoolExecutor(params.reader_threads, thread_name_prefix="predict-read")
         scorers = ThreadPoolExecutor(params.max_in_flight, thread_name_prefix="predict-score")
         pending: dict[Future[Any], tuple[str, Any]] = {}
-        ready20: deque[tuple[np.ndarray, np.ndarray]] = deque()
+        ready20: deque[tuple[int, np.ndarray, np.ndarray]] = deque()  # (batch, indices, px)
         jobs40: deque[tuple[str, int, np.ndarray]] = deque()  # (biomarker, batch, patches)
+        # Scored 20x batches waiting for an earlier one: taken in grid order, so that
+        # a shared 40x window always goes to the same 20x patch.
+        scored20: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         next_batch = 0
-        reads_out = 0  # 20x batches read or being read, not yet scored
+        next_taken = 0
+        reads_out = 0  # 20x batches read or being read, not yet scored and taken
         in_flight = 0
         cancer_done = 0
         hi_expected = 0
@@ -728,7 +771,8 @@ class _Engine:
                     and len(jobs40) < backlog
                 ):
                     indices = batches[next_batch]
-                    pending[readers.submit(self._read_20x, indices)] = ("read", indices)
+                    job = readers.submit(self._read_20x, indices)
+                    pending[job] = ("read", (next_batch, indices))
                     next_batch += 1
                     reads_out += 1
                 while in_flight < params.max_in_flight and (jobs40 or ready20):
@@ -738,10 +782,10 @@ class _Engine:
                         job = scorers.submit(self._score, model, patches, "biomarker_requests")
                         pending[job] = ("bio", (biomarker, number))
                     else:
-                        indices, patches = ready20.popleft()
+                        number, indices, patches = ready20.popleft()
                         model = self.deployment.cancer
                         job = scorers.submit(self._score, model, patches, "cancer_requests")
-                        pending[job] = ("cancer", (indices, patches))
+                        pending[job] = ("cancer", (number, indices, patches))
                     in_flight += 1
                 if not pending:
                     break
@@ -750,18 +794,23 @@ class _Engine:
                     kind, payload = pending.pop(future)
                     value = future.result()  # re-raises the task's error
                     if kind == "read":
-                        ready20.append((payload, value))
+                        number, indices = payload
+                        ready20.append((number, indices, value))
                     elif kind == "cancer":
                         in_flight -= 1
-                        reads_out -= 1
-                        indices, patches = payload
+                        number, indices, patches = payload
                         self.scores.cancer[indices] = value
-                        cancer_done += len(indices)
-                        keep = value > self.threshold
-                        if keep.any():
-                            hi_expected += 4 * int(keep.sum())
-                            made = readers.submit(self._make_40x, indices[keep], patches[keep])
-                            pending[made] = ("make40", None)
+                        scored20[number] = (indices, patches, value > self.threshold)
+                        while next_taken in scored20:
+                            indices, patches, keep = scored20.pop(next_taken)
+                            next_taken += 1
+                            reads_out -= 1
+                            cancer_done += len(indices)
+                            work = self._claim_40x(indices[keep], patches[keep])
+                            if work:
+                                hi_expected += sum(len(windows) for _, _, windows in work)
+                                made = readers.submit(self._make_40x, work)
+                                pending[made] = ("make40", None)
                     elif kind == "make40":
                         rows, quads = value
                         self._queue_40x(rows, quads, jobs40)
@@ -824,6 +873,8 @@ def _patch_table(slide_id: str, scores: _Scores, biomarkers: tuple[str, ...]) ->
             "y": np.array([r["y"] for r in rows], np.int64),
             "width": np.array([r["width"] for r in rows], np.int64),
             "height": np.array([r["height"] for r in rows], np.int64),
+            "parent_x": np.array([r["parent_x"] for r in rows], np.int64),
+            "parent_y": np.array([r["parent_y"] for r in rows], np.int64),
             "cancer_probability": scores.cancer[parents],
         }
     )

@@ -31,6 +31,7 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -38,7 +39,13 @@ import grpc
 from pydantic import Field, SecretStr, model_validator
 
 from services.common.cancellation import WorkBudget
-from services.common.errors import HistomarkerError, InvalidInput, NotFound, ResourceExhausted
+from services.common.errors import (
+    FailedPrecondition,
+    HistomarkerError,
+    InvalidInput,
+    NotFound,
+    ResourceExhausted,
+)
 from services.common.grpc_server import HistomarkerServer, ServiceBinding, create_server, serve
 from services.common.objectstore import ObjectStore
 from services.common.refs import served_key
@@ -61,6 +68,7 @@ from services.prediction.pipeline import (
     predict_slide,
 )
 from services.synth.labels import BIOMARKERS
+from services.tiling.grid import GridParams
 from services.tiling.reader import open_slide
 from services.tiling.slides import SlideCache, slide_id_for
 from services.tiling.stain import StainMatrix, builtin_reference
@@ -132,6 +140,9 @@ class PredictionSettings(ServiceSettings):
     stain_reference_key: str | None = None
     #: Stain normalization method (``vahadane`` or ``macenko``).
     stain_method: str = "vahadane"
+    #: Overlap of neighbouring 20x patches, px at 20x (below the 512 px patch); unset
+    #: means the grid the cancer detector was trained on (its model.json; 0 = plain).
+    grid_overlap_px: int | None = Field(default=None, ge=0, lt=GridParams().patch_px)
     #: Patches per TorchServe request.
     batch_size: int = Field(default=16, ge=1, le=1024)
     #: TorchServe requests in flight per slide.
@@ -304,6 +315,24 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             raise NotFound(f"the stain reference {key} is not in the store")
         return StainMatrix.from_json(self.store.get_bytes(key).decode())
 
+    def _grid(self, trained_with: int = 0) -> GridParams:
+        """The 20x grid: the service's overlap setting, else the overlap of the grid
+        the cancer detector was trained on (px at 20x; 0 = plain grid).
+
+        Raises:
+            FailedPrecondition: The detector records an overlap of a patch or more.
+        """
+        overlap = self.settings.grid_overlap_px
+        if overlap is None:
+            overlap = trained_with
+        grid = GridParams()
+        if not 0 <= overlap < grid.patch_px:
+            raise FailedPrecondition(
+                f"the cancer detector was trained on a 20x grid overlapping by {overlap} px: "
+                f"the {grid.patch_px} px patches need less; set grid_overlap_px"
+            )
+        return replace(grid, overlap_px=overlap)
+
     @staticmethod
     def _budget(context: grpc.ServicerContext) -> WorkBudget:
         return WorkBudget(context.time_remaining(), lambda: not context.is_active())
@@ -332,6 +361,8 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         progress: Callable[[ProgressEvent], None] | None,
     ) -> prediction_pb2.SlidePrediction:
         deployment = self.registry.deployment(params.biomarkers)
+        cancer = deployment.cancer.config
+        params = replace(params, grid=self._grid(cancer.grid_overlap_px))
         with open_slide(path) as reader:
             result = predict_slide(
                 reader,
@@ -340,7 +371,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
                 deployment,
                 self.scorer,
                 params,
-                reference=self._reference(deployment.cancer.config.stain_reference),
+                reference=self._reference(cancer.stain_reference),
                 slide_digest=digest,
                 progress=progress,
                 budget=budget,

@@ -47,3 +47,13 @@ def test_the_bundle_keeps_the_chosen_test_time_views() -> None:
     assert len(TrainConfig(backbone="tiny", input_px=32).model_config().tta) == 8
     with pytest.raises(InvalidInput, match="unknown TTA transform 'spin'"):
         TrainConfig(backbone="tiny", input_px=32, tta=("rot0", "spin"))
+
+
+def test_the_bundle_records_the_grid_the_patches_came_from() -> None:
+    config = TrainConfig(backbone="tiny", input_px=32, grid_overlap_px=256)
+    assert config.model_config(temperature=1.2).grid_overlap_px == 256
+    assert TrainConfig(backbone="tiny", input_px=32).model_config().grid_overlap_px == 0
+    # A record, not a setting of the training: a checkpoint resumes across it.
+    assert "grid_overlap_px" not in config.fingerprint()
+    with pytest.raises(InvalidInput, match="grid_overlap_px"):
+        TrainConfig(backbone="tiny", input_px=32, grid_overlap_px=-256)

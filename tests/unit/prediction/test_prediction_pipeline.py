@@ -5,7 +5,7 @@ random weights, saved as bundles and loaded back through ``load_bundle`` and the
 handler's ``serving_io`` functions: real models, not mocks. Their probabilities
 are arbitrary, so the tests steer the cancer threshold (0 keeps every patch, 1
 none) and check the pipeline's own logic: statuses, mean aggregation, top-k order,
-outputs in the store, cancellation.
+outputs in the store, cancellation, and the 40x windows of an overlapping grid.
 """
 
 from __future__ import annotations
@@ -34,12 +34,18 @@ from services.prediction.pipeline import (
     PredictionParams,
     ProgressEvent,
     predict_slide,
+    prediction_digest,
 )
 from services.synth.cohort import generate_cohort
 from services.synth.labels import BIOMARKERS
+from services.tiling.grid import GridParams, footprint_px, patch_grid
+from services.tiling.highres import quadrant_origins
+from services.tiling.pipeline import compute_masks
 from services.tiling.reader import open_slide
 
 INPUT_PX = 32
+#: The 20x grid of the demo's training: 512 px patches, half-overlapping.
+HALF_OVERLAP = GridParams(overlap_px=256)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +98,13 @@ def test_every_patch_kept_gives_mean_aggregated_calls_with_outputs(
     assert [b.biomarker for b in result.biomarkers] == list(BIOMARKERS)
     table = _table(store, result.patch_table_key)
     assert len(table) == 4 * result.cancer_patch_count
+    # The plain grid: every 40x window is one of its own parent's four quadrants.
+    parents = table.groupby(["parent_x", "parent_y"])
+    assert parents.ngroups == result.cancer_patch_count and (parents.size() == 4).all()
+    for (px, py), quads in parents:
+        assert set(zip(quads["x"], quads["y"], strict=True)) == set(
+            quadrant_origins(px, py, 2 * int(quads["width"].iat[0]))
+        )
     for item in result.biomarkers:
         # The paper's aggregation: the slide probability is the mean patch probability.
         assert item.probability == pytest.approx(table[item.biomarker].mean(), abs=1e-12)
@@ -150,6 +163,90 @@ def test_top_patches_are_the_strongest_support_in_order(
 
 def _with_threshold(model: DeployedModel, threshold: float) -> DeployedModel:
     return replace(model, config=replace(model.config, decision_threshold=threshold))
+
+
+def _first_parents(grid: pd.DataFrame, footprint: float) -> dict[tuple[int, int], tuple[int, int]]:
+    """Each 40x window of the 20x patches, with the first patch (grid order) that has it."""
+    parents: dict[tuple[int, int], tuple[int, int]] = {}
+    for x, y in zip(grid["x"], grid["y"], strict=True):
+        for window in quadrant_origins(int(x), int(y), footprint):
+            parents.setdefault(window, (int(x), int(y)))
+    return parents
+
+
+def _parents_in(table: pd.DataFrame) -> dict[tuple[int, int], tuple[int, int]]:
+    columns = [table[c].astype(int) for c in ("x", "y", "parent_x", "parent_y")]
+    return {(x, y): (px, py) for x, y, px, py in zip(*columns, strict=True)}
+
+
+def test_an_overlapping_grid_scores_each_40x_window_once(
+    scorer: LocalScorer, slide_path: Path, store: ObjectStore
+) -> None:
+    """Tiled as in training (half-overlapping 20x patches): more 20x patches than the
+    plain grid, each 40x window scored once under the first cancer patch that has it,
+    whichever scoring request finishes first (small batches, many in flight)."""
+    deployment = scorer.deployment()
+    overlapping = _params(
+        grid=HALF_OVERLAP, batch_size=2, max_in_flight=4, heatmaps=False, cancer_confidence=0.0
+    )
+    with open_slide(slide_path) as reader:
+        plain = predict_slide(
+            reader, "PLAIN", store, deployment, scorer, _params(cancer_confidence=0.0)
+        )
+        every = predict_slide(reader, "HALF", store, deployment, scorer, overlapping)
+        masks = compute_masks(reader, "HALF", overlapping.tissue, overlapping.mask_downsample)
+        mpp0 = float(reader.mpp[0])
+        grid = patch_grid(reader.dimensions, mpp0, masks.tissue, masks.downsample, HALF_OVERLAP)
+    footprint = footprint_px(HALF_OVERLAP, mpp0)
+    assert every.status == "ok" and every.params_hash != plain.params_hash
+    assert len(grid) == every.tissue_patch_count == every.cancer_patch_count
+    assert every.tissue_patch_count > 2 * plain.tissue_patch_count
+    table = _table(store, every.patch_table_key)
+    assert not table.duplicated(["x", "y"]).any()
+    # The windows are the union of the cancer patches' quadrants, each under the first.
+    assert _parents_in(table) == _first_parents(grid, footprint)
+    assert len(table) < 4 * every.cancer_patch_count
+    assert (table["width"] == round(footprint / 2)).all()
+    for item in every.biomarkers:
+        assert item.patch_count == len(table)
+        assert item.probability == pytest.approx(table[item.biomarker].mean(), abs=1e-12)
+
+    # Half the 20x patches above the threshold (their probabilities, from the table:
+    # on a half-overlap grid each patch is the first to have its bottom-right quadrant).
+    cancer = table.groupby(["parent_x", "parent_y"])["cancer_probability"].first()
+    assert len(cancer) == len(grid)
+    ranked = np.sort(cancer.to_numpy())
+    threshold = float(ranked[len(ranked) // 2 - 1] + ranked[len(ranked) // 2]) / 2
+    kept = grid[[cancer[(x, y)] > threshold for x, y in zip(grid["x"], grid["y"], strict=True)]]
+    with open_slide(slide_path) as reader:
+        some = predict_slide(
+            reader,
+            "HALF",
+            store,
+            deployment,
+            scorer,
+            replace(overlapping, cancer_confidence=threshold, high_res_policy="upsample"),
+        )
+    assert some.cancer_patch_count == len(kept) and some.high_res_source == "upsampled"
+    table = _table(store, some.patch_table_key)
+    assert not table.duplicated(["x", "y"]).any()
+    assert _parents_in(table) == _first_parents(kept, footprint)
+    for item in some.biomarkers:
+        assert item.probability == pytest.approx(table[item.biomarker].mean(), abs=1e-12)
+
+
+def test_the_digest_covers_the_grid_overlap(scorer: LocalScorer) -> None:
+    deployment = scorer.deployment()
+
+    def digest(params: PredictionParams) -> str:
+        return prediction_digest(params, deployment, None, "slide-sha256")
+
+    plain = digest(PredictionParams())
+    assert digest(PredictionParams(grid=HALF_OVERLAP)) != plain
+    assert digest(PredictionParams(grid=GridParams(overlap_px=128))) != digest(
+        PredictionParams(grid=HALF_OVERLAP)
+    )
+    assert digest(PredictionParams(batch_size=4, max_in_flight=8)) == plain  # speed only
 
 
 def test_no_cancer_patch_is_an_answer_not_an_error(
