@@ -66,7 +66,13 @@ from services.common.objectstore import ObjectStore
 from services.inference.serving_io import MAX_PATCHES_PER_REQUEST
 from services.prediction.models import DeployedModel, Deployment, PatchScorer
 from services.synth.labels import BIOMARKERS
-from services.tiling.grid import GridParams, footprint_px, params_hash, patch_grid
+from services.tiling.grid import (
+    GridParams,
+    TissueRule,
+    footprint_px,
+    params_hash,
+    patch_grid,
+)
 from services.tiling.highres import (
     HighResSource,
     choose_source,
@@ -79,7 +85,7 @@ from services.tiling.stain import StainMatrix, StainNormalizer, get_normalizer
 from services.tiling.tissue import TissueParams
 
 #: Bump when outputs or algorithms change (part of the hash).
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 RUNS_PREFIX = "runs/predictions"
 PREDICTION_JSON = "prediction.json"
 PATCH_TABLE = "patches.parquet"
@@ -511,6 +517,7 @@ def predict_slide(
         threshold,
         budget,
         report,
+        TissueRule(masks.tissue, masks.downsample, params.grid.min_tissue),
     )
     scores = engine.run()
     wall["scoring"] = time.perf_counter() - t
@@ -627,8 +634,10 @@ class _Engine:
         threshold: float,
         budget: WorkBudget,
         report: _Reporter,
+        tissue: TissueRule,
     ) -> None:
         self.reader = reader
+        self.tissue = tissue
         self.xs = grid["x"].to_numpy(np.int64)
         self.ys = grid["y"].to_numpy(np.int64)
         self.params = params
@@ -718,6 +727,8 @@ class _Engine:
         """The quadrants of these cancer 20x patches not queued yet, claimed now.
 
         Called in grid order: a window shared by overlapping patches goes to the first.
+        Quadrants with too little tissue (the 20x grid's rule) are left out, as in
+        training (``tiling.highres.extract_40x``).
 
         Returns:
             (20x patch index, its pixels, level-0 origins of its unclaimed quadrants)
@@ -726,7 +737,12 @@ class _Engine:
         work = []
         for i, patch in zip(indices, patches20, strict=True):
             origins = quadrant_origins(int(self.xs[i]), int(self.ys[i]), self.footprint)
-            fresh = [origin for origin in origins if origin not in self.claimed]
+            keeps = self.tissue.keeps(origins, self.footprint / 2)
+            fresh = [
+                origin
+                for origin, keep in zip(origins, keeps, strict=True)
+                if keep and origin not in self.claimed
+            ]
             if fresh:
                 self.claimed.update(fresh)
                 work.append((int(i), patch, fresh))

@@ -160,25 +160,73 @@ def patch_grid(
 def _coverage(
     mask: np.ndarray, downsample: float, xs: np.ndarray, ys: np.ndarray, side: int
 ) -> np.ndarray:
-    """Share of each patch footprint the mask covers, from the mask's integral image.
+    """Share of each footprint of the grid ``ys`` x ``xs`` the mask covers, (rows, cols)."""
+    x_grid, y_grid = np.meshgrid(xs, ys)
+    return window_coverage(mask, downsample, x_grid.ravel(), y_grid.ravel(), side).reshape(
+        len(ys), len(xs)
+    )
 
-    Footprint edges are rounded to whole mask pixels: with the usual downsamples (8-32
-    level-0 px per mask pixel against 1024 px footprints) that moves a fraction by at
-    most a few percent, and it keeps memory at the mask's own size.
+
+def window_coverage(
+    mask: np.ndarray, downsample: float, xs: np.ndarray, ys: np.ndarray, side: float
+) -> np.ndarray:
+    """Share (0-1) of each square window the mask covers, from its integral image.
+
+    Args:
+        mask: Boolean or 0/1 mask (True = tissue).
+        downsample: Level-0 px per mask px.
+        xs: Level-0 x of each window's top-left corner.
+        ys: Level-0 y of each window's top-left corner (paired with ``xs``).
+        side: Window side, level-0 px.
+
+    Returns:
+        One fraction per window. Window edges are rounded to whole mask pixels: with
+        the usual downsamples (8-32 level-0 px per mask pixel against 512-1024 px
+        windows) that moves a fraction by a few percent at most, and memory stays at
+        the mask's own size. Parts of a window beyond the mask count as no tissue.
     """
     h, w = mask.shape
-    integral = cv2.integral(mask)  # int32, (h + 1, w + 1)
+    integral = cv2.integral(mask.astype(np.uint8))  # int32, (h + 1, w + 1)
 
     def to_index(values: np.ndarray, limit: int) -> np.ndarray:
         return np.clip(np.round(values / downsample).astype(np.int64), 0, limit)
 
+    xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
     x0, x1 = to_index(xs, w), to_index(xs + side, w)
     y0, y1 = to_index(ys, h), to_index(ys + side, h)
     total = (
-        integral[np.ix_(y1, x1)].astype(np.float64)
-        - integral[np.ix_(y0, x1)]
-        - integral[np.ix_(y1, x0)]
-        + integral[np.ix_(y0, x0)]
+        integral[y1, x1].astype(np.float64) - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
     )
-    # Parts of a footprint beyond the mask count as no tissue.
     return np.clip(total / (side / downsample) ** 2, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class TissueRule:
+    """Which windows hold enough tissue: the rule of the 20x grid, for any window.
+
+    A 20x patch with enough tissue can still have a quadrant of glass or pen ink; its
+    40x patches follow this rule too.
+
+    Attributes:
+        mask: Boolean tissue mask (True = usable tissue).
+        downsample: Level-0 px per mask px.
+        min_tissue: Least share (0-1) of a window the mask must cover.
+    """
+
+    mask: np.ndarray
+    downsample: float
+    min_tissue: float
+
+    def keeps(self, origins: list[tuple[int, int]], side: float) -> list[bool]:
+        """Whether each of a patch's windows (level-0 top-left origins, ``side`` px)
+        has enough tissue; when none has, the one with the most is kept, so that a
+        patch that passed the rule always yields a window (its quadrants' mean
+        coverage is its own, so one reaches the share unless mask rounding differs)."""
+        if not origins:
+            return []
+        xs, ys = zip(*origins, strict=True)
+        fractions = window_coverage(self.mask, self.downsample, np.array(xs), np.array(ys), side)
+        kept = [bool(f >= self.min_tissue - 1e-9) for f in fractions]
+        if not any(kept):
+            kept[int(np.argmax(fractions))] = True
+        return kept

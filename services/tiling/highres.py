@@ -21,6 +21,7 @@ import pandas as pd
 
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.objectstore import ObjectStore
+from services.tiling.grid import TissueRule
 from services.tiling.reader import SlideReader
 from services.tiling.shards import ShardWriter
 from services.tiling.stain import LabStats, Normalizer, StainMatrix
@@ -120,12 +121,14 @@ def extract_40x(
     low_mpp: float = 0.5,
     patches_per_shard: int = 1000,
     stain: tuple[Normalizer, StainMatrix | LabStats] | None = None,
+    tissue: TissueRule | None = None,
 ) -> HighResResult:
     """Make the four 40x patches of each 20x patch and store them as shards.
 
     Overlapping 20x patches can share a quadrant (on a grid whose stride is half a
     patch, neighbours share two): each 40x window is stored once, under the first
-    20x patch that has it.
+    20x patch that has it. With ``tissue``, quadrants with too little tissue (glass
+    or pen ink beside the tissue of their 20x patch) are left out.
 
     Args:
         reader: The open slide.
@@ -140,13 +143,20 @@ def extract_40x(
             from (``pipeline.load_slide_stain``): native quadrants are normalized
             like the 20x patches were, and an upsampled one comes from the normalized
             20x patch, as in the PredictionService. None keeps the slide's colours.
+        tissue: The tiling's tissue rule (``pipeline.load_tissue_rule``); None keeps
+            every quadrant.
 
     Returns:
         Where the 40x patches are and how they were made.
     """
     source = choose_source(reader, policy, low_mpp / 2)
     normalized = None if stain is None else json.loads(stain[1].to_json())
-    selection = json.dumps([source.value, patch_px, low_mpp, sorted(patches), normalized])
+    rule = (
+        None
+        if tissue is None
+        else [tissue.min_tissue, hashlib.sha256(tissue.mask.tobytes()).hexdigest()]
+    )
+    selection = json.dumps([source.value, patch_px, low_mpp, sorted(patches), normalized, rule])
     digest = hashlib.sha256(selection.encode()).hexdigest()[:12]
     name = f"40x-{digest}"
     writer = ShardWriter(store, prefix, name, patches_per_shard=patches_per_shard)
@@ -155,6 +165,9 @@ def extract_40x(
     try:
         for x, y, footprint in patches:
             origins = quadrant_origins(x, y, footprint)
+            if tissue is not None:
+                keeps = tissue.keeps(origins, footprint / 2)
+                origins = [o for o, keep in zip(origins, keeps, strict=True) if keep]
             fresh = [origin for origin in origins if origin not in stored]
             if not fresh:
                 continue
@@ -165,7 +178,8 @@ def extract_40x(
                 }
             else:
                 low = _normalized(reader.read_patch(x, y, patch_px, low_mpp), stain)
-                quads = dict(zip(origins, upsample_quadrants(low), strict=True))
+                every = quadrant_origins(x, y, footprint)
+                quads = dict(zip(every, upsample_quadrants(low), strict=True))
             for qx, qy in fresh:
                 quad = quads[(qx, qy)]
                 stored.add((qx, qy))

@@ -28,13 +28,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 
 from services.common.cancellation import WorkBudget
 from services.common.errors import InvalidInput
 from services.common.objectstore import ObjectStore
-from services.tiling.grid import GridParams, grid_shape, params_hash, patch_grid
+from services.tiling.grid import GridParams, TissueRule, grid_shape, params_hash, patch_grid
 from services.tiling.reader import SlideReader
 from services.tiling.shards import ShardWriter
 from services.tiling.stain import LabStats, Normalizer, StainMatrix, get_normalizer
@@ -173,6 +174,57 @@ def load_slide_stain(
     return normalizer, LabStats.from_json(slide) if reinhard else StainMatrix.from_json(slide)
 
 
+def _allowed(
+    tissue: np.ndarray, blur: np.ndarray, fold: np.ndarray, params: TileParams
+) -> np.ndarray:
+    """Where the grid may take patches: tissue (pen already out), less what is excluded."""
+    allowed = tissue.copy()
+    if params.exclude_blur:
+        allowed &= ~blur
+    if params.exclude_fold:
+        allowed &= ~fold
+    return allowed
+
+
+#: The stored masks that decide where the grid may take patches.
+MASK_NAMES = ("tissue", "blur", "fold")
+
+
+def _stored_mask(store: ObjectStore, key: str) -> np.ndarray:
+    encoded = np.frombuffer(store.get_bytes(key), np.uint8)
+    mask = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise InvalidInput(f"{key} is not a mask image")
+    return mask > 0
+
+
+def load_tissue_rule(store: ObjectStore, prefix: str) -> TissueRule | None:
+    """The tissue rule a stored tiling's grid followed: its usable mask and least share.
+
+    Whatever is cut from the slide later (its 40x patches) follows the same rule.
+    None when there is no finished tiling under ``prefix``.
+
+    Raises:
+        InvalidInput: A malformed ``tile.json`` or mask.
+    """
+    key = _key(prefix, TILE_JSON)
+    if not store.exists(key):
+        return None
+    try:
+        meta = json.loads(store.get_bytes(key))["params"]
+        params = TileParams(
+            grid=GridParams(**meta["grid"]),
+            exclude_blur=bool(meta["exclude_blur"]),
+            exclude_fold=bool(meta["exclude_fold"]),
+        )
+        info = json.loads(store.get_bytes(_key(prefix, "tissue.json")))
+        downsample = float(info["downsample"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidInput(f"{key} is not a tiling record: {exc}") from exc
+    tissue, blur, fold = (_stored_mask(store, _key(prefix, f"{n}.png")) for n in MASK_NAMES)
+    return TissueRule(_allowed(tissue, blur, fold, params), downsample, params.grid.min_tissue)
+
+
 def tiling_digest(params: TileParams, reference: StainMatrix | LabStats | None) -> str:
     """The hash naming a tiling result: parameters, reference stains and version."""
     reference_id = None if reference is None else reference.to_json()
@@ -277,11 +329,7 @@ def _run(
     masks = compute_masks(reader, slide_id, params.tissue, params.mask_downsample)
     store_masks(store, prefix, masks, written)
     downsample = masks.downsample
-    allowed = masks.tissue.copy()
-    if params.exclude_blur:
-        allowed &= ~masks.blur
-    if params.exclude_fold:
-        allowed &= ~masks.fold
+    allowed = _allowed(masks.tissue, masks.blur, masks.fold, params)
     grid = patch_grid((width, height), mpp0, allowed, downsample, params.grid)
     if params.max_patches and len(grid) > params.max_patches:
         # A uniform sample, kept in grid order (neighbours stay neighbours in shards).

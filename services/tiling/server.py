@@ -37,6 +37,7 @@ from services.tiling.pipeline import (
     TileResult,
     compute_masks,
     load_slide_stain,
+    load_tissue_rule,
     store_masks,
     tile_slide,
     tiling_digest,
@@ -435,6 +436,7 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
         first = request.patches[0]
         prefix = f"tiles/{slide_id}/{request.params_hash}"
         stain = load_slide_stain(self.store, prefix)
+        tissue = load_tissue_rule(self.store, prefix)
         with open_slide(path) as reader:
             result = extract_40x(
                 reader,
@@ -446,6 +448,7 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
                 low_mpp=first.mpp or 0.5,
                 patches_per_shard=request.patches_per_shard or 1000,
                 stain=stain,
+                tissue=tissue,
             )
         native = result.source is HighResSource.NATIVE
         return tiling_pb2.UpsampleTo40xResponse(

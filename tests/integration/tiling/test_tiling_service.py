@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import cv2
 import grpc
 import numpy as np
+import pandas as pd
 import pytest
 
 from services.common.grpc_client import open_channel
@@ -17,7 +19,9 @@ from services.common.objectstore import open_store
 from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2, tiling_pb2_grpc
 from services.synth.cohort import generate_cohort
 from services.tiling.client import normalize_batches, tile_slide
-from services.tiling.pipeline import load_slide_stain
+from services.tiling.grid import TissueRule
+from services.tiling.highres import quadrant_origins
+from services.tiling.pipeline import load_slide_stain, load_tissue_rule
 from services.tiling.reader import open_slide
 from services.tiling.server import TilingSettings, create, stain_to_proto
 from services.tiling.stain import builtin_reference, get_normalizer
@@ -216,12 +220,13 @@ def _tiled_at_20x(stub, slide: Path):
 
 
 def test_upsample_to_40x_native_and_upsampled(stack) -> None:
-    import pandas as pd
-
     stub, slide, store_dir = stack
     tiled = _tiled_at_20x(stub, slide)
     store = open_store(store_dir.as_uri())
     grid = pd.read_parquet(io.BytesIO(store.get_bytes(tiled.grid.key))).head(2)
+    rule = load_tissue_rule(store, f"tiles/{tiled.slide_id}/{tiled.params_hash}")
+    assert rule is not None
+    windows = _kept_windows(rule, [(int(r.x), int(r.y), int(r.width)) for r in grid.itertuples()])
     patches = [
         common_pb2.PatchRef(
             x=int(r.x), y=int(r.y), width=int(r.width), height=int(r.height), mpp=0.5, size_px=512
@@ -241,12 +246,12 @@ def test_upsample_to_40x_native_and_upsampled(stack) -> None:
             ),
             timeout=120,
         )
-        assert response.source == source and response.patch_count == 4 * len(patches)
+        assert response.source == source and response.patch_count == len(windows)
         assert response.resolution.mpp_x == pytest.approx(0.25)
         index = pd.read_parquet(io.BytesIO(store.get_bytes(response.index.key)))
+        assert _parents(index) == windows
         assert set(index["source"]) == {"native" if source == 1 else "upsampled"}
         first = index.iloc[0]
-        assert (first["x"], first["y"]) == (first["parent_x"], first["parent_y"])
         with tarfile.open(fileobj=io.BytesIO(store.get_bytes(first["shard"]))) as tar:
             data = tar.extractfile(first["member"]).read()
         quad = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), 1), cv2.COLOR_BGR2RGB)
@@ -272,8 +277,6 @@ def test_upsample_to_40x_native_and_upsampled(stack) -> None:
 
 
 def test_overlapping_20x_patches_store_each_40x_window_once(stack) -> None:
-    import pandas as pd
-
     stub, slide, store_dir = stack
     tiled = _tiled_at_20x(stub, slide)
     store = open_store(store_dir.as_uri())
@@ -290,12 +293,77 @@ def test_overlapping_20x_patches_store_each_40x_window_once(stack) -> None:
         ),
         timeout=120,
     )
-    assert response.patch_count == 6
+    rule = load_tissue_rule(store, f"tiles/{tiled.slide_id}/{tiled.params_hash}")
+    assert rule is not None
+    expected = _kept_windows(rule, [(x, y, side), (x + side // 2, y, side)])
+    assert response.patch_count == len(expected) <= 6
     index = pd.read_parquet(io.BytesIO(store.get_bytes(response.index.key)))
-    assert len(index) == 6 and not index.duplicated(["x", "y"]).any()
-    assert sorted(set(index["x"])) == [x, x + side // 2, x + side]
-    shared = index[index["x"] == x + side // 2]
-    assert (shared["parent_x"] == x).all()
+    assert not index.duplicated(["x", "y"]).any()
+    assert _parents(index) == expected  # a shared window under the first patch
+
+
+def _kept_windows(
+    rule: TissueRule, patches: list[tuple[int, int, int]]
+) -> dict[tuple[int, int], tuple[int, int]]:
+    """The quadrants of these 20x patches with enough tissue, each under the first."""
+    windows: dict[tuple[int, int], tuple[int, int]] = {}
+    for x, y, side in patches:
+        origins = quadrant_origins(x, y, side)
+        for origin, keep in zip(origins, rule.keeps(origins, side / 2), strict=True):
+            if keep:
+                windows.setdefault(origin, (x, y))
+    return windows
+
+
+def _parents(index: pd.DataFrame) -> dict[tuple[int, int], tuple[int, int]]:
+    columns = [index[c].astype(int) for c in ("x", "y", "parent_x", "parent_y")]
+    return {(x, y): (px, py) for x, y, px, py in zip(*columns, strict=True)}
+
+
+def test_40x_windows_without_enough_tissue_are_left_out(stack) -> None:
+    """A 20x patch at the tissue's edge passes the grid's 50% rule with a quadrant of
+    glass: that quadrant is not stored (checked on the stored mask, pixel by pixel)."""
+    stub, slide, store_dir = stack
+    tiled = _tiled_at_20x(stub, slide)
+    store = open_store(store_dir.as_uri())
+    prefix = f"tiles/{tiled.slide_id}/{tiled.params_hash}"
+    grid = pd.read_parquet(io.BytesIO(store.get_bytes(tiled.grid.key)))
+    edge = grid.sort_values("tissue_fraction").head(6)
+    patches = [
+        common_pb2.PatchRef(
+            x=int(r.x), y=int(r.y), width=int(r.width), height=int(r.height), mpp=0.5, size_px=512
+        )
+        for r in edge.itertuples()
+    ]
+    response = stub.UpsampleTo40x(
+        tiling_pb2.UpsampleTo40xRequest(
+            slide=_slide_ref(slide.name), params_hash=tiled.params_hash, patches=patches
+        ),
+        timeout=120,
+    )
+    index = pd.read_parquet(io.BytesIO(store.get_bytes(response.index.key)))
+    tissue, blur, fold = (
+        cv2.imdecode(np.frombuffer(store.get_bytes(f"{prefix}/{name}.png"), np.uint8), 0) > 0
+        for name in ("tissue", "blur", "fold")
+    )
+    usable = tissue & ~blur & ~fold  # the grid's own rule (blur and folds left out)
+    step = json.loads(store.get_bytes(f"{prefix}/tissue.json"))["downsample"]
+
+    def coverage(x: int, y: int, side: int) -> float:
+        rows = slice(round(y / step), round((y + side) / step))
+        cols = slice(round(x / step), round((x + side) / step))
+        return float(usable[rows, cols].sum()) / (side / step) ** 2
+
+    stored = set(zip(index["x"].astype(int), index["y"].astype(int), strict=True))
+    dropped = 0
+    for r in edge.itertuples():
+        for qx, qy in quadrant_origins(int(r.x), int(r.y), int(r.width)):
+            if (qx, qy) in stored:
+                assert coverage(qx, qy, int(r.width) // 2) >= 0.45
+            else:
+                dropped += 1
+                assert coverage(qx, qy, int(r.width) // 2) < 0.5
+    assert dropped > 0 and response.patch_count == len(index) >= len(edge)
 
 
 def test_native_policy_needs_a_40x_level(tmp_path: Path) -> None:

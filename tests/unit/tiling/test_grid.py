@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from services.common.errors import InvalidInput
-from services.tiling.grid import GridParams, footprint_px, params_hash, patch_grid
+from services.tiling.grid import (
+    GridParams,
+    TissueRule,
+    footprint_px,
+    params_hash,
+    patch_grid,
+    window_coverage,
+)
 from services.tiling.highres import quadrant_origins, upsample_quadrants
 
 
@@ -96,3 +103,24 @@ def test_quadrants_of_a_20x_patch() -> None:
         assert np.abs(quad[8:56, 8:56].astype(int) - colour).max() <= 2
     with pytest.raises(InvalidInput):
         upsample_quadrants(np.zeros((64, 32, 3), np.uint8))
+
+
+def test_window_coverage_matches_counting_mask_pixels() -> None:
+    rng = np.random.default_rng(4)
+    mask = rng.random((60, 80)) < 0.4
+    xs, ys = np.array([0, 64, 320, 600]), np.array([0, 128, 96, 400])
+    fractions = window_coverage(mask, 8.0, xs, ys, 128)
+    for x, y, fraction in zip(xs, ys, fractions, strict=True):
+        box = mask[y // 8 : (y + 128) // 8, x // 8 : (x + 128) // 8]
+        assert fraction == pytest.approx(box.sum() / 256)  # beyond the mask: no tissue
+
+
+def test_a_tissue_rule_keeps_windows_with_enough_tissue_or_the_fullest() -> None:
+    mask = np.zeros((16, 16), bool)
+    mask[:, :6] = True  # the left 6 of 16 mask columns
+    rule = TissueRule(mask, 8.0, 0.5)
+    quadrants = [(0, 0), (64, 0), (0, 64), (64, 64)]
+    assert rule.keeps(quadrants, 64) == [True, False, True, False]
+    # No window reaches half: the fullest is kept, so a patch always yields one.
+    assert rule.keeps([(32, 0), (64, 0), (96, 0)], 64) == [True, False, False]
+    assert rule.keeps([], 64) == []
