@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from services.common.errors import InvalidInput, NotFound
 from services.common.objectstore import ObjectStore
 from services.inference.augment import random_augment
-from services.inference.preprocess import PreprocessConfig, to_input
+from services.inference.preprocess import PreprocessConfig, fit_to_input, to_input
 from services.tiling.shards import decode_patch
 
 log = logging.getLogger(__name__)
@@ -398,6 +398,44 @@ class PatchReader:
         return decode_patch(data)
 
 
+class FittedReader:
+    """A :class:`PatchReader`'s patches resized to the network input, kept in memory.
+
+    Training decodes the same patches every epoch and augments them; at the input
+    size (e.g. 128 px from 512 px patches) that is a sixteenth of the pixels, and the
+    resized patches of a demo-sized cohort fit in memory. Patches are cached until
+    ``max_bytes`` is used, then read again each time. Cached arrays are read-only.
+
+    Args:
+        reader: The patches at their stored size.
+        side: Network input side, px (``preprocess.fit_to_input``).
+        max_bytes: Memory for cached patches; 0 caches none.
+    """
+
+    def __init__(self, reader: PatchReader, side: int, max_bytes: int) -> None:
+        self.reader = reader
+        self.side = int(side)
+        self.max_bytes = int(max_bytes)
+        self._cache: dict[int, np.ndarray] = {}
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def read(self, row: int) -> np.ndarray:
+        """The (side, side, 3) uint8 RGB patch of a table row."""
+        cached = self._cache.get(row)
+        if cached is not None:
+            return cached
+        patch = fit_to_input(self.reader.read(row), self.side)
+        if self._bytes + patch.nbytes <= self.max_bytes:
+            patch = np.ascontiguousarray(patch)
+            patch.setflags(write=False)
+            self._cache[row] = patch
+            self._bytes += patch.nbytes
+        return patch
+
+
 class EpochDataset(Dataset):
     """The patches of one epoch, in a given order, optionally augmented.
 
@@ -409,7 +447,8 @@ class EpochDataset(Dataset):
     on how many workers load it or in which order.
 
     Args:
-        reader: Reads a table row's patch.
+        reader: Reads a table row's patch (a :class:`PatchReader`, or a
+            :class:`FittedReader` to augment at the input size).
         labels: Class index of every table row.
         rows: Table rows of this epoch, in order.
         seed: The run's seed.
@@ -419,7 +458,7 @@ class EpochDataset(Dataset):
 
     def __init__(
         self,
-        reader: PatchReader,
+        reader: PatchReader | FittedReader,
         labels: np.ndarray,
         rows: np.ndarray,
         seed: int,

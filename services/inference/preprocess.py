@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from services.common.errors import InvalidInput
 
@@ -48,8 +48,28 @@ class PreprocessConfig:
         )
 
 
+def fit_to_input(patch: np.ndarray, side: int) -> np.ndarray:
+    """One uint8 RGB patch (H, W, 3) resized to ``side`` x ``side`` px, still uint8.
+
+    Area interpolation when shrinking (each output pixel the mean of the input pixels
+    it covers), bilinear when enlarging; the patch itself when it has that size.
+    """
+    height, width = patch.shape[:2]
+    if (height, width) == (side, side):
+        return patch
+    shrink = height >= side and width >= side
+    return cv2.resize(
+        np.ascontiguousarray(patch),
+        (side, side),
+        interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
+    )
+
+
 def to_input(batch: np.ndarray | torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
     """uint8 RGB patches (N, H, W, 3) -> float32 (N, 3, input_px, input_px), normalized.
+
+    Patches of another size are resized first, in 8 bits (:func:`fit_to_input`):
+    training resizes before augmenting, and this keeps serving identical to it.
 
     Raises:
         InvalidInput: Not a uint8 batch of RGB images.
@@ -61,16 +81,11 @@ def to_input(batch: np.ndarray | torch.Tensor, config: PreprocessConfig) -> torc
         raise InvalidInput(
             f"patches must be uint8 (N, H, W, 3) RGB; got {tuple(tensor.shape)} {tensor.dtype}"
         )
-    x = tensor.permute(0, 3, 1, 2).float().div_(255.0)
-    height, width = x.shape[-2:]
     side = config.input_px
-    if (height, width) != (side, side):
-        mode = "area" if height >= side and width >= side else "bilinear"
-        x = F.interpolate(x, size=(side, side), mode=mode, **_align(mode))
+    if tuple(tensor.shape[1:3]) != (side, side):
+        pixels = tensor.cpu().numpy()
+        tensor = torch.from_numpy(np.stack([fit_to_input(p, side) for p in pixels]))
+    x = tensor.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
     mean = torch.tensor(config.mean).view(1, 3, 1, 1)
     std = torch.tensor(config.std).view(1, 3, 1, 1)
     return (x - mean) / std
-
-
-def _align(mode: str) -> dict:
-    return {"align_corners": False} if mode == "bilinear" else {}

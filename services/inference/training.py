@@ -56,6 +56,7 @@ from services.inference.bundle import ModelConfig, save_bundle
 from services.inference.calibration import fit_temperature, reliability_diagram, softmax
 from services.inference.dataset import (
     EpochDataset,
+    FittedReader,
     PatchCollate,
     PatchReader,
     ShardCache,
@@ -85,6 +86,7 @@ _RESUMABLE_CHANGES = (
     "device",
     "tta",
     "grid_overlap_px",
+    "patch_cache_mb",
 )
 
 
@@ -135,6 +137,9 @@ class TrainConfig:
         grid_overlap_px: Overlap of the 20x grid the training slides were tiled on,
             px at 20x (0 = plain grid); recorded in the bundle's ``model.json`` for
             prediction to tile new slides the same way. It does not change training.
+        patch_cache_mb: Memory for training and validation patches kept decoded at
+            the input size between epochs (MiB each; 0 decodes every time). Patches
+            are resized to the input before they are augmented.
     """
 
     backbone: str = "inception_v3"
@@ -163,6 +168,7 @@ class TrainConfig:
     cache_dir: Path | None = None
     tta: tuple[str, ...] = TRANSFORM_NAMES
     grid_overlap_px: int = 0
+    patch_cache_mb: int = 1024
 
     def __post_init__(self) -> None:
         spec = backbone_spec(self.backbone)  # InvalidInput for an unknown name
@@ -189,8 +195,8 @@ class TrainConfig:
             raise InvalidInput(f"warmup_fraction must be within [0, 1), got {self.warmup_fraction}")
         if not 0 < self.val_fraction < 1:
             raise InvalidInput(f"val_fraction must be within (0, 1), got {self.val_fraction}")
-        if self.num_workers < 0 or self.aux_loss_weight < 0:
-            raise InvalidInput("num_workers and aux_loss_weight must be >= 0")
+        if self.num_workers < 0 or self.aux_loss_weight < 0 or self.patch_cache_mb < 0:
+            raise InvalidInput("num_workers, aux_loss_weight and patch_cache_mb must be >= 0")
         for name in ("patches_per_class", "max_patches_per_epoch", "max_val_patches"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -360,9 +366,9 @@ class _Loop:
         self,
         config: TrainConfig,
         device: torch.device,
-        train_reader: PatchReader,
+        train_reader: FittedReader,
         train_labels: np.ndarray,
-        val_reader: PatchReader,
+        val_reader: FittedReader,
         val_labels: np.ndarray,
         per_class: int,
         steps_per_epoch: int,
@@ -572,13 +578,14 @@ def train(
         bar = ProgressBar("downloading shards", "shards", stream=stream) if stream else None
         paths = ShardCache(store, Path(cache_dir)).fetch(keys, bar)
         val_labels = val_table["label"].to_numpy(np.int64)
+        cache_bytes = config.patch_cache_mb << 20
         stack.enter_context(_deterministic())
         loop = _Loop(
             config,
             device,
-            PatchReader(train_table, paths),
+            FittedReader(PatchReader(train_table, paths), config.input_px, cache_bytes),
             train_table["label"].to_numpy(np.int64),
-            PatchReader(val_table, paths),
+            FittedReader(PatchReader(val_table, paths), config.input_px, cache_bytes),
             val_labels,
             per_class,
             steps,

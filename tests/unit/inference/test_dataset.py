@@ -17,6 +17,7 @@ from services.common.objectstore import ObjectStore, open_store
 from services.inference.dataset import (
     PATCH_COLUMNS,
     EpochDataset,
+    FittedReader,
     PatchCollate,
     PatchReader,
     ShardCache,
@@ -28,7 +29,7 @@ from services.inference.dataset import (
     seed_worker,
     validate_patch_table,
 )
-from services.inference.preprocess import PreprocessConfig
+from services.inference.preprocess import PreprocessConfig, fit_to_input
 from services.tiling.shards import ShardWriter
 
 
@@ -196,6 +197,27 @@ def test_patches_are_read_from_the_cached_shards(store: ObjectStore, tmp_path: P
         np.testing.assert_array_equal(reader.read(row), _patch(_seed(slide_id, k)))
     with pytest.raises(NotFound, match="not in shard"):
         PatchReader(table.assign(member="0_0.jpg"), paths)
+
+
+def test_fitted_patches_are_resized_once_and_kept_read_only(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    table = build_patch_table(store, _manifest(), "tp53", ("wildtype", "mutated"))
+    reader = PatchReader(table, ShardCache(store, tmp_path / "cache").fetch(table["shard"]))
+    fitted = FittedReader(reader, 16, max_bytes=3 * 16 * 16 * 3)  # three 16 px patches
+    for row in range(len(table)):
+        patch = fitted.read(row)
+        assert patch.shape == (16, 16, 3) and patch.dtype == np.uint8
+        np.testing.assert_array_equal(patch, fit_to_input(reader.read(row), 16))
+    # The first three fit the budget and are the same arrays every time, read-only.
+    assert fitted.read(0) is fitted.read(0) and not fitted.read(2).flags.writeable
+    assert fitted.read(3) is not fitted.read(3)
+    with pytest.raises(ValueError, match="read-only"):
+        fitted.read(1)[0, 0, 0] = 0
+    # Augmenting a cached patch leaves it as it was.
+    before = fitted.read(0).copy()
+    EpochDataset(fitted, table["label"].to_numpy(), np.array([0]), 5, 0, augment=True)[0]
+    np.testing.assert_array_equal(fitted.read(0), before)
 
 
 def test_epoch_batches_do_not_depend_on_the_workers(store: ObjectStore, tmp_path: Path) -> None:

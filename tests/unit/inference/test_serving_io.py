@@ -207,7 +207,13 @@ def test_a_bad_request_does_not_spoil_its_batch() -> None:
     assert len(responses[0]) == 1 and len(responses[2]) == 2
     assert responses[1]["code"] == "INVALID_ARGUMENT"
     assert "unsupported patch encoding" in responses[1]["error"]
-    assert responses[2][0] == responses[2][1]
+    # The same patch twice in one batch: the same answer (up to float rounding, which
+    # a batched convolution may do differently per row).
+    first, second = responses[2]
+    assert first["probabilities"] == pytest.approx(second["probabilities"], abs=1e-6)
+    assert {k: v for k, v in first.items() if k not in ("probabilities", "logits")} == {
+        k: v for k, v in second.items() if k not in ("probabilities", "logits")
+    }
 
 
 def test_a_batch_of_only_bad_requests_answers_each() -> None:
