@@ -331,7 +331,7 @@ class TileRenderer:
                 radius = float(nuclei.major[i]) / 2
                 for _ in range(int(rng.integers(4, 10))):
                     off = rng.normal(0, radius / 2.2, 2)
-                    body = max(1.5, float(rng.uniform(0.6, 1.3)) / self.field.params.mpp)
+                    body = max(1.5, float(rng.uniform(0.8, 1.5)) / self.field.params.mpp)
                     cv2.circle(
                         labels,
                         (round(centre[0] + off[0]), round(centre[1] + off[1])),

@@ -186,7 +186,7 @@ def test_single_feature_is_learnable_but_not_trivial(
     # The parameter is never seen, only a sample of it in a slide's tissue: it may
     # separate the classes well, but never perfectly.
     auroc = roc_auc_score(cancer[label], cancer[feature])
-    assert 0.85 < auroc < 0.995
+    assert 0.85 < auroc < 0.998
 
 
 def _mean_effect(
@@ -211,7 +211,7 @@ TRIPLE_NEGATIVE = SlideLabels(tp53=0, pik3ca=0, er=0, pr=0, her2=0, basal=0)
     [
         # (label, parameter, other labels, documented ratio or difference range)
         ("tp53", "lymphocyte_density_per_mm2", LUMINAL, 2.2, 2.8),  # x2.5
-        ("pik3ca", "karyorrhexis_rate", LUMINAL, 5.0, 7.0),  # x6
+        ("pik3ca", "karyorrhexis_rate", LUMINAL, 7.0, 9.0),  # x8
         ("her2", "tumour_nucleus_cv", LUMINAL, 1.8, 2.2),  # 0.15 -> 0.30
         ("her2", "tumour_density_per_mm2", LUMINAL, 0.70, 0.80),  # x0.75
         ("her2", "hematoxylin_scale", LUMINAL, 1.12, 1.18),  # x1.15
