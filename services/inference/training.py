@@ -79,6 +79,9 @@ CHECKPOINT_FORMAT = 1
 #: Config fields that may differ between a run and its resumption (they change
 #: where files go, how fast it runs or what the bundle records for serving, not the
 #: weights).
+#: Memory layout of the network and its input batches during training.
+MEMORY_FORMAT = torch.channels_last
+
 _RESUMABLE_CHANGES = (
     "num_workers",
     "checkpoint_dir",
@@ -382,9 +385,11 @@ class _Loop:
         self.collate = PatchCollate(PreprocessConfig(config.input_px))
         torch.manual_seed(config.seed)
         random.seed(config.seed)
+        # Channels-last: oneDNN's convolutions run about a quarter faster on CPUs.
         self.model = build_backbone(
             config.backbone, len(config.class_names), config.weights_path, config.input_px
         ).to(device)
+        self.model.to(memory_format=MEMORY_FORMAT)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -419,7 +424,7 @@ class _Loop:
         self.model.train()
         total = 0.0
         for step, (x, y) in enumerate(self.loader(dataset, epoch), start=1):
-            x = x.to(self.device, non_blocking=True)
+            x = x.to(self.device, non_blocking=True, memory_format=MEMORY_FORMAT)
             y = y.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
@@ -449,7 +454,9 @@ class _Loop:
         )
         self.model.eval()
         out = [
-            split_outputs(self.model(x.to(self.device)))[0].float().cpu()
+            split_outputs(self.model(x.to(self.device, memory_format=MEMORY_FORMAT)))[0]
+            .float()
+            .cpu()
             for x, _ in self.loader(dataset, 0)
         ]
         return torch.cat(out).numpy()
