@@ -29,7 +29,7 @@ from services.common.stubs.histomarker.v1 import common_pb2, prediction_pb2, pre
 from services.prediction.pipeline import PredictionParams
 from services.prediction.server import SERVICE_NAME, PredictionServicer, PredictionSettings
 from services.synth.cohort import generate_cohort
-from services.tiling.grid import GridParams, footprint_px, patch_grid
+from services.tiling.grid import GridParams, TissueRule, footprint_px, patch_grid
 from services.tiling.highres import quadrant_origins
 from services.tiling.pipeline import compute_masks
 from services.tiling.reader import open_slide
@@ -45,6 +45,7 @@ class Slide:
     root: Path
     grids: dict[int, pd.DataFrame]
     footprint_px: float
+    tissue: TissueRule
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,8 @@ def slide(tmp_path_factory: pytest.TempPathFactory) -> Slide:
             )
             for overlap in (0, 256)
         }
-    return Slide(store, root, grids, footprint_px(GridParams(), mpp0))
+    rule = TissueRule(masks.tissue, masks.downsample, params.grid.min_tissue)
+    return Slide(store, root, grids, footprint_px(GridParams(), mpp0), rule)
 
 
 @contextmanager
@@ -133,12 +135,13 @@ def test_slides_are_tiled_on_the_detectors_training_grid(
     assert prediction.status == prediction_pb2.PREDICTION_STATUS_OK
     assert prediction.tissue_patch_count == prediction.cancer_patch_count == len(grid)
     table = pd.read_parquet(io.BytesIO(slide.store.get_bytes(prediction.patch_table.key)))
-    # Each 40x window once: the union of the cancer 20x patches' quadrants.
-    windows = {
-        window
-        for x, y in zip(grid["x"], grid["y"], strict=True)
-        for window in quadrant_origins(int(x), int(y), slide.footprint_px)
-    }
+    # Each 40x window once: the union of the cancer 20x patches' quadrants with
+    # enough tissue.
+    windows = set()
+    for x, y in zip(grid["x"], grid["y"], strict=True):
+        origins = quadrant_origins(int(x), int(y), slide.footprint_px)
+        keeps = slide.tissue.keeps(origins, slide.footprint_px / 2)
+        windows |= {origin for origin, keep in zip(origins, keeps, strict=True) if keep}
     assert not table.duplicated(["x", "y"]).any()
     assert set(zip(table["x"], table["y"], strict=True)) == windows
     for item in prediction.biomarkers:

@@ -79,8 +79,10 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 def test_fixture_has_pen_of_every_colour(cohort: list[dict]) -> None:
     for name, code in PEN_CODES.items():
+        # At least two slides of six per colour (the generator's rules version 2 left
+        # black ink on two of them; version 1 on three).
         marked = sum(bool((s["pen"] == code).any()) for s in cohort)
-        assert marked >= 3, f"only {marked} slides with {name} pen"
+        assert marked >= 2, f"only {marked} slides with {name} pen"
     assert all(s["truth_downsample"] == 32 and s["downsample"] == 8 for s in cohort)
 
 
