@@ -93,7 +93,8 @@ class CdSlide(Record):
             passed the threshold (ours; never in the paper's settings).
         index_key: Parquet index of the 40x CD patches ("" when there are none).
         shards: The 40x shard keys.
-        patches_40x: 40x patches made (four per CD patch).
+        patches_40x: 40x patches made (up to four per CD patch: its quadrants with
+            enough tissue, each window once).
         source_40x: ``native`` or ``upsampled``.
     """
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any
 
 import cv2
@@ -185,8 +186,14 @@ def window_coverage(
         windows) that moves a fraction by a few percent at most, and memory stays at
         the mask's own size. Parts of a window beyond the mask count as no tissue.
     """
-    h, w = mask.shape
-    integral = cv2.integral(mask.astype(np.uint8))  # int32, (h + 1, w + 1)
+    return _integral_coverage(cv2.integral(mask.astype(np.uint8)), downsample, xs, ys, side)
+
+
+def _integral_coverage(
+    integral: np.ndarray, downsample: float, xs: np.ndarray, ys: np.ndarray, side: float
+) -> np.ndarray:
+    """:func:`window_coverage` from the mask's integral image ((h + 1, w + 1) int32)."""
+    h, w = integral.shape[0] - 1, integral.shape[1] - 1
 
     def to_index(values: np.ndarray, limit: int) -> np.ndarray:
         return np.clip(np.round(values / downsample).astype(np.int64), 0, limit)
@@ -217,6 +224,11 @@ class TissueRule:
     downsample: float
     min_tissue: float
 
+    @cached_property
+    def _integral(self) -> np.ndarray:
+        # Once per rule: keeps() is called for every cancer patch of a slide.
+        return cv2.integral(self.mask.astype(np.uint8))
+
     def keeps(self, origins: list[tuple[int, int]], side: float) -> list[bool]:
         """Whether each of a patch's windows (level-0 top-left origins, ``side`` px)
         has enough tissue; when none has, the one with the most is kept, so that a
@@ -225,7 +237,9 @@ class TissueRule:
         if not origins:
             return []
         xs, ys = zip(*origins, strict=True)
-        fractions = window_coverage(self.mask, self.downsample, np.array(xs), np.array(ys), side)
+        fractions = _integral_coverage(
+            self._integral, self.downsample, np.array(xs), np.array(ys), side
+        )
         kept = [bool(f >= self.min_tissue - 1e-9) for f in fractions]
         if not any(kept):
             kept[int(np.argmax(fractions))] = True
