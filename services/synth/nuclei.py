@@ -51,6 +51,8 @@ class NucleusParams:
         mpp: Level-0 microns per pixel.
         tumour_major_um: Mean major axis of tumour nuclei, µm.
         tumour_cv: Coefficient of variation of tumour nuclear size (pleomorphism).
+        tumour_nucleolus: Radius of a tumour nucleolus as a share of its nucleus's
+            semi-axes.
         tumour_density_per_mm2: Tumour nuclei per mm² of tumour.
         lymphocyte_density_per_mm2: Lymphocytes per mm² of stroma near tumour.
         tumour_lymphocyte_share: Lymphocyte density inside tumour as a share of the
@@ -71,6 +73,7 @@ class NucleusParams:
     epithelial_major_um: float = 8.0
     stromal_density_per_mm2: float = 900.0
     tumour_lymphocyte_share: float = 0.35
+    tumour_nucleolus: float = 0.17
 
 
 @dataclass

@@ -42,6 +42,8 @@ PEN_OD = {
     PEN_BLACK: np.array([0.85, 0.85, 0.80], np.float32),
 }
 DUST_OD = np.array([0.55, 0.58, 0.62], np.float32)
+#: Width of the clear halo around an apoptotic cell, µm.
+APOPTOTIC_HALO_UM = 2.5
 
 # Base hematoxylin and eosin concentrations of each region, and how much each
 # follows the mottling texture. Index = region code.
@@ -226,6 +228,7 @@ class TileRenderer:
         self._draw_glands(x0, y0, w, h, region, hem, eos)
 
         nuclei = self.field.in_nuclei(x0, y0, x0 + w, y0 + h, self._max_nucleus_px)
+        self._draw_apoptotic_cells(nuclei, x0, y0, hem, eos)
         labels, nucleus_h = self._draw_nuclei(nuclei, x0, y0, w, h, grain)
         np.maximum(hem, nucleus_h, out=hem)
         # Soft edges, as optics blur sharp boundaries a little.
@@ -319,6 +322,29 @@ class TileRenderer:
                 lumen, 0.03, np.where(layer, 0.17 if not g.tumour else 0.2, eos[sub])
             )
 
+    def _draw_apoptotic_cells(
+        self, nuclei: Nuclei, x0: int, y0: int, hem: np.ndarray, eos: np.ndarray
+    ) -> None:
+        """The cell around each fragment cluster of viable tumour, in place: shrunken,
+        deeply eosinophilic cytoplasm in a clear retraction halo. Clusters in necrosis
+        are debris and get neither."""
+        chosen = np.flatnonzero(nuclei.kind == KARYORRHEXIS)
+        if not chosen.size:
+            return
+        layout = self.layout
+        ds = layout.downsample
+        ly = np.clip((nuclei.y[chosen] // ds).astype(int), 0, layout.region.shape[0] - 1)
+        lx = np.clip((nuclei.x[chosen] // ds).astype(int), 0, layout.region.shape[1] - 1)
+        viable = layout.region[ly, lx] != NECROSIS
+        halo_px = APOPTOTIC_HALO_UM / self.field.params.mpp
+        for i in chosen[viable]:
+            centre = (round(float(nuclei.x[i]) - x0), round(float(nuclei.y[i]) - y0))
+            body = 0.55 * float(nuclei.major[i])
+            cv2.circle(hem, centre, round(body + halo_px), 0.0, -1)
+            cv2.circle(eos, centre, round(body + halo_px), 0.02, -1)
+            cv2.circle(hem, centre, round(body), 0.04, -1)
+            cv2.circle(eos, centre, round(body), 0.45, -1)
+
     def _draw_nuclei(
         self, nuclei: Nuclei, x0: int, y0: int, w: int, h: int, grain: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -366,7 +392,7 @@ class TileRenderer:
             rho2 = u * u + v * v
             shade = 0.45 + 0.55 * np.clip(rho2, 0, 1) ** 1.5
             shade += 0.25 * np.clip(grain[inside][tumour] - 0.8, 0, None)
-            nucleolus = ((u - 0.15) ** 2 + (v + 0.1) ** 2) < 0.03
+            nucleolus = ((u - 0.15) ** 2 + (v + 0.1) ** 2) < self.field.params.tumour_nucleolus**2
             shade = np.where(nucleolus, 1.25, shade)
             base[tumour] *= shade
         lymph = kind == LYMPHOCYTE

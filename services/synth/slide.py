@@ -118,6 +118,7 @@ class SyntheticSlide:
             tumour_major_um=m.tumour_nucleus_major_um,
             tumour_axis_ratio=m.tumour_nucleus_axis_ratio,
             tumour_cv=m.tumour_nucleus_cv,
+            tumour_nucleolus=m.tumour_nucleolus_fraction,
             tumour_density_per_mm2=m.tumour_density_per_mm2,
             lymphocyte_density_per_mm2=m.lymphocyte_density_per_mm2,
             tumour_lymphocyte_share=m.tumour_lymphocyte_share,

@@ -67,8 +67,8 @@ def pooled(crops: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> MatchResul
 @pytest.mark.slow
 def test_segmentation_meets_the_targets(pooled: MatchResult) -> None:
     """The issue's targets: detection F1 >= 0.85 at IoU >= 0.5, mean Dice of matched
-    nuclei >= 0.80. Measured with the generator's rules version 2: F1 0.861 (precision
-    0.932, recall 0.800), Dice 0.907 (version 1: F1 0.851)."""
+    nuclei >= 0.80. Measured with the generator's rules version 3: F1 0.853 (precision
+    0.915, recall 0.799), Dice 0.906 (version 2: F1 0.861; version 1: 0.851)."""
     total = pooled
     assert total.true_positives + total.false_negatives > 1000
     assert total.mean_dice >= 0.80

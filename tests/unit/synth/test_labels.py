@@ -178,6 +178,7 @@ def test_immune_score_follows_lymphocytes_and_tp53(cancer: dict[str, np.ndarray]
         ("er", "gland_fraction"),
         ("basal", "tumour_nucleus_major_um"),
         ("her2", "tumour_nucleus_cv"),
+        ("her2", "tumour_nucleolus_fraction"),
     ],
 )
 def test_single_feature_is_learnable_but_not_trivial(
@@ -215,6 +216,7 @@ TRIPLE_NEGATIVE = SlideLabels(tp53=0, pik3ca=0, er=0, pr=0, her2=0, basal=0)
         ("her2", "tumour_nucleus_cv", LUMINAL, 1.8, 2.2),  # 0.15 -> 0.30
         ("her2", "tumour_density_per_mm2", LUMINAL, 0.70, 0.80),  # x0.75
         ("her2", "hematoxylin_scale", LUMINAL, 1.12, 1.18),  # x1.15
+        ("her2", "tumour_nucleolus_fraction", LUMINAL, 1.9, 2.1),  # x2.0
         ("basal", "tumour_density_per_mm2", TRIPLE_NEGATIVE, 1.25, 1.35),  # +30%
     ],
 )

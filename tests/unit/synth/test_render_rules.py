@@ -104,3 +104,64 @@ def test_tiles_meet_without_seams() -> None:
     diff = np.abs(whole - quarters)
     assert diff.mean() < 0.5
     assert np.percentile(diff, 99.9) < 30
+
+
+def _tumour_tile(slide: SyntheticSlide, side: int = 512) -> tuple[int, int]:
+    """Origin of a tile whose centre is tumour."""
+    ys, xs = np.nonzero(slide.layout.region == TUMOUR)
+    i = len(xs) // 2
+    ds = slide.layout.downsample
+    x0 = min(max(0, int(xs[i]) * ds - side // 2) // ds * ds, WIDTH - side)
+    y0 = min(max(0, int(ys[i]) * ds - side // 2) // ds * ds, HEIGHT - side)
+    return x0, y0
+
+
+def test_apoptotic_cells_in_viable_tumour_sit_in_a_clear_halo() -> None:
+    spec = _with(_cancer_spec(), necrosis_fraction=0.0, karyorrhexis_rate=0.2)
+    slide = SyntheticSlide(spec, WIDTH, HEIGHT)
+    x0, y0 = _tumour_tile(slide, 1024)
+    tile = slide.renderer.render(x0, y0, 1024, 1024, with_labels=True)
+    assert tile.labels is not None
+    nuclei = tile.nuclei
+    ring, cytoplasm = [], []
+    angles = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+    for i in range(len(nuclei)):
+        cx, cy = float(nuclei.x[i]) - x0, float(nuclei.y[i]) - y0
+        if not (40 <= cx < 984 and 40 <= cy < 984):
+            continue
+        if nuclei.kind[i] == KARYORRHEXIS:
+            # Halo middle: body radius (0.55 x cluster extent) + half of 2.5 µm.
+            r = 0.55 * float(nuclei.major[i]) + 1.25 / 0.25
+            xs = np.round(cx + r * np.cos(angles)).astype(int)
+            ys = np.round(cy + r * np.sin(angles)).astype(int)
+            ring.append(np.median(tile.rgb[ys, xs].astype(float).mean(axis=1)))
+    tumour = slide.renderer._regions(x0, y0, 1024, 1024) == TUMOUR
+    empty = tumour & (tile.labels == 0)
+    cytoplasm = tile.rgb[empty].astype(float).mean(axis=1)
+    assert len(ring) >= 10
+    # The halo is nearly as bright as glass; tumour cytoplasm is not.
+    assert np.median(ring) > np.percentile(cytoplasm, 90)
+
+
+def test_nucleolus_fraction_enlarges_the_dark_nucleoli() -> None:
+    spec = _cancer_spec()
+    dark = []
+    for fraction in (0.17, 0.34):
+        slide = SyntheticSlide(_with(spec, tumour_nucleolus_fraction=fraction), WIDTH, HEIGHT)
+        x0, y0 = _tumour_tile(slide)
+        tile = slide.renderer.render(x0, y0, 512, 512, with_labels=True)
+        assert tile.labels is not None
+        ys, xs = np.nonzero(tile.labels)
+        n = tile.nuclei
+        i = tile.labels[ys, xs] - 1
+        tumour = n.kind[i] == TUMOUR_NUCLEUS
+        ys, xs, i = ys[tumour], xs[tumour], i[tumour]
+        theta = np.radians(n.angle[i])
+        dx, dy = xs + x0 - n.x[i], ys + y0 - n.y[i]
+        u = (dx * np.cos(theta) + dy * np.sin(theta)) / (n.major[i] / 2)
+        v = (-dx * np.sin(theta) + dy * np.cos(theta)) / (n.minor[i] / 2)
+        inner = u * u + v * v < 0.4
+        red = tile.rgb[ys, xs, 0].astype(float)
+        # In a vesicular nucleus the middle is pale; only the nucleolus there is dark.
+        dark.append(float((red[inner] < np.median(red)).mean()))
+    assert dark[1] > 1.6 * dark[0]
