@@ -79,7 +79,13 @@ from services.tiling.highres import (
     quadrant_origins,
     upsample_quadrants,
 )
-from services.tiling.pipeline import TileParams, _sample_for_stains, compute_masks, store_masks
+from services.tiling.pipeline import (
+    TileParams,
+    _sample_for_stains,
+    allowed_area,
+    compute_masks,
+    store_masks,
+)
 from services.tiling.reader import SlideReader
 from services.tiling.stain import StainMatrix, StainNormalizer, get_normalizer
 from services.tiling.tissue import TissueParams
@@ -123,6 +129,9 @@ class PredictionParams:
             were trained on (the service takes the cancer detector's).
         tissue: Tissue mask parameters.
         mask_downsample: Level-0 px per mask px wanted for the masks.
+        exclude_blur: Leave blurred tissue out of the grid, as tiling does for
+            training (``TileParams.exclude_blur``).
+        exclude_fold: Leave tissue folds out of the grid, likewise.
         stain_method: Normalization method used when a reference is given.
         batch_size: Patches per scoring request.
         max_in_flight: Scoring requests in flight at once.
@@ -138,6 +147,8 @@ class PredictionParams:
     grid: GridParams = field(default_factory=GridParams)
     tissue: TissueParams = field(default_factory=TissueParams)
     mask_downsample: float = 16.0
+    exclude_blur: bool = True
+    exclude_fold: bool = True
     stain_method: str = "vahadane"
     batch_size: int = 16
     max_in_flight: int = 4
@@ -470,7 +481,12 @@ def predict_slide(
 
     report("grid", 0, 1, _STAGE_START["grid"], "20x patch grid")
     t = time.perf_counter()
-    grid = patch_grid(reader.dimensions, mpp0, masks.tissue, masks.downsample, params.grid)
+    # The area training's tiling took patches from (tissue less blur and folds): the
+    # grid, the stain sample and the 40x windows all keep to it.
+    usable = allowed_area(
+        masks.tissue, masks.blur, masks.fold, params.exclude_blur, params.exclude_fold
+    )
+    grid = patch_grid(reader.dimensions, mpp0, usable, masks.downsample, params.grid)
     wall["grid"] = time.perf_counter() - t
 
     def result(status: str, message: str, **extra: Any) -> SlidePredictionResult:
@@ -517,7 +533,7 @@ def predict_slide(
         threshold,
         budget,
         report,
-        TissueRule(masks.tissue, masks.downsample, params.grid.min_tissue),
+        TissueRule(usable, masks.downsample, params.grid.min_tissue),
     )
     scores = engine.run()
     wall["scoring"] = time.perf_counter() - t

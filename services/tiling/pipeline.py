@@ -174,14 +174,22 @@ def load_slide_stain(
     return normalizer, LabStats.from_json(slide) if reinhard else StainMatrix.from_json(slide)
 
 
-def _allowed(
-    tissue: np.ndarray, blur: np.ndarray, fold: np.ndarray, params: TileParams
+def allowed_area(
+    tissue: np.ndarray,
+    blur: np.ndarray,
+    fold: np.ndarray,
+    exclude_blur: bool = True,
+    exclude_fold: bool = True,
 ) -> np.ndarray:
-    """Where the grid may take patches: tissue (pen already out), less what is excluded."""
+    """Where the grid may take patches: tissue (pen already out), less what is excluded.
+
+    The PredictionService lays its grid on the same area, so that a slide is scored
+    on the kind of patches the models were trained on.
+    """
     allowed = tissue.copy()
-    if params.exclude_blur:
+    if exclude_blur:
         allowed &= ~blur
-    if params.exclude_fold:
+    if exclude_fold:
         allowed &= ~fold
     return allowed
 
@@ -222,7 +230,8 @@ def load_tissue_rule(store: ObjectStore, prefix: str) -> TissueRule | None:
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidInput(f"{key} is not a tiling record: {exc}") from exc
     tissue, blur, fold = (_stored_mask(store, _key(prefix, f"{n}.png")) for n in MASK_NAMES)
-    return TissueRule(_allowed(tissue, blur, fold, params), downsample, params.grid.min_tissue)
+    allowed = allowed_area(tissue, blur, fold, params.exclude_blur, params.exclude_fold)
+    return TissueRule(allowed, downsample, params.grid.min_tissue)
 
 
 def tiling_digest(params: TileParams, reference: StainMatrix | LabStats | None) -> str:
@@ -329,7 +338,9 @@ def _run(
     masks = compute_masks(reader, slide_id, params.tissue, params.mask_downsample)
     store_masks(store, prefix, masks, written)
     downsample = masks.downsample
-    allowed = _allowed(masks.tissue, masks.blur, masks.fold, params)
+    allowed = allowed_area(
+        masks.tissue, masks.blur, masks.fold, params.exclude_blur, params.exclude_fold
+    )
     grid = patch_grid((width, height), mpp0, allowed, downsample, params.grid)
     if params.max_patches and len(grid) > params.max_patches:
         # A uniform sample, kept in grid order (neighbours stay neighbours in shards).

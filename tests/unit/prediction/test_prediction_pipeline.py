@@ -40,7 +40,7 @@ from services.synth.cohort import generate_cohort
 from services.synth.labels import BIOMARKERS
 from services.tiling.grid import GridParams, TissueRule, footprint_px, patch_grid
 from services.tiling.highres import quadrant_origins
-from services.tiling.pipeline import compute_masks
+from services.tiling.pipeline import TileParams, compute_masks, tile_slide
 from services.tiling.reader import SlideReader, open_slide
 
 INPUT_PX = 32
@@ -269,6 +269,41 @@ def test_an_overlapping_grid_scores_each_40x_window_once(
     assert _parents_in(table) == _first_parents(kept, footprint, rule)
     for item in some.biomarkers:
         assert item.probability == pytest.approx(table[item.biomarker].mean(), abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def blurred_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cancer slide with a blurred region (the fourth of this cohort)."""
+    folder = tmp_path_factory.mktemp("blurred")
+    generate_cohort(folder, 4, seed=3, preset="tiny", truth_crops=0)
+    manifest = pd.read_csv(folder / "manifest.csv")
+    return folder / manifest[manifest["slide_id"] == "SYN-SB-0003-01Z-00-DX1"]["slide_path"].iat[0]
+
+
+def test_the_grid_is_the_one_training_tiled(
+    scorer: LocalScorer, blurred_slide: Path, store: ObjectStore
+) -> None:
+    """Blurred tissue is left out of the 20x grid as tiling leaves it out for training:
+    the same patches, so the same stain sample and the same 40x windows."""
+    deployment = scorer.deployment()
+    params = _params(grid=HALF_OVERLAP, heatmaps=False, cancer_confidence=0.0)
+    with open_slide(blurred_slide) as reader:
+        masks = compute_masks(reader, "B", params.tissue, params.mask_downsample)
+        assert masks.blur.any()  # the slide has what the test is about
+        tiled = tile_slide(reader, "B", store, "tiles/B", TileParams(grid=HALF_OVERLAP))
+        predicted = predict_slide(reader, "B", store, deployment, scorer, params)
+        with_blur = predict_slide(
+            reader, "B", store, deployment, scorer, replace(params, exclude_blur=False)
+        )
+    grid = _table(store, "tiles/B/grid.parquet")
+    assert predicted.tissue_patch_count == tiled.patch_count == len(grid)
+    assert with_blur.tissue_patch_count > predicted.tissue_patch_count
+    assert with_blur.params_hash != predicted.params_hash
+    table = _table(store, predicted.patch_table_key)
+    tiled_at = set(zip(grid["x"], grid["y"], strict=True))
+    assert set(zip(table["parent_x"], table["parent_y"], strict=True)) <= tiled_at
+    blurred = _table(store, with_blur.patch_table_key)
+    assert not set(zip(blurred["parent_x"], blurred["parent_y"], strict=True)) <= tiled_at
 
 
 def test_the_digest_covers_the_grid_overlap(scorer: LocalScorer) -> None:
