@@ -8,12 +8,17 @@ Vahadane-normalized to a reference fitted on another synthetic slide. Every 20x
 tissue patch is kept as cancer (``--cancer-confidence 0``: random weights select
 nothing meaningful, and keeping all is the heaviest case).
 
-Two configurations run on the same slide:
+The configurations run on the same slide:
 
 - ``overlapped`` (the service's defaults): reader threads read and normalize ahead,
   ``--in-flight`` requests at once, 40x batches sent first;
 - ``sequential``: one reader, one request at a time, no read-ahead — the same code
-  with the overlap switched off.
+  with the overlap switched off;
+- ``full-size requests``: the defaults, but the scorer sends the patches as read
+  instead of shrunk to the model's input (``TorchServeScorer(shrink=False)``).
+
+A name may be given twice in ``--configs`` to run it again (noise). ``--backbone
+small --input-px 128 --tta 2`` are the demo's biomarker models.
 
 The table gives wall seconds per stage, the summed thread seconds inside scoring,
 and TorchServe's busy fraction: the share of the inference window (first request to
@@ -52,25 +57,28 @@ from services.tiling.stain import get_normalizer
 
 CONFIGS = {
     "overlapped": {"reader_threads": 2, "read_ahead_batches": 4},
+    # The defaults, but patches sent to TorchServe as read (512 px), not shrunk to the
+    # model's input first.
+    "full-size requests": {"reader_threads": 2, "read_ahead_batches": 4},
     "sequential": {"reader_threads": 1, "read_ahead_batches": 1, "max_in_flight": 1},
 }
 STAGES = ("tissue", "grid", "stain", "scoring", "aggregate", "heatmaps")
 INSIDE = ("read_20x", "read_40x", "normalize", "cancer_requests", "biomarker_requests")
 
 
-def _bundles(root: Path, input_px: int, tta: tuple[str, ...]) -> dict[str, Path]:
+def _bundles(root: Path, input_px: int, tta: tuple[str, ...], backbone: str) -> dict[str, Path]:
     bundles = {}
     for seed, name in enumerate([CANCER_DETECTOR, *(f"biomarker_{b}" for b in BIOMARKERS)]):
         torch.manual_seed(seed)
         config = ModelConfig(
             name=name,
             version="1",
-            backbone="resnet18",
+            backbone=backbone,
             class_names=("normal", "cancer") if name == CANCER_DETECTOR else ("neg", "pos"),
             preprocess=PreprocessConfig(input_px=input_px),
             tta=tta,
         )
-        model = build_backbone("resnet18", 2, input_px=input_px)
+        model = build_backbone(backbone, 2, input_px=input_px)
         bundles[name] = save_bundle(root / name, model, config)
     return bundles
 
@@ -79,6 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small", choices=("tiny", "small"))
     parser.add_argument("--input-px", type=int, default=224, help="network input side")
+    parser.add_argument("--backbone", default="resnet18", help="the seven models' backbone")
     parser.add_argument("--tta", type=int, default=1, help="test-time views (1-8)")
     parser.add_argument("--batch", type=int, default=16, help="patches per request")
     parser.add_argument("--in-flight", type=int, default=4, help="requests at once")
@@ -98,7 +107,9 @@ def main() -> None:
         with open_slide(other) as reader:
             level = reader.best_level_for_downsample(8)
             reference = get_normalizer("vahadane").stain_matrix_of(reader.read_level(level))
-        bundles = _bundles(root / "bundles", args.input_px, TRANSFORM_NAMES[: args.tta])
+        bundles = _bundles(
+            root / "bundles", args.input_px, TRANSFORM_NAMES[: args.tta], args.backbone
+        )
         model_store = root / "model-store"
         with ThreadPoolExecutor(2) as pool:
             mars = list(pool.map(lambda b: build_mar(b, model_store), bundles.values()))
@@ -112,7 +123,10 @@ def main() -> None:
             deployment = registry.deployment()
             rows = []
             with torchserve.grpc_client(timeout_s=600) as client:
-                scorer = TorchServeScorer(client)
+                scorers = {
+                    "shrunk": TorchServeScorer(client),
+                    "full-size": TorchServeScorer(client, shrink=False),
+                }
                 base = PredictionParams(
                     cancer_confidence=args.cancer_confidence,
                     batch_size=args.batch,
@@ -121,9 +135,10 @@ def main() -> None:
                 # Warm-up: every worker answers once.
                 with open_slide(slide) as reader:
                     warm = replace(base, heatmaps=False, cancer_confidence=1.0)
-                    predict_slide(reader, "warm-up", store, deployment, scorer, warm)
+                    predict_slide(reader, "warm-up", store, deployment, scorers["shrunk"], warm)
                 for name in args.configs.split(","):
                     params = replace(base, **CONFIGS[name])  # type: ignore[arg-type]
+                    scorer = scorers["full-size" if name.startswith("full-size") else "shrunk"]
                     print(f"predicting ({name}) ...", file=sys.stderr)
                     started = time.perf_counter()
                     with open_slide(slide) as reader:
@@ -145,7 +160,7 @@ def _print(rows: list, args: argparse.Namespace) -> None:
     print(
         f"\nslide: {args.preset} preset, {first.tissue_patch_count} 20x tissue patches, "
         f"{first.cancer_patch_count} kept, {4 * first.cancer_patch_count} 40x patches x "
-        f"{len(first.biomarkers)} biomarker models; resnet18 at {args.input_px} px, "
+        f"{len(first.biomarkers)} biomarker models; {args.backbone} at {args.input_px} px, "
         f"{args.tta} TTA view(s), {args.batch} patches/request\n"
     )
     header = ["config", "s / slide", *STAGES, *INSIDE, "TorchServe busy", "mean in flight"]

@@ -28,7 +28,7 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows.config import ModelTraining, Selection
+from flows.config import ModelTraining, Selection, training_of
 from flows.discriminative import write_parquet
 from flows.ingest import read_cohort
 from flows.policy import pipeline_task
@@ -174,11 +174,14 @@ def train_biomarkers(
     bootstrap: int,
     run_prefix: str,
     grid_overlap_px: int = 0,
+    biomarker_epochs: dict[str, int] | None = None,
 ) -> BiomarkerRun:
     """Train, serve and evaluate one model per biomarker (see the module docstring).
 
     ``grid_overlap_px`` is the overlap of the 20x grid the slides were tiled on
     (``TilingConfig.overlap_px``), recorded in each model's ``model.json``.
+    ``biomarker_epochs`` gives some biomarkers their own epochs
+    (``PipelineConfig.biomarker_epochs``); the others train ``training.epochs``.
 
     Models train and are evaluated one after another (both are CPU-bound, and
     building a network draws from torch's global generator, which training seeds);
@@ -199,9 +202,8 @@ def train_biomarkers(
             logger.warning("%s skipped: %s", biomarker, reason)
             skipped.append(SkippedBiomarker(biomarker=biomarker, reason=reason))
             continue
-        model = train_model(
-            model_name(biomarker), BIOMARKER_CLASSES, training, slides, grid_overlap_px
-        )
+        own = training_of(biomarker, training, biomarker_epochs or {})
+        model = train_model(model_name(biomarker), BIOMARKER_CLASSES, own, slides, grid_overlap_px)
         pending.append(register_model.submit(model))
         results.append(
             evaluate_biomarker(biomarker, model, slides, selection.threshold, bootstrap, run_prefix)

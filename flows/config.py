@@ -4,6 +4,8 @@ them (a tiny backbone, small patches, few epochs)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pydantic import Field, model_validator
 
 from flows.records import Record
@@ -94,3 +96,30 @@ class PipelineConfig(Record):
     biomarkers: tuple[str, ...] = LABEL_COLUMNS
     #: Slides tiled (or scored) at once.
     max_concurrent_slides: int = Field(default=2, ge=1, le=64)
+    #: (ours) Epochs of some biomarkers' models instead of ``biomarker.epochs``, e.g.
+    #: ``{"pik3ca": 24}``: a label whose cue is faint may train longer than one whose
+    #: cue is plain. The other settings stay ``biomarker``'s.
+    biomarker_epochs: dict[str, int] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_epoch_overrides(self) -> PipelineConfig:
+        unknown = sorted(set(self.biomarker_epochs) - set(LABEL_COLUMNS))
+        if unknown:
+            raise ValueError(
+                f"biomarker_epochs names unknown biomarkers {unknown}; "
+                f"use {', '.join(LABEL_COLUMNS)}"
+            )
+        low = {name: n for name, n in self.biomarker_epochs.items() if n < 1}
+        if low:
+            raise ValueError(f"biomarker_epochs must be >= 1, got {low}")
+        return self
+
+
+def training_of(
+    biomarker: str, training: ModelTraining, biomarker_epochs: Mapping[str, int]
+) -> ModelTraining:
+    """How ``biomarker``'s model trains: ``training``, with its own epochs if set."""
+    epochs = biomarker_epochs.get(biomarker)
+    if epochs is None or epochs == training.epochs:
+        return training
+    return training.model_copy(update={"epochs": epochs})

@@ -82,6 +82,7 @@ def train_pipeline(
         config.analysis.bootstrap,
         prefix,
         config.tiling.overlap_px,
+        config.biomarker_epochs,
     )
     analysis = analyze_features(
         cohort,

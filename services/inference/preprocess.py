@@ -65,6 +65,19 @@ def fit_to_input(patch: np.ndarray, side: int) -> np.ndarray:
     )
 
 
+def shrink_to_input(patches: np.ndarray, side: int) -> np.ndarray:
+    """uint8 patches (N, H, W, 3) larger than the input shrunk to ``side`` px, in 8
+    bits (:func:`fit_to_input`), for sending to a served model.
+
+    The handler resizes with :func:`fit_to_input` too, and leaves a patch of the
+    input size as it is, so the answer is the same; the request is (H / side)² times
+    smaller. Patches not larger than the input on both sides go as they are.
+    """
+    if patches.ndim != 4 or patches.shape[1] <= side or patches.shape[2] <= side:
+        return patches
+    return np.stack([fit_to_input(p, side) for p in patches])
+
+
 def to_input(batch: np.ndarray | torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
     """uint8 RGB patches (N, H, W, 3) -> float32 (N, 3, input_px, input_px), normalized.
 

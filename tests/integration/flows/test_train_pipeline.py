@@ -64,6 +64,7 @@ CONFIG = PipelineConfig(
     ),
     selection=Selection(threshold=0.9, min_patches_per_slide=3, max_patches_per_slide=5),
     analysis=Analysis(folds=2, n_estimators=10, bootstrap=50),
+    biomarker_epochs={"pik3ca": 2},
 )
 
 
@@ -186,6 +187,15 @@ def test_a_failed_run_resumes_from_its_cached_tasks_and_serves_every_model(
         assert [w["status"] for w in description["workers"]] == ["READY"]
         for name in ("weights.pt", "model.json", "metrics.json", f"{model.name}.mar"):
             assert store.exists(f"{model.prefix}/{name}"), (model.prefix, name)
+    # PIK3CA trained its own epochs (biomarker_epochs), the others the shared ones.
+    epochs = {
+        m.name: json.loads(store.get_bytes(f"{m.prefix}/metrics.json"))["epochs"] for m in models
+    }
+    assert epochs == {
+        "cancer_detector": 2,
+        "biomarker_pik3ca": 2,
+        **{f"biomarker_{b}": 1 for b in LABEL_COLUMNS if b != "pik3ca"},
+    }
 
     # TTA metrics at patch and slide level, BD and CD feature tables, the report.
     prefix = f"runs/{result.run_id}"

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from flows.config import ModelTraining
+import pytest
+from pydantic import ValidationError
+
+from flows.config import ModelTraining, PipelineConfig, training_of
+from flows.policy import input_digest
 from flows.training import train_config
 
 
@@ -14,3 +18,26 @@ def test_the_model_json_records_the_overlap_of_the_training_grid() -> None:
     assert (model.name, model.version, model.tta) == ("cancer_detector", "abc", ("rot0",))
     plain = train_config("biomarker_er", ("negative", "positive"), training, "abc", 0)
     assert plain.model_config().grid_overlap_px == 0
+
+
+def test_biomarker_epochs_give_one_biomarker_its_own_epochs() -> None:
+    shared = ModelTraining(backbone="small", input_px=128, epochs=16, lr=1e-3)
+    config = PipelineConfig(biomarker=shared, biomarker_epochs={"pik3ca": 24, "pr": 20})
+    pik3ca = training_of("pik3ca", config.biomarker, config.biomarker_epochs)
+    assert pik3ca.epochs == 24
+    assert pik3ca.model_copy(update={"epochs": 16}) == shared  # nothing else changed
+    assert training_of("pr", config.biomarker, config.biomarker_epochs).epochs == 20
+    assert training_of("tp53", config.biomarker, config.biomarker_epochs) == shared
+    # The overrides are part of the run's configuration, so of its id.
+    assert input_digest(config) != input_digest(PipelineConfig(biomarker=shared))
+    same = PipelineConfig(biomarker=shared, biomarker_epochs={"pr": 20, "pik3ca": 24})
+    assert input_digest(config) == input_digest(same)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"kras": 10}, "unknown biomarkers"), ({"er": 0}, ">= 1")],
+)
+def test_biomarker_epochs_are_checked(overrides: dict[str, int], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        PipelineConfig(biomarker_epochs=overrides)

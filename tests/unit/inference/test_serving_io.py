@@ -16,7 +16,7 @@ from PIL import Image
 from services.common.errors import InvalidInput
 from services.inference.backbones import build_backbone
 from services.inference.bundle import ModelConfig, save_bundle
-from services.inference.preprocess import PreprocessConfig, to_input
+from services.inference.preprocess import PreprocessConfig, shrink_to_input, to_input
 from services.inference.serving_io import (
     batch_responses,
     decode_item,
@@ -243,3 +243,17 @@ def test_handler_serves_a_bundle_folder_through_its_lifecycle(tmp_path: Path) ->
     assert answers[0][0]["probabilities"] == pytest.approx(expected[0].tolist(), abs=1e-6)
     assert answers[1]["code"] == "INVALID_ARGUMENT"
     assert statuses == [(400, 1)]
+
+
+def test_patches_shrunk_before_sending_give_the_same_input() -> None:
+    """A client may shrink patches to the model's input itself: the handler's input
+    is then bit for bit the one it would make from the full-size patches."""
+    rng = np.random.default_rng(5)
+    config = PreprocessConfig(input_px=128)
+    full = rng.integers(0, 256, (3, 512, 512, 3), dtype=np.uint8)
+    shrunk = shrink_to_input(full, 128)
+    assert shrunk.shape == (3, 128, 128, 3) and shrunk.dtype == np.uint8
+    assert torch.equal(to_input(shrunk, config), to_input(full, config))
+    # Patches not larger than the input on both sides go as they are.
+    for patches in (shrunk, full[:, :100], rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)):
+        assert shrink_to_input(patches, 128) is patches
