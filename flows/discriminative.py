@@ -27,6 +27,8 @@ from flows.records import CdSlide, ModelRef, TiledSlide
 from flows.settings import FlowSettings
 from services.common.objectstore import ObjectStore
 from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2
+from services.inference.bundle import CONFIG_FILE, ModelConfig
+from services.inference.preprocess import shrink_to_input
 from services.inference.serving_io import encode_npy
 from services.tiling.shards import iter_shard
 
@@ -88,12 +90,19 @@ def shard_batches(
 def score_slide(
     store: ObjectStore, grid: pd.DataFrame, model: ModelRef, batch_size: int
 ) -> pd.DataFrame:
-    """Every patch of a slide's grid scored by the served model, in grid order."""
+    """Every patch of a slide's grid scored by the served model, in grid order.
+
+    Patches go shrunk to the model's input, as its handler would shrink them (the
+    same answer for a fraction of the bytes).
+    """
+    config = ModelConfig.from_json(store.get_bytes(f"{model.prefix}/{CONFIG_FILE}").decode())
+    side = config.preprocess.input_px
     outputs: dict[tuple[str, str], dict[str, Any]] = {}
     with torchserve_inference(FlowSettings()) as client:
         for shard in sorted(set(grid["shard"].astype(str))):
             for members, patches in shard_batches(store, shard, batch_size):
-                answer = client.predict(model.name, encode_npy(patches), model.version)
+                data = encode_npy(shrink_to_input(patches, side))
+                answer = client.predict(model.name, data, model.version)
                 for member, output in zip(members, answer, strict=True):
                     outputs[(shard, member)] = output
     rows = [outputs[(str(s), str(m))] for s, m in zip(grid["shard"], grid["member"], strict=True)]

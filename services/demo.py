@@ -134,8 +134,8 @@ SCALES: dict[str, DemoScale] = {
             # validation curve), their patches sampled down to 300: a fifth left the
             # faint biomarkers fewer slides to learn from. A peak rate of 1e-3: at 2e-3
             # and 3e-3 the validation AUROC swung from epoch to epoch and ended short.
-            # The faint cues keep gaining with epochs (benchmarks/README.md): PIK3CA
-            # and PR train 24, HER2 20, ER 16, while TP53 and Basal, whose cues are
+            # The faint cues keep gaining with epochs (benchmarks/README.md): PR trains
+            # 32, PIK3CA 24, HER2 20, ER 16, while TP53 and Basal, whose cues are
             # plain, are done in 8 and 12. Two test-time views (a half turn apart)
             # instead of eight quarter serving.
             biomarker=ModelTraining(
@@ -150,7 +150,7 @@ SCALES: dict[str, DemoScale] = {
                 mixed_precision="off",
                 tta=("rot0", "rot180"),
             ),
-            biomarker_epochs={"tp53": 8, "basal": 12, "pik3ca": 24, "pr": 24, "her2": 20},
+            biomarker_epochs={"tp53": 8, "basal": 12, "pik3ca": 24, "pr": 32, "her2": 20},
             # Slides whose detector is rarely above 0.9 still give the biomarker models
             # their eight most confident 20x patches (half-overlapping: about 20
             # distinct 40x patches).

@@ -1,7 +1,8 @@
 """One slide's biomarker prediction, stage by stage (METHOD.md, stages 1 and 2).
 
 Stages: ``tissue`` (masks) -> ``grid`` (20x patches with tissue, on the grid the
-models were trained on: plain, or overlapping by ``grid.overlap_px``) -> ``stain``
+models were trained on: plain, or overlapping by ``grid.overlap_px``, and, as tiling
+for training, without blurred tissue or folds) -> ``stain``
 (the slide's stain matrix, once) -> ``cancer_detection`` (20x patches, read and
 normalized, scored by ``cancer_detector``; kept when the calibrated cancer
 probability is above the threshold, 0.9 by default) -> ``high_res`` (each kept patch
