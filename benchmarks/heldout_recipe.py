@@ -50,9 +50,9 @@ def stored_models(out: Path) -> dict[str, Path]:
 
 def retrain(out: Path, task: str, args: argparse.Namespace, folder: Path) -> Path:
     """Train ``task``'s model on every stored CD patch; its bundle folder."""
-    from training_recipe import CLASSES, stored_indexes
+    from training_recipe import CLASSES, labelled_slides, stored_indexes
 
-    from flows.training import LabelledSlide, patch_table
+    from flows.training import patch_table
     from services.common.objectstore import open_store
     from services.inference.training import TrainConfig, train
 
@@ -60,15 +60,7 @@ def retrain(out: Path, task: str, args: argparse.Namespace, folder: Path) -> Pat
     indexes = stored_indexes(store, tissue_rule=False)
     manifest = pd.read_csv(out / "cohort" / "manifest.csv")
     cancer = manifest[(manifest["kind"] == "cancer") & manifest["slide_id"].isin(indexes)]
-    slides = [
-        LabelledSlide(
-            slide_id=str(row.slide_id),
-            patient_id=str(row.patient_id),
-            label=int(getattr(row, task)),
-            patches_key=indexes[str(row.slide_id)],
-        )
-        for row in cancer[cancer[task].notna()].itertuples(index=False)
-    ]
+    slides = labelled_slides(cancer, task, indexes)
     config = TrainConfig(
         backbone="small",
         input_px=128,

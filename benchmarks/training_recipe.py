@@ -23,6 +23,7 @@ import io
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,21 @@ def stored_indexes(store, tissue_rule: bool) -> dict[str, str]:  # type: ignore[
         store.put_bytes(reduced, buffer.getvalue())
         found[slide_id] = reduced
     return found
+
+
+def labelled_slides(cancer: Any, task: str, indexes: dict[str, str]) -> list[Any]:
+    """The cancer slides with a ``task`` label, as training's LabelledSlide rows."""
+    from flows.training import LabelledSlide
+
+    return [
+        LabelledSlide(
+            slide_id=str(row.slide_id),
+            patient_id=str(row.patient_id),
+            label=int(getattr(row, task)),
+            patches_key=indexes[str(row.slide_id)],
+        )
+        for row in cancer[cancer[task].notna()].itertuples(index=False)
+    ]
 
 
 def held_out_auroc(store, slides, test_ids, config) -> dict[str, object]:  # type: ignore[no-untyped-def]
@@ -114,7 +130,6 @@ def main() -> None:
 
     import pandas as pd
 
-    from flows.training import LabelledSlide
     from services.common.objectstore import open_store
     from services.inference.training import TrainConfig
 
@@ -136,16 +151,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for task in args.tasks.split(","):
         began = time.perf_counter()
-        known = cancer[cancer[task].notna()]
-        slides = [
-            LabelledSlide(
-                slide_id=str(row.slide_id),
-                patient_id=str(row.patient_id),
-                label=int(getattr(row, task)),
-                patches_key=indexes[str(row.slide_id)],
-            )
-            for row in known.itertuples(index=False)
-        ]
+        slides = labelled_slides(cancer, task, indexes)
         config = TrainConfig(
             backbone=args.backbone,
             input_px=args.input_px,
