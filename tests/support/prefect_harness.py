@@ -36,3 +36,15 @@ def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         }
         with temporary_settings(updates=updates), prefect_test_harness(server_startup_timeout=180):
             yield home
+
+
+def latest_artifacts(keys: list[str]) -> dict[str, Any]:
+    """The data of the newest artifact under each key the harness's API holds."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys))
+        )
+    return {a.key: a.data for a in found if a.key is not None}

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from prefect_harness import latest_artifacts
 from tiny_models import ALL_MODELS, publish_models, train_tiny, training_cohort
 
 from services.common.objectstore import ObjectStore, open_store
@@ -111,6 +112,8 @@ def test_two_inbox_slides_are_predicted_once_then_skipped(
             assert key.endswith(f"heatmap_{biomarker}.png") and store.exists(key)
     for key in table["prediction_key"]:
         assert json.loads(store.get_bytes(key))["status"] == "ok"
+    batch = json.loads(latest_artifacts(["prediction-batch"])["prediction-batch"])
+    assert sorted(row["slide_id"] for row in batch) == sorted(prediction["inbox"])
 
     second = predict_batch("inbox/", options)
     assert {o.status for o in second.outcomes} == {"skipped"}

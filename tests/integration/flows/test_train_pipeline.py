@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from prefect_harness import latest_artifacts
 
 from flows.config import Analysis, ModelTraining, PipelineConfig, Selection, TilingConfig
 from flows.split import MIN_PATIENTS_PER_CLASS, paper_split
@@ -210,3 +211,25 @@ def test_a_failed_run_resumes_from_its_cached_tasks_and_serves_every_model(
     report = store.get_bytes(result.analysis.report_key).decode()
     assert report.startswith("<!DOCTYPE html>") and "Discrimination" in report
     assert result.analysis.report_key == f"{prefix}/report/report.html"
+
+    # The tables and the report's link are recorded as Prefect artifacts.
+    artifacts = latest_artifacts(
+        [
+            "cancer-detector",
+            "cancer-discriminative-patches",
+            "biomarker-models",
+            "training-report",
+            "training-run",
+        ]
+    )
+    assert {"cancer-detector", "cancer-discriminative-patches", "biomarker-models"} <= set(
+        artifacts
+    ), sorted(artifacts)
+    assert result.analysis.report_key in artifacts["training-report"]
+    assert f"Training run `{result.run_id}`" in artifacts["training-run"]
+    detector_rows = json.loads(artifacts["cancer-detector"])
+    assert [(r["model"], r["version"]) for r in detector_rows] == [
+        ("cancer_detector", result.detector.model.version)
+    ]
+    biomarker_rows = json.loads(artifacts["biomarker-models"])
+    assert sorted(r["biomarker"] for r in biomarker_rows) == sorted(LABEL_COLUMNS)
