@@ -213,18 +213,15 @@ def test_a_failed_run_resumes_from_its_cached_tasks_and_serves_every_model(
     assert result.analysis.report_key == f"{prefix}/report/report.html"
 
     # The tables and the report's link are recorded as Prefect artifacts.
-    artifacts = latest_artifacts(
-        [
-            "cancer-detector",
-            "cancer-discriminative-patches",
-            "biomarker-models",
-            "training-report",
-            "training-run",
-        ]
-    )
-    assert {"cancer-detector", "cancer-discriminative-patches", "biomarker-models"} <= set(
-        artifacts
-    ), sorted(artifacts)
+    keys = [
+        "cancer-detector",
+        "cancer-discriminative-patches",
+        "biomarker-models",
+        "training-report",
+        "training-run",
+    ]
+    artifacts = latest_artifacts(keys)
+    assert sorted(artifacts) == sorted(keys)
     assert result.analysis.report_key in artifacts["training-report"]
     assert f"Training run `{result.run_id}`" in artifacts["training-run"]
     detector_rows = json.loads(artifacts["cancer-detector"])
