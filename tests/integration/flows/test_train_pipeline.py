@@ -20,12 +20,11 @@ from typing import Any
 import pandas as pd
 import pytest
 from prefect_harness import latest_artifacts
+from tiny_cohort import learnable_seed
 
 from flows.config import Analysis, ModelTraining, PipelineConfig, Selection, TilingConfig
-from flows.split import MIN_PATIENTS_PER_CLASS, paper_split
 from services.cohort.manifest import LABEL_COLUMNS
 from services.common.settings import ServiceSettings
-from services.synth.labels import manifest_rows, sample_cohort
 
 pytestmark = [
     pytest.mark.slow,
@@ -35,23 +34,6 @@ pytestmark = [
 
 SLIDES = 12
 SPLIT_SEED = 0
-
-
-def _learnable_seed() -> int:
-    """A cohort seed whose biomarker set has two patients of each class for every
-    label, so all six models can be held out by patient (a tiny cohort otherwise
-    skips some)."""
-    for seed in range(2000):
-        table = pd.DataFrame(manifest_rows(sample_cohort(SLIDES, seed)))
-        biomarker = table[table["slide_id"].isin(paper_split(table, SPLIT_SEED).biomarker)]
-        counts = [
-            (pd.to_numeric(biomarker[name]) == value).sum()
-            for name in LABEL_COLUMNS
-            for value in (0, 1)
-        ]
-        if min(counts) >= MIN_PATIENTS_PER_CLASS:
-            return seed
-    raise AssertionError("no cohort seed gives two patients per class")
 
 
 CONFIG = PipelineConfig(
@@ -78,7 +60,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from services.tiling.server import create as create_tiling
 
     root = tmp_path_factory.mktemp("pipeline")
-    generate_cohort(root / "cohort", SLIDES, _learnable_seed(), "tiny", truth_crops=0)
+    generate_cohort(
+        root / "cohort", SLIDES, learnable_seed(SLIDES, SPLIT_SEED), "tiny", truth_crops=0
+    )
     store_url = (root / "store").as_uri()
     servers = []
     for create in (create_tiling, create_nuclei):
