@@ -56,6 +56,9 @@ class ModelTraining(Record):
     #: Test-time views of the served model (``services.inference.tta``); all eight by
     #: default, fewer make evaluation and serving cheaper.
     tta: tuple[str, ...] = TRANSFORM_NAMES
+    #: CPU threads of training (0: the machine's cores). The weights depend on it:
+    #: pin it to get the same models on a machine with another core count.
+    threads: int = Field(default=0, ge=0)
 
 
 class Selection(Record):

@@ -75,6 +75,7 @@ def train_config(
         weights_path=training.weights_path,
         tta=training.tta,
         grid_overlap_px=grid_overlap_px,
+        threads=training.threads,
     )
 
 

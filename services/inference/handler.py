@@ -21,7 +21,7 @@ from services.inference.bundle import ModelConfig, load_bundle
 from services.inference.serving_io import (
     PreparedBatch,
     batch_responses,
-    predict,
+    predict_by_request,
     prepare_batch,
 )
 
@@ -56,10 +56,11 @@ class PatchClassifierHandler(BaseHandler):
         return prepare_batch(data, self._config)
 
     def inference(self, data: PreparedBatch, *args: Any, **kwargs: Any) -> PreparedBatch:
-        """Calibrated TTA probabilities of every accepted patch."""
+        """Calibrated TTA probabilities of every accepted patch, one forward pass per
+        request (its answer does not depend on the batch TorchServe made)."""
         if data.x is not None:
-            data.probabilities, data.logits = predict(
-                self.model, data.x.to(self.device), self._config
+            data.probabilities, data.logits = predict_by_request(
+                self.model, data.x.to(self.device), data.counts, self._config
             )
         return data
 

@@ -204,6 +204,25 @@ def predict(
     return probabilities.float().cpu(), logits.float().cpu()
 
 
+def predict_by_request(
+    model: nn.Module, x: torch.Tensor, counts: Sequence[int], config: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`predict` one request at a time (``counts``: patches per request, 0 for
+    a rejected one), concatenated.
+
+    A request's answer then depends on its own patches alone, never on which other
+    requests TorchServe's dynamic batching put beside it: a forward pass over a
+    bigger batch may run other kernels and round differently, and a patch near a
+    threshold (the detector's 0.9, which decides the CD patches) must not flip with
+    the server's load.
+    """
+    sizes = [int(c) for c in counts if c]
+    if sum(sizes) != len(x):
+        raise ValueError(f"{len(x)} patches for requests of {sum(sizes)}")
+    parts = [predict(model, chunk, config) for chunk in torch.split(x, sizes)]
+    return torch.cat([p for p, _ in parts]), torch.cat([z for _, z in parts])
+
+
 def patch_outputs(
     probabilities: torch.Tensor | np.ndarray,
     logits: torch.Tensor | np.ndarray,

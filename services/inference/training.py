@@ -140,6 +140,11 @@ class TrainConfig:
         grid_overlap_px: Overlap of the 20x grid the training slides were tiled on,
             px at 20x (0 = plain grid); recorded in the bundle's ``model.json`` for
             prediction to tile new slides the same way. It does not change training.
+        threads: CPU threads torch computes with while training (0: torch's default,
+            the machine's cores). The weights depend on it (a reduction split over
+            more threads adds in another order): the same seed and settings give
+            the same weights on the same platform with the same threads, so pin it
+            to reproduce a run on a machine with another core count.
         patch_cache_mb: Memory for training and validation patches kept decoded at
             the input size between epochs (MiB each; 0 decodes every time). Patches
             are resized to the input before they are augmented.
@@ -172,6 +177,7 @@ class TrainConfig:
     tta: tuple[str, ...] = TRANSFORM_NAMES
     grid_overlap_px: int = 0
     patch_cache_mb: int = 1024
+    threads: int = 0
 
     def __post_init__(self) -> None:
         spec = backbone_spec(self.backbone)  # InvalidInput for an unknown name
@@ -198,8 +204,10 @@ class TrainConfig:
             raise InvalidInput(f"warmup_fraction must be within [0, 1), got {self.warmup_fraction}")
         if not 0 < self.val_fraction < 1:
             raise InvalidInput(f"val_fraction must be within (0, 1), got {self.val_fraction}")
-        if self.num_workers < 0 or self.aux_loss_weight < 0 or self.patch_cache_mb < 0:
-            raise InvalidInput("num_workers, aux_loss_weight and patch_cache_mb must be >= 0")
+        if min(self.num_workers, self.aux_loss_weight, self.patch_cache_mb, self.threads) < 0:
+            raise InvalidInput(
+                "num_workers, aux_loss_weight, patch_cache_mb and threads must be >= 0"
+            )
         for name in ("patches_per_class", "max_patches_per_epoch", "max_val_patches"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -346,6 +354,18 @@ def _deterministic() -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(was, warn_only=was_warn)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` (0 leaves them), restored after."""
+    was = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
 
 
 def _save_atomic(state: dict[str, Any], path: Path) -> None:
@@ -587,6 +607,8 @@ def train(
         val_labels = val_table["label"].to_numpy(np.int64)
         cache_bytes = config.patch_cache_mb << 20
         stack.enter_context(_deterministic())
+        stack.enter_context(_torch_threads(config.threads))
+        threads = torch.get_num_threads()
         loop = _Loop(
             config,
             device,
@@ -640,6 +662,7 @@ def train(
         "patches_per_epoch": per_class * int((np.bincount(loop.train_labels) > 0).sum()),
         "config": config.fingerprint(),
         "device": str(device),
+        "threads": threads,
         "seconds": round(time.perf_counter() - started, 3),
     }
     metrics = _json_ready(metrics)

@@ -786,6 +786,12 @@ class _Engine:
         # Scored 20x batches waiting for an earlier one: taken in grid order, so that
         # a shared 40x window always goes to the same 20x patch.
         scored20: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # Made 40x patches waiting for an earlier make: queued in grid order too, so
+        # the 40x rows and every request's patches are the same whatever finishes
+        # first (a request's answer may depend on the batch it went in).
+        made40: dict[int, tuple[list[dict[str, int]], np.ndarray]] = {}
+        next_make = 0
+        next_queued = 0
         next_batch = 0
         next_taken = 0
         reads_out = 0  # 20x batches read or being read, not yet scored and taken
@@ -843,10 +849,14 @@ class _Engine:
                             if work:
                                 hi_expected += sum(len(windows) for _, _, windows in work)
                                 made = readers.submit(self._make_40x, work)
-                                pending[made] = ("make40", None)
+                                pending[made] = ("make40", next_make)
+                                next_make += 1
                     elif kind == "make40":
-                        rows, quads = value
-                        self._queue_40x(rows, quads, jobs40)
+                        made40[payload] = value
+                        while next_queued in made40:
+                            rows, quads = made40.pop(next_queued)
+                            next_queued += 1
+                            self._queue_40x(rows, quads, jobs40)
                     else:
                         in_flight -= 1
                         biomarker, number = payload

@@ -25,6 +25,7 @@ from services.inference.serving_io import (
     model_transforms,
     patch_outputs,
     predict,
+    predict_by_request,
     prepare_batch,
     request_payload,
     split_by_request,
@@ -140,6 +141,21 @@ def test_predict_equals_tta_probabilities_with_the_model_temperature() -> None:
     torch.testing.assert_close(logits, expected_logits)
     # Mixed sizes are resized one array at a time, like to_input on each.
     torch.testing.assert_close(x[1:], to_input(patches[1], CONFIG.preprocess))
+
+
+def test_a_request_gets_the_same_bits_alone_or_batched_with_others() -> None:
+    model = _model()
+    mine = to_batch([np.stack([_patch(s) for s in range(3)])], CONFIG)
+    others = to_batch([np.stack([_patch(s) for s in range(10, 27)])], CONFIG)
+    alone, alone_logits = predict_by_request(model, mine, [3], CONFIG)
+    # TorchServe batched a rejected request, another request and this one together.
+    x = torch.cat([others, mine])
+    batched, batched_logits = predict_by_request(model, x, [0, 17, 3], CONFIG)
+    assert torch.equal(batched[17:], alone) and torch.equal(batched_logits[17:], alone_logits)
+    whole, _ = predict(model, x, CONFIG)
+    torch.testing.assert_close(batched, whole)  # the same answer, up to rounding
+    with pytest.raises(ValueError, match="20 patches for requests of 19"):
+        predict_by_request(model, x, [16, 3], CONFIG)
 
 
 def test_no_tta_means_the_identity_view_only() -> None:
