@@ -271,6 +271,32 @@ def test_an_overlapping_grid_scores_each_40x_window_once(
         assert item.probability == pytest.approx(table[item.biomarker].mean(), abs=1e-12)
 
 
+def test_the_answer_is_the_same_bits_whatever_runs_concurrently(
+    scorer: LocalScorer, slide_path: Path, store: ObjectStore
+) -> None:
+    """One request at a time, or many requests and readers at once: the same 40x rows
+    in the same order, the same requests, so the same probabilities to the bit."""
+    deployment = scorer.deployment()
+    serial = _params(
+        grid=HALF_OVERLAP,
+        batch_size=2,
+        max_in_flight=1,
+        reader_threads=1,
+        heatmaps=False,
+        cancer_confidence=0.0,
+    )
+    busy = replace(serial, max_in_flight=6, reader_threads=3)
+    with open_slide(slide_path) as reader:
+        first = predict_slide(reader, "ONE", store, deployment, scorer, serial)
+        second = predict_slide(reader, "MANY", store, deployment, scorer, busy)
+    one, many = _table(store, first.patch_table_key), _table(store, second.patch_table_key)
+    assert len(one) > 8
+    pd.testing.assert_frame_equal(
+        one.drop(columns="slide_id"), many.drop(columns="slide_id"), check_exact=True
+    )
+    assert [b.probability for b in first.biomarkers] == [b.probability for b in second.biomarkers]
+
+
 @pytest.fixture(scope="module")
 def blurred_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cancer slide with a blurred region (the fourth of this cohort)."""
