@@ -2,6 +2,7 @@
 
     python healthcheck.py grpc         grpc.health.v1 Check of this container's service
     python healthcheck.py torchserve   TorchServe /ping says Healthy (with its key file)
+                                       and the entrypoint restored the recorded models
     python healthcheck.py http URL     GET URL answers 2xx (Prefect API, flows runner)
 
 Exit 0 when healthy, 1 when not (Docker's HEALTHCHECK contract). The gRPC check
@@ -27,6 +28,8 @@ SERVICE_NAMES = {
     "prediction": "histomarker.v1.PredictionService",
 }
 TORCHSERVE_KEY_FILE = "/var/lib/torchserve/keys/key_file.json"
+#: Written by torchserve_entrypoint.py once the recorded model versions are READY.
+TORCHSERVE_RESTORED_FILE = "/var/lib/torchserve/tmp/restored"
 
 
 def check_grpc() -> bool:
@@ -52,6 +55,10 @@ def check_grpc() -> bool:
 
 
 def check_torchserve() -> bool:
+    restored = os.environ.get("TORCHSERVE_RESTORED_FILE", TORCHSERVE_RESTORED_FILE)
+    if not os.path.exists(restored):
+        print("unhealthy: the recorded model versions are not restored yet", file=sys.stderr)
+        return False
     port = os.environ.get("TORCHSERVE_INFERENCE_PORT", "8080")
     request = urllib.request.Request(f"http://127.0.0.1:{port}/ping")
     key_file = os.environ.get("TORCHSERVE_KEY_FILE", TORCHSERVE_KEY_FILE)

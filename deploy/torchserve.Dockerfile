@@ -1,7 +1,10 @@
 # syntax=docker/dockerfile:1
 # TorchServe 0.12.0 on Java 17 with histomarker's handler code installed (the .mar
 # archives reference services.inference.handler). Token authorization on; the key
-# file lands in /var/lib/torchserve/keys (a volume prediction and flows read).
+# file lands in /var/lib/torchserve/keys (a volume prediction and flows read). The
+# entrypoint starts TorchServe, then registers the model versions the object store's
+# serving records name (`histomarker models restore`); the health check passes only
+# after that.
 #   docker build -f deploy/torchserve.Dockerfile -t histomarker-torchserve .
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -32,6 +35,7 @@ RUN groupadd --system --gid 10001 histomarker \
       /var/lib/torchserve/tmp /model-store
 COPY --from=build /opt/venv /opt/venv
 COPY deploy/healthcheck.py /opt/histomarker/healthcheck.py
+COPY deploy/torchserve_entrypoint.py /opt/histomarker/torchserve_entrypoint.py
 COPY deploy/torchserve.properties /opt/histomarker/config.properties
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -43,7 +47,10 @@ USER histomarker
 # TorchServe writes key_file.json into its working folder.
 WORKDIR /var/lib/torchserve/keys
 EXPOSE 8080 8081 8082 7070 7071
-HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+# Healthy once TorchServe answers /ping and the recorded models are back (restoring
+# seven models on CPUs takes minutes: a long start period).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
   CMD ["python", "/opt/histomarker/healthcheck.py", "torchserve"]
-CMD ["torchserve", "--start", "--foreground", "--ts-config", "/opt/histomarker/config.properties", \
-     "--model-store", "/model-store", "--ncs", "--enable-model-api"]
+# torchserve --start --foreground --ts-config /opt/histomarker/config.properties
+#   --model-store /model-store --ncs --enable-model-api, then the restore.
+CMD ["python", "/opt/histomarker/torchserve_entrypoint.py"]

@@ -63,8 +63,7 @@ def nuclei_stub(settings: FlowSettings) -> Any:
 
 def torchserve_management(settings: FlowSettings) -> RestClient:
     """TorchServe's management API, with its key."""
-    host, port = settings.management_address()
-    return RestClient(host, port, token=settings.secret("torchserve_management_token"))
+    return settings.management_client()
 
 
 def torchserve_inference(settings: FlowSettings) -> TorchServeGrpcClient:

@@ -8,21 +8,22 @@ and tokens must stay in the environment.
 
 from __future__ import annotations
 
-import urllib.parse
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr
 
-from services.common.errors import InvalidInput
-from services.common.settings import DEFAULT_PORTS, ServiceSettings
+from services.common.settings import DEFAULT_PORTS
+from services.inference.served_models import ServingSettings
 
 
-class FlowSettings(ServiceSettings):
+class FlowSettings(ServingSettings):
     """Endpoints and local folders of the training flows.
 
     The store URL, S3 credentials and ``auth_token`` (the bearer token the gRPC
-    services expect) are the services' own settings, read from the same variables.
+    services expect) are the services' own settings, read from the same variables;
+    TorchServe's management URL, key and model store folder are
+    :class:`ServingSettings`' (``histomarker models`` reads the same variables).
     """
 
     service_name: str = "flows"
@@ -32,15 +33,9 @@ class FlowSettings(ServiceSettings):
     nuclei_target: str = f"127.0.0.1:{DEFAULT_PORTS['nuclei']}"
     #: TorchServe's gRPC inference API, ``host:port``.
     torchserve_grpc_target: str = "127.0.0.1:7070"
-    #: TorchServe's REST management API.
-    torchserve_management_url: str = "http://127.0.0.1:8081"
-    #: TorchServe's model store folder: registered archives are copied there.
-    torchserve_model_store: Path = Path("model-store")
     #: Key of TorchServe's inference API (its ``key_file.json``); None when token
     #: authorization is off.
     torchserve_inference_token: SecretStr | None = None
-    #: Key of TorchServe's management API.
-    torchserve_management_token: SecretStr | None = None
     #: Local scratch folder: shard caches, training checkpoints, bundles before upload.
     work_dir: Path = Path.home() / ".histomarker" / "flows"
     #: Seconds one gRPC call to a service may take (tiling a slide, nuclei of a slide).
@@ -65,18 +60,3 @@ class FlowSettings(ServiceSettings):
     train_cohort: str | None = None
     #: Seconds between scheduled ``predict_batch`` runs.
     predict_interval_s: float = Field(default=600.0, gt=0)
-
-    def management_address(self) -> tuple[str, int]:
-        """Host and port of the management URL (InvalidInput when malformed)."""
-        parsed = urllib.parse.urlsplit(self.torchserve_management_url)
-        if parsed.scheme != "http" or not parsed.hostname or parsed.port is None:
-            raise InvalidInput(
-                f"torchserve_management_url {self.torchserve_management_url!r} must look "
-                "like http://HOST:PORT"
-            )
-        return parsed.hostname, parsed.port
-
-    def secret(self, name: str) -> str | None:
-        """The plain value of a secret setting, None when unset."""
-        value = getattr(self, name)
-        return value.get_secret_value() if value is not None else None

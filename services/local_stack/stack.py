@@ -5,7 +5,9 @@ Components, in start order (``down`` stops them in reverse):
 - object store: ``file://`` by default, or the S3 endpoint ``HISTOMARKER_STORE_URL``
   names (with ``HISTOMARKER_S3_*`` credentials); checked, not started;
 - ``prefect``: ``prefect server start`` with its own ``PREFECT_HOME``;
-- ``torchserve``: token authorization on, its key file in ``<dir>/torchserve``;
+- ``torchserve``: token authorization on, its key file in ``<dir>/torchserve``; once
+  healthy it gets back the model versions the store's serving records name
+  (``services.inference.served_models.restore_served``) before it counts as ready;
 - ``tiling``, ``nuclei``, ``analysis``, ``prediction``: ``histomarker serve NAME``;
 - ``flows``: ``histomarker flows serve`` against the embedded Prefect server.
 
@@ -30,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from services.common.errors import FailedPrecondition, HistomarkerError, Unavailable
 from services.common.processes import (
@@ -50,6 +52,10 @@ from services.local_stack.state import (
     remove_state,
     write_state,
 )
+
+if TYPE_CHECKING:
+    from services.inference.served_models import ServingSettings
+    from services.inference.torchserve import RestClient
 
 LOOPBACK = "127.0.0.1"
 #: gRPC services in start order, with the name their health status is kept under.
@@ -232,11 +238,19 @@ class LocalStack:
     flows_note: str = field(init=False, default="")
     _running: list[_Running] = field(init=False, default_factory=list)
     _torchserve_keys: Any = field(init=False, default=None)
+    #: What the restore of the serving records did (``RestoreReport.to_json()``).
+    restored_models: dict[str, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.ports = plan_ports(self.options.free_ports)
         pid = os.getpid()
-        self.state = StackState(pid, start_ticks(pid), self.detached, self.options.store_url)
+        self.state = StackState(
+            pid,
+            start_ticks(pid),
+            self.detached,
+            self.options.store_url,
+            model_store=str(self.options.model_store),
+        )
 
     @property
     def directory(self) -> Path:
@@ -397,11 +411,36 @@ class LocalStack:
         log = self.log_dir / "torchserve.log"
         log.unlink(missing_ok=True)
         log.symlink_to(config.work_dir.resolve() / "torchserve.out")
-        record = ComponentRecord("torchserve", pid, start_ticks(pid), config.ports, str(log), True)
+        record = ComponentRecord("torchserve", pid, start_ticks(pid), config.ports, str(log))
+        # Recorded before the restore, so that a failure or Ctrl-C meanwhile stops it.
         self._add(_Running(record))
         self._torchserve_keys = server.keys
+        self._restore_models(server.management)
+        record.ready = True
+        write_state(self.directory, self.state_snapshot())
         listed = ", ".join(f"{role} {port}" for role, port in config.ports.items())
         self.report(f"{'torchserve':<14} ready (pid {pid}; {listed})")
+
+    def _restore_models(self, management: RestClient) -> None:
+        """Serve the versions the store's serving records name (before ``ready``)."""
+        from services.inference.served_models import restore_served
+
+        with ServiceSettings(store_url=self.options.store_url).open_store() as store:
+            report = restore_served(
+                management,
+                store,
+                self.options.model_store,
+                ready_timeout_s=self.options.ready_timeout_s,
+            )
+        management.close()
+        self.restored_models = report.to_json()
+        served = ", ".join(f"{m.name} {m.version}" for m in report.restored)
+        self.report(
+            f"{'torchserve':<14} restored {len(report.restored)} model(s) from the serving "
+            f"records{': ' + served if served else ''}"
+        )
+        for problem in report.problems:
+            self.report(f"{'torchserve':<14} WARNING {problem}")
 
     @property
     def torchserve_key_file(self) -> Path:
@@ -524,6 +563,7 @@ class LocalStack:
             "endpoints": endpoints,
             "components": components,
             "flows": self.flows_note,
+            "models": self.restored_models,
         }
 
 
@@ -601,6 +641,37 @@ def run_up(options: StackOptions, *, detach: bool, report: Report) -> dict[str, 
         return {**summary, "ok": ok, "stopped": stopped, "reason": reason}
     finally:
         lock.close()
+
+
+def stack_serving_settings(directory: Path) -> ServingSettings:
+    """The ``ServingSettings`` of the stack running in ``directory``: its store, its
+    TorchServe's management URL and key file, its model store folder.
+
+    Raises:
+        FailedPrecondition: No stack runs in ``directory``, or it runs without
+            TorchServe.
+    """
+    from services.inference.served_models import ServingSettings
+    from services.inference.torchserve import KEY_FILE
+
+    state = read_state(directory)
+    live = _live_components(state) if state is not None else []
+    if state is None or not live:
+        raise FailedPrecondition(
+            f"no stack runs in {directory}; `histomarker up --dir {directory}` starts one"
+        )
+    torchserve = next((c for c in state.components if c.name == "torchserve"), None)
+    if torchserve is None or "torchserve" not in live:
+        raise FailedPrecondition(f"the stack in {directory} runs without TorchServe")
+    model_store = Path(state.model_store) if state.model_store else None
+    return ServingSettings(
+        store_url=state.store_url,
+        torchserve_management_url=f"http://{LOOPBACK}:{torchserve.ports['management_port']}",
+        # The stack's own key, whatever token the environment holds.
+        torchserve_management_token=None,
+        torchserve_key_file=directory / "torchserve" / KEY_FILE,
+        torchserve_model_store=model_store or default_model_store(directory),
+    )
 
 
 def run_down(directory: Path, *, stop_timeout_s: float = 30.0) -> dict[str, Any]:

@@ -50,6 +50,8 @@ class StackState:
         detached: Whether ``up`` returned after readiness.
         store_url: The object store the services use.
         components: Started components in start order.
+        model_store: TorchServe's model store folder ("" in state files written
+            before it was recorded).
     """
 
     up_pid: int
@@ -57,6 +59,7 @@ class StackState:
     detached: bool
     store_url: str
     components: list[ComponentRecord] = field(default_factory=list)
+    model_store: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +73,7 @@ class StackState:
             detached=bool(data.get("detached", False)),
             store_url=str(data.get("store_url", "")),
             components=components,
+            model_store=str(data.get("model_store", "")),
         )
 
 

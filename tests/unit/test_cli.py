@@ -20,6 +20,7 @@ SUBCOMMANDS = [
     "flows",
     "up",
     "down",
+    "models",
     "serve",
     "demo",
 ]
@@ -59,7 +60,14 @@ def test_every_subcommand_takes_json() -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["tile"], ["synth", "out", "--slides", "many"], ["no-such-command"], ["serve", "gpu"]],
+    [
+        ["tile"],
+        ["synth", "out", "--slides", "many"],
+        ["no-such-command"],
+        ["serve", "gpu"],
+        ["models", "deploy", "biomarker_er"],
+        ["models", "dance"],
+    ],
 )
 def test_usage_errors_are_one_line_and_exit_2(
     argv: list[str], capsys: pytest.CaptureFixture[str]

@@ -134,6 +134,7 @@ def test_a_failed_run_resumes_from_its_cached_tasks_and_serves_every_model(
 ) -> None:
     from flows.pipeline import train_pipeline
     from services.common.objectstore import open_store
+    from services.inference.serving_records import read_record
 
     for name, value in stack["env"].items():
         monkeypatch.setenv(name, value)
@@ -172,6 +173,11 @@ def test_a_failed_run_resumes_from_its_cached_tasks_and_serves_every_model(
         assert [w["status"] for w in description["workers"]] == ["READY"]
         for name in ("weights.pt", "model.json", "metrics.json", f"{model.name}.mar"):
             assert store.exists(f"{model.prefix}/{name}"), (model.prefix, name)
+        # Recorded as served, so that TorchServe gets it back after a restart.
+        record = read_record(store, model.name)
+        assert record is not None and record.version == model.version, model.name
+        assert record.current.archive_key == model.archive_key
+        assert record.current.source == "train_pipeline"
     # PIK3CA trained its own epochs (biomarker_epochs), the others the shared ones.
     epochs = {
         m.name: json.loads(store.get_bytes(f"{m.prefix}/metrics.json"))["epochs"] for m in models

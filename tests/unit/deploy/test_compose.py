@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import importlib.util
 import os
 import re
 import shutil
@@ -34,6 +35,8 @@ SETTINGS = {
     "analysis": "services.analysis.server:AnalysisSettings",
     "prediction": "services.prediction.server:PredictionSettings",
     "flows": "flows.settings:FlowSettings",
+    # Its entrypoint's restore (`histomarker models restore`).
+    "torchserve": "services.inference.served_models:ServingSettings",
 }
 GRPC_SERVICES = ("tiling", "nuclei", "analysis", "prediction")
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|ROOT_USER")
@@ -267,7 +270,7 @@ def test_dependencies_wait_for_health(services: dict[str, dict[str, Any]]) -> No
                 else "service_healthy"
             )
             assert rule == {"condition": wanted}, f"{name} -> {target}: {rule}"
-    for name in ("tiling", "nuclei", "analysis", "prediction", "flows"):
+    for name in ("tiling", "nuclei", "analysis", "prediction", "flows", "torchserve"):
         assert {"minio", "minio-init"} <= set(services[name]["depends_on"]), name
     assert "torchserve" in services["prediction"]["depends_on"]
     assert {"prefect-server", "torchserve"} <= set(services["flows"]["depends_on"])
@@ -316,3 +319,62 @@ def test_gpu_override_targets_torchserve_and_flows() -> None:
         assert service["runtime"] == "nvidia"
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+
+
+# TorchServe gets the recorded model versions back at every start
+
+
+def _healthcheck_module() -> Any:
+    spec = importlib.util.spec_from_file_location("healthcheck", ROOT / "deploy" / "healthcheck.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_torchserve_restores_the_serving_records_before_it_is_healthy(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    torchserve = services["torchserve"]
+    steps = _instructions(ROOT / "deploy" / "torchserve.Dockerfile")
+    (command,) = [args for word, args in steps if word == "CMD"]
+    assert "/opt/histomarker/torchserve_entrypoint.py" in command
+    assert any(
+        word == "COPY" and args.split()[0] == "deploy/torchserve_entrypoint.py"
+        for word, args in steps
+    )
+    environment = torchserve["environment"]
+    # The store the records and archives are in: the services' own settings.
+    store_env = services["tiling"]["environment"]
+    for key in ("HISTOMARKER_STORE_URL", "HISTOMARKER_S3_ACCESS_KEY", "HISTOMARKER_S3_SECRET_KEY"):
+        assert environment[key] == store_env[key], key
+    # Its own management API (loopback, the port of torchserve.properties) and key file.
+    properties = (ROOT / "deploy" / "torchserve.properties").read_text()
+    port = environment["HISTOMARKER_TORCHSERVE_MANAGEMENT_URL"].rsplit(":", 1)[-1]
+    assert environment["HISTOMARKER_TORCHSERVE_MANAGEMENT_URL"].startswith("http://127.0.0.1:")
+    assert f"management_address=http://0.0.0.0:{port}" in properties
+    healthcheck = _healthcheck_module()
+    assert environment["HISTOMARKER_TORCHSERVE_KEY_FILE"] == healthcheck.TORCHSERVE_KEY_FILE
+    # The restore copies archives into the model store: mounted writable there.
+    model_store = environment["HISTOMARKER_TORCHSERVE_MODEL_STORE"]
+    assert f"model_store={model_store}" in properties
+    (mount,) = [v for v in torchserve["volumes"] if str(v).startswith("model-store:")]
+    assert str(mount) == f"model-store:{model_store}"
+    # Prediction and flows wait for that health check.
+    assert torchserve["healthcheck"]["test"][-1] == "torchserve"
+    for client in ("prediction", "flows"):
+        assert services[client]["depends_on"]["torchserve"] == {"condition": "service_healthy"}
+
+
+def test_torchserve_is_unhealthy_until_the_restore_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    healthcheck = _healthcheck_module()
+    monkeypatch.setenv("TORCHSERVE_RESTORED_FILE", str(tmp_path / "restored"))
+    monkeypatch.setenv("TORCHSERVE_KEY_FILE", str(tmp_path / "key_file.json"))
+    monkeypatch.setenv("TORCHSERVE_INFERENCE_PORT", "9")  # nothing listens there
+    assert healthcheck.main(["torchserve"]) == 1
+    assert "not restored yet" in capsys.readouterr().err
+    (tmp_path / "restored").write_text("now")
+    assert healthcheck.main(["torchserve"]) == 1  # restored, but /ping does not answer
+    assert "not restored yet" not in capsys.readouterr().err
