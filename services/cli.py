@@ -171,6 +171,22 @@ def _down(args: argparse.Namespace) -> dict[str, Any]:
     return run_down(directory, stop_timeout_s=args.timeout)
 
 
+def _restart(args: argparse.Namespace) -> dict[str, Any]:
+    from services.local_stack.stack import default_directory, run_restart
+
+    directory = Path(args.dir).expanduser().resolve() if args.dir else default_directory()
+
+    def report(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    return run_restart(
+        directory,
+        args.component,
+        report=report,
+        ready_timeout_s=args.timeout,
+    )
+
+
 def _serving_settings(args: argparse.Namespace) -> tuple[ServingSettings, str | None]:
     """The store and TorchServe ``histomarker models`` works on, and where TorchServe's
     address came from (None when nothing named one).
@@ -489,6 +505,14 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--dir", help="the folder given to `up` (~/.histomarker/stack)")
     down.add_argument("--timeout", type=float, default=30.0, help="SIGTERM to SIGKILL, s")
     down.set_defaults(handler=_down)
+
+    restart = sub.add_parser(
+        "restart", help="restart one part of a detached `histomarker up` stack, the rest running"
+    )
+    restart.add_argument("component", choices=["torchserve"], help="the part to restart")
+    restart.add_argument("--dir", help="the folder given to `up` (~/.histomarker/stack)")
+    restart.add_argument("--timeout", type=float, default=180.0, help="readiness wait, s")
+    restart.set_defaults(handler=_restart)
 
     models = sub.add_parser("models", help="served model versions: list, deploy, rollback")
     models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,7 +30,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -45,6 +46,8 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.processes import group_members, stop_group
+
+log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 #: Name of the key file token-authorized TorchServe writes into its working folder.
@@ -241,10 +244,68 @@ def read_key_file(path: Path) -> TokenKeys:
         raise FailedPrecondition(f"TorchServe key file {path} is malformed: {exc}") from exc
 
 
+#: A key, or a function giving the key to send now (keys that change, see KeyFile).
+Token = str | Callable[[], str] | None
+
+
+def token_now(token: Token) -> str | None:
+    """The key to send with a request now."""
+    return token() if callable(token) else token
+
+
+class KeyFile:
+    """TorchServe's ``key_file.json``, read again whenever it changes.
+
+    TorchServe writes new keys at every start, so a client that outlives a TorchServe
+    restart (the PredictionService of a local stack) asks this for the key of each
+    request: :meth:`inference` and :meth:`management` are :data:`Token` functions.
+    A file caught half-written, or gone while TorchServe restarts, keeps the last
+    keys read.
+
+    Args:
+        path: The key file.
+
+    Raises:
+        NotFound: No key file at ``path`` when the first keys are read.
+        FailedPrecondition: The first file read is malformed.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._stamp = self._stamp_now()
+        self._keys = read_key_file(self.path)
+
+    def keys(self) -> TokenKeys:
+        """The current keys (the file read again when its size or mtime changed)."""
+        with self._lock:
+            try:
+                stamp = self._stamp_now()
+                if stamp != self._stamp:
+                    self._keys = read_key_file(self.path)
+                    self._stamp = stamp
+            except (NotFound, FailedPrecondition) as exc:
+                log.warning("keeping TorchServe's last keys: %s", exc)
+            return self._keys
+
+    def inference(self) -> str:
+        return self.keys().inference
+
+    def management(self) -> str:
+        return self.keys().management
+
+    def _stamp_now(self) -> tuple[int, int]:
+        try:
+            status = self.path.stat()
+        except OSError:
+            raise NotFound(f"no TorchServe key file at {self.path}") from None
+        return status.st_mtime_ns, status.st_size
+
+
 class RestClient:
     """Keep-alive HTTP/1.1 to one TorchServe API, one connection per thread."""
 
-    def __init__(self, host: str, port: int, token: str | None = None, timeout_s: float = 120.0):
+    def __init__(self, host: str, port: int, token: Token = None, timeout_s: float = 120.0):
         self.host = host
         self.port = port
         self.token = token
@@ -266,8 +327,9 @@ class RestClient:
             Unavailable: TorchServe cannot be reached.
         """
         sent = dict(headers or {})
-        if authorize and self.token:
-            sent["Authorization"] = f"Bearer {self.token}"
+        token = token_now(self.token) if authorize else None
+        if token:
+            sent["Authorization"] = f"Bearer {token}"
         while True:
             connection, reused = self._connection()
             try:
@@ -345,7 +407,7 @@ def error_from_output(output: Mapping[str, Any]) -> HistomarkerError:
 class TorchServeGrpcClient:
     """Client of TorchServe's gRPC inference API (``InferenceAPIsService``)."""
 
-    def __init__(self, target: str, token: str | None = None, timeout_s: float = 120.0):
+    def __init__(self, target: str, token: Token = None, timeout_s: float = 120.0):
         import grpc
 
         from services.common.stubs.torchserve import inference_pb2, inference_pb2_grpc
@@ -353,7 +415,7 @@ class TorchServeGrpcClient:
         self._grpc = grpc
         self._messages = inference_pb2
         self.timeout_s = timeout_s
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.token = token
         self._channel = grpc.insecure_channel(
             target,
             options=[
@@ -403,7 +465,9 @@ class TorchServeGrpcClient:
     def _call(self, method: Any, request: Any) -> Any:
         grpc = self._grpc
         try:
-            return method(request, timeout=self.timeout_s, metadata=self._metadata)
+            token = token_now(self.token)
+            metadata = (("authorization", f"Bearer {token}"),) if token else ()
+            return method(request, timeout=self.timeout_s, metadata=metadata)
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details()
             kinds: dict[Any, type[HistomarkerError]] = {

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from services.common.errors import FailedPrecondition, HistomarkerError, Unavailable
+from services.common.errors import FailedPrecondition, HistomarkerError, InvalidInput, Unavailable
 from services.common.processes import (
     interruptible,
     is_our_group,
@@ -672,6 +672,89 @@ def stack_serving_settings(directory: Path) -> ServingSettings:
         torchserve_key_file=directory / "torchserve" / KEY_FILE,
         torchserve_model_store=model_store or default_model_store(directory),
     )
+
+
+#: Components ``histomarker restart`` can restart under a running stack.
+RESTARTABLE = ("torchserve",)
+
+
+def run_restart(
+    directory: Path,
+    component: str,
+    *,
+    report: Report,
+    ready_timeout_s: float = 180.0,
+    stop_timeout_s: float = 30.0,
+) -> dict[str, Any]:
+    """Restart one component of the detached stack in ``directory``, the rest running.
+
+    TorchServe is stopped (its recorded process group), started again on the same
+    ports with the same model store, and gets the recorded model versions back
+    before this returns; it writes new keys, which the PredictionService reads again
+    by itself (``services.inference.torchserve.KeyFile``).
+
+    Raises:
+        InvalidInput: A component that cannot be restarted alone.
+        FailedPrecondition: No stack runs there, it runs without that component, or
+            it runs in the foreground (whose ``up`` stops the stack when a part exits).
+        Unavailable: The component did not come back (the stack is left without it;
+            ``histomarker down`` then ``up`` starts everything again).
+    """
+    if component not in RESTARTABLE:
+        raise InvalidInput(
+            f"cannot restart {component!r} alone; restartable: {', '.join(RESTARTABLE)}"
+        )
+    if not (directory / STATE_FILE).is_file():
+        raise FailedPrecondition(
+            f"no stack runs in {directory}; `histomarker up --dir {directory}` starts one"
+        )
+    lock = _lock(directory)
+    try:
+        state = read_state(directory)
+        live = _live_components(state) if state is not None else []
+        if state is None or not live:
+            raise FailedPrecondition(
+                f"no stack runs in {directory}; `histomarker up --dir {directory}` starts one"
+            )
+        if not state.detached and is_same_process(state.up_pid, state.up_start_ticks):
+            raise FailedPrecondition(
+                f"the stack in {directory} runs in the foreground (`up` without --detach), "
+                "which stops everything when a part exits; restart it whole instead"
+            )
+        old = next((c for c in state.components if c.name == component), None)
+        if old is None:
+            raise FailedPrecondition(f"the stack in {directory} runs without {component}")
+        options = StackOptions(
+            directory=directory,
+            store_url=state.store_url,
+            model_store=Path(state.model_store)
+            if state.model_store
+            else default_model_store(directory),
+            free_ports=True,
+            ready_timeout_s=ready_timeout_s,
+            stop_timeout_s=stop_timeout_s,
+        )
+        stack = LocalStack(options, detached=True, report=report)
+        stack.state = state
+        stack.ports.torchserve.update(old.ports)
+        others = [_Running(c) for c in state.components if c.name != component]
+        stack._running = others
+        stop_group(old.pid, old.start_ticks, stop_timeout_s)
+        reap(old.pid)
+        report(f"{component:<14} stopped (pid {old.pid})")
+        order = [c.name for c in state.components]
+        stack._start_torchserve()
+        stack._running.sort(key=lambda running: order.index(running.record.name))
+        write_state(directory, stack.state_snapshot())
+        return {
+            "ok": True,
+            "dir": str(directory),
+            "restarted": component,
+            "pid": stack._find(component).record.pid,
+            "models": stack.restored_models,
+        }
+    finally:
+        lock.close()
 
 
 def run_down(directory: Path, *, stop_timeout_s: float = 30.0) -> dict[str, Any]:

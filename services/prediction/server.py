@@ -52,7 +52,7 @@ from services.common.refs import served_key
 from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
 from services.common.stubs.histomarker.v1 import common_pb2, prediction_pb2, prediction_pb2_grpc
-from services.inference.torchserve import RestClient, TorchServeGrpcClient, read_key_file
+from services.inference.torchserve import KeyFile, RestClient, Token, TorchServeGrpcClient
 from services.prediction.models import (
     CANCER_DETECTOR,
     DeployedModel,
@@ -214,7 +214,7 @@ class Admission:
                 self._cond.notify()
 
 
-def _management_client(settings: PredictionSettings, token: str | None) -> RestClient:
+def _management_client(settings: PredictionSettings, token: Token) -> RestClient:
     url = urllib.parse.urlsplit(settings.torchserve_management_url)
     if url.scheme != "http" or not url.hostname:
         raise InvalidInput(
@@ -224,12 +224,15 @@ def _management_client(settings: PredictionSettings, token: str | None) -> RestC
     return RestClient(url.hostname, url.port or 80, token, settings.torchserve_timeout_s)
 
 
-def _tokens(settings: PredictionSettings) -> tuple[str | None, str | None]:
+def _tokens(settings: PredictionSettings) -> tuple[Token, Token]:
+    """The inference and management keys: the settings' own, else from the key file,
+    read again whenever TorchServe writes new keys (at each of its starts), so the
+    service goes on scoring after a TorchServe restart."""
     inference = settings.torchserve_inference_token
     management = settings.torchserve_management_token
     keys = None
     if settings.torchserve_key_file is not None and (inference is None or management is None):
-        keys = read_key_file(settings.torchserve_key_file)
+        keys = KeyFile(settings.torchserve_key_file)
     return (
         inference.get_secret_value() if inference else (keys.inference if keys else None),
         management.get_secret_value() if management else (keys.management if keys else None),
