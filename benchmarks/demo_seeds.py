@@ -67,13 +67,13 @@ def main() -> int:
     print("| cohort seed | run | " + " | ".join(TASKS) + " |")
     print("|---|---|" + "---|" * len(TASKS))
     for seed, table in tables.items():
-        cells = [f"{table.get(t, math.nan):.3f}" for t in TASKS]
+        cells = [f"{table.get(t, math.nan):.4f}" for t in TASKS]
         print(f"| {seed} | `{runs[seed]}` | " + " | ".join(cells) + " |")
     for name, pick in (("mean", lambda v: sum(v) / len(v)), ("lowest", min), ("highest", max)):
         cells = []
         for task in TASKS:
             values = [t[task] for t in tables.values() if math.isfinite(t.get(task, math.nan))]
-            cells.append(f"{pick(values):.3f}" if values else "n/a")
+            cells.append(f"{pick(values):.4f}" if values else "n/a")
         print(f"| {name} | | " + " | ".join(cells) + " |")
     return 0
 
