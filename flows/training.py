@@ -24,7 +24,7 @@ from services.common.objectstore import ObjectStore
 from services.inference.archive import build_mar
 from services.inference.bundle import METRICS_FILE
 from services.inference.dataset import build_patch_table
-from services.inference.registry import publish_bundle
+from services.inference.registry import archive_key, publish_bundle
 from services.inference.training import TrainConfig, train
 
 #: Length of a model version (hex digits of the inputs' digest).
@@ -139,13 +139,13 @@ def train_model(
         )
         mar = build_mar(result.bundle_dir, work / "archive")
         prefix = publish_bundle(store, result.bundle_dir, mar)
-        archive_key = f"{prefix}/{name}.mar"
+        archive = archive_key(name, version)
     metrics = json.loads((result.bundle_dir / METRICS_FILE).read_text())
     return ModelRef(
         name=name,
         version=version,
         prefix=prefix,
-        archive_key=archive_key,
+        archive_key=archive,
         temperature=float(result.temperature),
         val_auroc=metrics.get("val_auroc"),
         val_patients=tuple(metrics.get("val_patients", ())),

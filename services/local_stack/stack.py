@@ -643,6 +643,21 @@ def run_up(options: StackOptions, *, detach: bool, report: Report) -> dict[str, 
         lock.close()
 
 
+def _running_state(directory: Path) -> tuple[StackState, list[str]]:
+    """The state of the stack running in ``directory`` and its live components.
+
+    Raises:
+        FailedPrecondition: No stack runs there.
+    """
+    state = read_state(directory) if (directory / STATE_FILE).is_file() else None
+    live = _live_components(state) if state is not None else []
+    if state is None or not live:
+        raise FailedPrecondition(
+            f"no stack runs in {directory}; `histomarker up --dir {directory}` starts one"
+        )
+    return state, live
+
+
 def stack_serving_settings(directory: Path) -> ServingSettings:
     """The ``ServingSettings`` of the stack running in ``directory``: its store, its
     TorchServe's management URL and key file, its model store folder.
@@ -654,12 +669,7 @@ def stack_serving_settings(directory: Path) -> ServingSettings:
     from services.inference.served_models import ServingSettings
     from services.inference.torchserve import KEY_FILE
 
-    state = read_state(directory)
-    live = _live_components(state) if state is not None else []
-    if state is None or not live:
-        raise FailedPrecondition(
-            f"no stack runs in {directory}; `histomarker up --dir {directory}` starts one"
-        )
+    state, live = _running_state(directory)
     torchserve = next((c for c in state.components if c.name == "torchserve"), None)
     if torchserve is None or "torchserve" not in live:
         raise FailedPrecondition(f"the stack in {directory} runs without TorchServe")
@@ -704,18 +714,10 @@ def run_restart(
         raise InvalidInput(
             f"cannot restart {component!r} alone; restartable: {', '.join(RESTARTABLE)}"
         )
-    if not (directory / STATE_FILE).is_file():
-        raise FailedPrecondition(
-            f"no stack runs in {directory}; `histomarker up --dir {directory}` starts one"
-        )
+    _running_state(directory)  # before the lock, which would create the folder
     lock = _lock(directory)
     try:
-        state = read_state(directory)
-        live = _live_components(state) if state is not None else []
-        if state is None or not live:
-            raise FailedPrecondition(
-                f"no stack runs in {directory}; `histomarker up --dir {directory}` starts one"
-            )
+        state, _ = _running_state(directory)
         if not state.detached and is_same_process(state.up_pid, state.up_start_ticks):
             raise FailedPrecondition(
                 f"the stack in {directory} runs in the foreground (`up` without --detach), "

@@ -54,7 +54,7 @@ from services.common.errors import (
 from services.common.objectstore import ObjectStore
 from services.inference.bundle import CONFIG_FILE, METRICS_FILE, ModelConfig, load_bundle
 from services.inference.preprocess import shrink_to_input
-from services.inference.registry import MODELS_PREFIX, model_prefix
+from services.inference.registry import MODELS_PREFIX, archive_key, model_prefix
 from services.inference.serving_io import encode_npy, patch_outputs, predict, to_batch
 from services.inference.torchserve import RestClient, TorchServeGrpcClient
 from services.synth.labels import BIOMARKERS
@@ -354,7 +354,7 @@ class ModelRegistry:
                 metrics = json.loads(self.store.get_bytes(f"{prefix}/{METRICS_FILE}"))
             except ValueError:
                 metrics = {}
-        archive = f"{prefix}/{name}.mar"
+        archive = archive_key(name, version)
         biomarker = name.removeprefix(BIOMARKER_PREFIX) if name != CANCER_DETECTOR else None
         return DeployedModel(
             name=name,
