@@ -110,6 +110,21 @@ def _nuclei(args: argparse.Namespace) -> dict[str, Any]:
     return run_nuclei(args)
 
 
+def _evaluate_nuclei(args: argparse.Namespace) -> dict[str, Any]:
+    from services.common.progress import ProgressBar
+    from services.nuclei.evaluate import evaluate_index
+
+    progress = None if args.json else ProgressBar("evaluate nuclei", "images")
+    weights = Path(args.weights) if args.weights else None
+    return evaluate_index(args.index, args.method, weights, progress)
+
+
+def _print_evaluation(result: dict[str, Any]) -> None:
+    from services.nuclei.evaluate import format_table
+
+    print(format_table(result))
+
+
 def _metrics(args: argparse.Namespace) -> dict[str, Any]:
     from services.analysis.cli_metrics import run_metrics
 
@@ -429,7 +444,30 @@ def build_parser() -> argparse.ArgumentParser:
     nuclei.add_argument(
         "--labels", metavar="OUT.tif", help="write the instance labels here (uint16/uint32 TIFF)"
     )
+    nuclei.add_argument(
+        "--method",
+        default="unet",
+        choices=["unet", "phoulady", "otsu"],
+        help="unet (default, trained on real H&E), phoulady (the paper's) or otsu (baseline)",
+    )
     nuclei.set_defaults(handler=_nuclei)
+
+    evaluate = sub.add_parser("evaluate", help="score a method on your own annotated tiles")
+    evaluate_sub = evaluate.add_subparsers(dest="evaluate_command", metavar="WHAT", required=True)
+    evaluate_nuclei = evaluate_sub.add_parser(
+        "nuclei", help="nuclei segmentation against annotated nuclei: F1, AJI, Dice, PQ"
+    )
+    evaluate_nuclei.add_argument(
+        "index",
+        metavar="INDEX.csv",
+        help="columns name, organ, image, instances, binary, mpp (paths relative to it)",
+    )
+    evaluate_nuclei.add_argument(
+        "--method", default="unet", choices=["unet", "phoulady", "otsu"], help="default: unet"
+    )
+    evaluate_nuclei.add_argument("--weights", help="another U-Net weights file (unet only)")
+    evaluate_nuclei.set_defaults(handler=_evaluate_nuclei, human=_print_evaluation)
+    _add_json_flag(evaluate_nuclei)
 
     metrics = sub.add_parser("metrics", help="AUROC, AUPRC and MCC-F1, patch and slide level")
     metrics.add_argument("table", metavar="TABLE.csv", help="patch table: CSV, TSV or parquet")

@@ -16,6 +16,7 @@ from typing import Any
 
 from services.common.errors import InvalidInput, NotFound
 from services.nuclei.pipeline import analyze_patch, decode_image, encode_labels_tiff, labels_dtype
+from services.nuclei.segment import DEFAULT_METHOD, SegmentationParams
 
 #: Features shown by the readable summary (all 75 are in ``--json``).
 SUMMARY_FEATURES = ("morph.area.mean", "morph.circularity.mean", "spatial.degree.mean")
@@ -60,12 +61,14 @@ def run_nuclei(args: argparse.Namespace) -> dict[str, Any]:
     if not Path(args.image).is_file():
         raise NotFound(f"no image file {args.image!r}")
     image = Path(args.image)
-    analysis = analyze_patch(decode_image(image.read_bytes(), image.name), mpp)
+    params = SegmentationParams(method=getattr(args, "method", None) or DEFAULT_METHOD)
+    analysis = analyze_patch(decode_image(image.read_bytes(), image.name), mpp, params)
     features = analysis.features
     result: dict[str, Any] = {
         "nuclei": features.nucleus_count,
         "few_nuclei": features.few_nuclei,
         "mpp": mpp,
+        "method": params.method,
     }
     if args.labels:
         write_labels(args.labels, encode_labels_tiff(analysis.labels, mpp))

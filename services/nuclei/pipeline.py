@@ -35,13 +35,16 @@ from services.common.errors import InvalidInput, NotFound
 from services.common.images import decode_rgb
 from services.common.objectstore import ObjectStore
 from services.nuclei.features import FEATURE_NAMES, PatchFeatures, nucleus_table, patch_features
-from services.nuclei.segment import MAX_SIDE_PX, SegmentationParams, check_patch, segment_nuclei
+from services.nuclei.methods import segment_batch
+from services.nuclei.segment import MAX_SIDE_PX, SegmentationParams, check_patch
 from services.tiling.shards import decode_patch
 
 #: Resolution assumed when none is given, µm/px (40x, the biomarker models' input).
 DEFAULT_MPP = 0.25
 #: Relative difference under which two given resolutions count as the same.
 _MPP_TOLERANCE = 1e-6
+#: Patches segmented together (one U-Net batch; on a GPU larger batches pay).
+BATCH_PATCHES = 16
 #: Columns of the shard feature table before the 75 feature columns.
 TABLE_COLUMNS = ("slide_id", "shard", "member", "x", "y", "mpp", "nucleus_count", "few_nuclei")
 _MEMBER_ORIGIN = re.compile(r"^(?:.*/)?x?(\d+)_y?(\d+)\.[A-Za-z0-9]+$")
@@ -74,11 +77,14 @@ def segmentation_params(
     max_area_um2: float = 0.0,
     min_solidity: float = 0.0,
     threshold_step: int = 0,
+    method: str = "",
 ) -> SegmentationParams:
-    """Segmentation parameters where 0 means the default (the RPCs' convention).
+    """Segmentation parameters where 0 (or '' for the method) means the default (the
+    RPCs' convention).
 
     Raises:
-        InvalidInput: A value out of range (NaN included), naming it.
+        InvalidInput: A value out of range (NaN included) or an unknown method,
+            naming it.
     """
     given = {
         "min_area_um2": float(min_area_um2),
@@ -89,7 +95,9 @@ def segmentation_params(
     for name, value in given.items():
         if not math.isfinite(value) or value < 0:
             raise InvalidInput(f"params.{name} must be a finite number >= 0, got {value}")
-    changes = {name: value for name, value in given.items() if value != 0}
+    changes: dict[str, object] = {name: value for name, value in given.items() if value != 0}
+    if method:
+        changes["method"] = method
     try:
         return replace(SegmentationParams(), **changes)  # type: ignore[arg-type]
     except InvalidInput as exc:
@@ -134,9 +142,21 @@ def analyze_patch(
     Raises:
         InvalidInput: Not an 8-bit RGB image, too small or large, or a bad mpp.
     """
-    labels = segment_nuclei(rgb, mpp, params)
-    table = nucleus_table(labels, rgb, mpp)
-    return PatchAnalysis(labels, table, patch_features(table), float(mpp))
+    return analyze_patches([rgb], [mpp], params)[0]
+
+
+def analyze_patches(
+    rgbs: Sequence[np.ndarray], mpps: Sequence[float], params: SegmentationParams | None = None
+) -> list[PatchAnalysis]:
+    """:func:`analyze_patch` of several patches, segmented as one batch (the U-Net
+    runs them together, on the GPU when there is one)."""
+    rgbs = [check_patch(rgb, mpp) for rgb, mpp in zip(rgbs, mpps, strict=True)]
+    labels = segment_batch(rgbs, mpps, params=params)
+    analyses = []
+    for rgb, mpp, patch_labels in zip(rgbs, mpps, labels, strict=True):
+        table = nucleus_table(patch_labels, rgb, mpp)
+        analyses.append(PatchAnalysis(patch_labels, table, patch_features(table), float(mpp)))
+    return analyses
 
 
 def decode_image(data: bytes, what: str = "image") -> np.ndarray:
@@ -368,6 +388,14 @@ def extract_shard_features(
                 "split the shards over several calls"
             )
         rows: list[dict[str, object]] = []
+        pending: list[tuple[ShardJob, str, np.ndarray, float]] = []
+
+        def flush() -> None:
+            rows.extend(_patch_rows(pending, params))
+            pending.clear()
+            if progress is not None:
+                progress("features", len(rows), total)
+
         for job, path, names in fetched:
             wanted = set(names)
             with tarfile.open(path, mode="r") as tar:
@@ -375,10 +403,11 @@ def extract_shard_features(
                     if member.name not in wanted:
                         continue
                     budget.check()
-                    handle = tar.extractfile(member)
-                    rows.append(_patch_row(job, member.name, handle, params))
-                    if progress is not None:
-                        progress("features", len(rows), total)
+                    pending.append(_decoded(job, member.name, tar.extractfile(member)))
+                    if len(pending) >= BATCH_PATCHES:
+                        flush()
+        if pending:
+            flush()
     budget.check()  # a late call writes nothing
     table = shard_table(rows)
     buffer = io.BytesIO()
@@ -387,31 +416,42 @@ def extract_shard_features(
     return ShardFeatures(output_key, len(table), int(table["few_nuclei"].sum()))
 
 
-def _patch_row(
-    job: ShardJob, member: str, handle: IO[bytes] | None, params: SegmentationParams | None
-) -> dict[str, object]:
+def _decoded(
+    job: ShardJob, member: str, handle: IO[bytes] | None
+) -> tuple[ShardJob, str, np.ndarray, float]:
+    """One shard member decoded and checked, errors naming it."""
     where = f"shard {job.shard!r} member {member!r}"
     if handle is None:
         raise InvalidInput(f"{where} cannot be read")
     mpp = job.member_mpp.get(member, job.mpp)
     try:
-        rgb = decode_patch(handle.read())
-        result = analyze_patch(rgb, mpp, params)
+        rgb = check_patch(decode_patch(handle.read()), mpp)
     except InvalidInput as exc:
         raise InvalidInput(f"{where}: {exc}") from None
-    origin = member_origin(member)
-    row: dict[str, object] = {
-        "slide_id": job.member_slide.get(member, job.slide_id),
-        "shard": job.shard,
-        "member": member,
-        "x": origin[0] if origin else None,
-        "y": origin[1] if origin else None,
-        "mpp": mpp,
-        "nucleus_count": result.features.nucleus_count,
-        "few_nuclei": result.features.few_nuclei,
-    }
-    row.update(result.features.as_dict())
-    return row
+    return job, member, rgb, mpp
+
+
+def _patch_rows(
+    patches: list[tuple[ShardJob, str, np.ndarray, float]], params: SegmentationParams | None
+) -> list[dict[str, object]]:
+    """The table rows of decoded patches, segmented as one batch."""
+    results = analyze_patches([p[2] for p in patches], [p[3] for p in patches], params)
+    rows = []
+    for (job, member, _, mpp), result in zip(patches, results, strict=True):
+        origin = member_origin(member)
+        row: dict[str, object] = {
+            "slide_id": job.member_slide.get(member, job.slide_id),
+            "shard": job.shard,
+            "member": member,
+            "x": origin[0] if origin else None,
+            "y": origin[1] if origin else None,
+            "mpp": mpp,
+            "nucleus_count": result.features.nucleus_count,
+            "few_nuclei": result.features.few_nuclei,
+        }
+        row.update(result.features.as_dict())
+        rows.append(row)
+    return rows
 
 
 def shard_table(rows: list[dict[str, object]]) -> pd.DataFrame:

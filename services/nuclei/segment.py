@@ -57,6 +57,10 @@ CLUMP_MIN_SOLIDITY = 0.3
 OPENING_UM = 1.0
 #: Largest image side accepted, px (a 40x patch is 512; 4096 covers big crops).
 MAX_SIDE_PX = 4096
+#: Segmentation methods by name (see :mod:`services.nuclei.methods`).
+METHODS = ("unet", "phoulady", "otsu")
+#: The most accurate on real tissue.
+DEFAULT_METHOD = "unet"
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,8 @@ class SegmentationParams:
         basin_min_solidity: Least solidity of a basin kept as a nucleus. Lower
             than ``min_solidity``: a basin's outline follows stain rims, and a
             nucleus partly under its neighbour is a crescent.
+        method: Which method segments (:data:`METHODS`); the values above are the
+            ``phoulady`` thresholding's and do not apply to the others.
     """
 
     min_area_um2: float = 12.0
@@ -98,8 +104,13 @@ class SegmentationParams:
     notch_depth_um: float = 0.5
     basin_depth: int = 20
     basin_min_solidity: float = 0.5
+    method: str = DEFAULT_METHOD
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidInput(
+                f"unknown nuclei method {self.method!r}: choose one of {', '.join(METHODS)}"
+            )
         if not 0 < self.min_area_um2 < self.max_area_um2:
             raise InvalidInput("need 0 < min_area_um2 < max_area_um2")
         if not 0 < self.min_solidity <= 1:

@@ -63,7 +63,11 @@ def _params(request: Any) -> SegmentationParams:
         return SegmentationParams()
     message = request.params
     return segmentation_params(
-        message.min_area_um2, message.max_area_um2, message.min_solidity, message.threshold_step
+        message.min_area_um2,
+        message.max_area_um2,
+        message.min_solidity,
+        message.threshold_step,
+        message.method,
     )
 
 
