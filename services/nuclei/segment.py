@@ -367,7 +367,7 @@ def segment_nuclei(
                 next_label += int(parts.max()) + 1
     out = _split_touching(out, mpp, params)
     out = _split_clusters(out, h_raw, mpp, params)
-    return _relabel(_smooth_outlines(out, mpp))
+    return relabel_in_raster_order(_smooth_outlines(out, mpp))
 
 
 def _split_clusters(
@@ -726,7 +726,7 @@ def _label_areas(labels: np.ndarray, count: int) -> np.ndarray:
     return np.bincount(labels.ravel(), minlength=count).astype(np.float64)
 
 
-def _relabel(labels: np.ndarray) -> np.ndarray:
+def relabel_in_raster_order(labels: np.ndarray) -> np.ndarray:
     """Labels 1..n in raster order of first appearance; 0 stays background."""
     flat = labels.ravel()
     where = np.flatnonzero(flat)

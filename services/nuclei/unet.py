@@ -34,6 +34,7 @@ from skimage.segmentation import watershed
 from torch import nn
 
 from services.common.errors import FailedPrecondition, InvalidInput
+from services.nuclei.segment import relabel_in_raster_order
 
 #: Resolution the network works at, µm/px (20x).
 WORK_MPP = 0.5
@@ -274,14 +275,9 @@ def _drop_small(labels: np.ndarray, min_px: float) -> np.ndarray:
     count = int(labels.max()) + 1
     if count == 1:
         return labels
-    keep = np.bincount(labels.ravel(), minlength=count) >= min_px
-    keep[0] = False
-    flat = labels.ravel()
-    where = np.flatnonzero(keep[flat])
-    present, first = np.unique(flat[where], return_index=True)
-    lut = np.zeros(count, np.int32)
-    lut[present[np.argsort(first, kind="stable")]] = np.arange(1, len(present) + 1)
-    return lut[labels]
+    small = np.bincount(labels.ravel(), minlength=count) < min_px
+    small[0] = False
+    return relabel_in_raster_order(np.where(small[labels], 0, labels))
 
 
 def segment_unet(

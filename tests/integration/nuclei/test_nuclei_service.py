@@ -130,6 +130,23 @@ def test_segment_nuclei_returns_labels_nuclei_and_features(stack: Stack) -> None
     np.testing.assert_allclose(features.values, local.features.values)
 
 
+def test_each_method_is_served_by_name_and_the_default_is_the_unet(stack: Stack) -> None:
+    crop = stack.crops[1]
+    labels = {}
+    for method in ("", "unet", "phoulady", "otsu"):
+        response = stack.stub.SegmentNuclei(
+            nuclei_pb2.SegmentNucleiRequest(
+                image=_image(crop), params=nuclei_pb2.SegmentationParams(method=method)
+            ),
+            timeout=60,
+        )
+        labels[method] = decode_labels_tiff(response.labels.data)
+        assert response.features.nucleus_count > 3, method
+    np.testing.assert_array_equal(labels[""], labels["unet"])
+    assert not np.array_equal(labels["unet"], labels["phoulady"])
+    assert not np.array_equal(labels["phoulady"], labels["otsu"])
+
+
 def test_mpp_is_taken_from_the_request_or_the_image(stack: Stack) -> None:
     crop = stack.crops[0]
     request = nuclei_pb2.SegmentNucleiRequest(image=_image(crop), omit_labels=True, mpp=0.5)
@@ -181,6 +198,12 @@ def _grey_png() -> bytes:
             0.0,
             nuclei_pb2.SegmentationParams(threshold_step=300),
             "threshold_step",
+        ),
+        (
+            _image(_blank(64)),
+            0.0,
+            nuclei_pb2.SegmentationParams(method="magic"),
+            "unknown nuclei method 'magic'",
         ),
     ],
 )
