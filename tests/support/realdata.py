@@ -20,5 +20,5 @@ def realdata(sub: str) -> Path:
     """The folder ``sub`` of the real data, or skip the test with the reason."""
     folder = REALDATA / sub
     if not (folder / "index.csv").is_file() and not folder.is_dir():
-        pytest.skip(f"real data absent: no {folder} (see README, 'Real data')")
+        pytest.skip(f"real data absent: no {folder} (set HISTOMARKER_REALDATA to the folder)")
     return folder
