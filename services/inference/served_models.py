@@ -17,7 +17,6 @@ just started. Talks to TorchServe's REST management API only (no gRPC).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import urllib.parse
@@ -30,6 +29,7 @@ from pydantic import SecretStr
 
 from services.common.errors import HistomarkerError, InvalidInput, NotFound, Unavailable
 from services.common.objectstore import ObjectStore
+from services.common.objectstore.integrity import file_sha256
 from services.common.settings import ServiceSettings
 from services.inference.registry import archive_key, stored_models, stored_versions
 from services.inference.serving_records import (
@@ -49,7 +49,6 @@ READY_TIMEOUT_S = 300.0
 #: Versions registered at once by a restore (each starts a worker process).
 RESTORE_PARALLELISM = 4
 #: Bytes read at a time when comparing an archive with its stored checksum.
-_CHUNK_BYTES = 1 << 20
 
 log = logging.getLogger(__name__)
 
@@ -161,19 +160,11 @@ def fetch_archive(store: ObjectStore, key: str, destination: Path) -> bool:
         IntegrityError: The stored bytes do not match their checksum.
     """
     expected = store.stat(key).sha256
-    if expected and destination.is_file() and _sha256(destination) == expected:
+    if expected and destination.is_file() and file_sha256(destination) == expected:
         return False
     destination.parent.mkdir(parents=True, exist_ok=True)
     store.get_file(key, destination)
     return True
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def register_version(

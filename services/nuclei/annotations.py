@@ -22,8 +22,6 @@ from services.common.images import decode_rgb
 
 #: Columns an index must have.
 INDEX_COLUMNS = ("name", "image", "mpp")
-#: Largest image side accepted, px.
-MAX_SIDE_PX = 4096
 
 
 @dataclass(frozen=True)
@@ -137,7 +135,7 @@ def read_index(path: str | Path) -> list[IndexRow]:
 
 def read_rgb_file(path: Path, what: str | None = None) -> np.ndarray:
     """An RGB image file as uint8 (H, W, 3); grey or 16-bit images are refused."""
-    return decode_rgb(Path(path).read_bytes(), what or f"image {Path(path).name!r}", MAX_SIDE_PX)
+    return decode_rgb(Path(path).read_bytes(), what or f"image {Path(path).name!r}")
 
 
 def read_label_image(path: Path, what: str | None = None) -> np.ndarray:

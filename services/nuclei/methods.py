@@ -19,23 +19,12 @@ from services.nuclei.segment import (
     DEFAULT_METHOD,
     METHODS,
     SegmentationParams,
+    check_method,
     check_patch,
     segment_nuclei,
 )
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "check_method", "segment_batch"]
-
-
-def check_method(name: str) -> str:
-    """The method's name ('' means the default).
-
-    Raises:
-        InvalidInput: Not a known method.
-    """
-    name = name or DEFAULT_METHOD
-    if name not in METHODS:
-        raise InvalidInput(f"unknown nuclei method {name!r}: choose one of {', '.join(METHODS)}")
-    return name
 
 
 def segment_batch(

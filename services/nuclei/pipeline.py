@@ -150,8 +150,7 @@ def analyze_patches(
 ) -> list[PatchAnalysis]:
     """:func:`analyze_patch` of several patches, segmented as one batch (the U-Net
     runs them together, on the GPU when there is one)."""
-    rgbs = [check_patch(rgb, mpp) for rgb, mpp in zip(rgbs, mpps, strict=True)]
-    labels = segment_batch(rgbs, mpps, params=params)
+    labels = segment_batch(rgbs, mpps, params=params)  # checks each patch first
     analyses = []
     for rgb, mpp, patch_labels in zip(rgbs, mpps, labels, strict=True):
         table = nucleus_table(patch_labels, rgb, mpp)

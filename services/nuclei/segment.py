@@ -107,10 +107,7 @@ class SegmentationParams:
     method: str = DEFAULT_METHOD
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InvalidInput(
-                f"unknown nuclei method {self.method!r}: choose one of {', '.join(METHODS)}"
-            )
+        check_method(self.method)
         if not 0 < self.min_area_um2 < self.max_area_um2:
             raise InvalidInput("need 0 < min_area_um2 < max_area_um2")
         if not 0 < self.min_solidity <= 1:
@@ -125,6 +122,18 @@ class SegmentationParams:
             raise InvalidInput("basin_depth must be within 0-255 grey levels")
         if not 0 < self.basin_min_solidity <= 1:
             raise InvalidInput("basin_min_solidity must be within (0, 1]")
+
+
+def check_method(name: str) -> str:
+    """The method's name ('' means the default).
+
+    Raises:
+        InvalidInput: Not a known method.
+    """
+    name = name or DEFAULT_METHOD
+    if name not in METHODS:
+        raise InvalidInput(f"unknown nuclei method {name!r}: choose one of {', '.join(METHODS)}")
+    return name
 
 
 def check_patch(rgb: np.ndarray, mpp: float) -> np.ndarray:

@@ -36,8 +36,9 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
+from services.common.objectstore.integrity import file_sha256
 from services.nuclei.annotations import IndexRow, read_index, read_label_image, read_rgb_file
-from services.nuclei.unet import RGB_MEAN, RGB_STD, WORK_MPP, build_unet, file_sha256
+from services.nuclei.unet import RGB_MEAN, RGB_STD, WORK_MPP, build_unet
 
 #: MoNuSeg organs of fold "a" (the rest are fold "b").
 FOLD_A_ORGANS = frozenset({"breast", "prostate", "colon"})

@@ -20,7 +20,6 @@ only from there (or a file the caller names), never downloaded. Training:
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -112,14 +111,6 @@ class UNet(nn.Module):
 def build_unet() -> UNet:
     """The network with random weights."""
     return UNet()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class NucleiNet:

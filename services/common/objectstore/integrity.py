@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 from collections.abc import Callable
 from typing import Protocol
@@ -34,6 +35,15 @@ class ReadableSource(Protocol):
     def read(self, size: int = -1, /) -> bytes:
         """Return up to ``size`` bytes; ``b""`` at the end."""
         ...
+
+
+def file_sha256(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
+    """The sha256 of a local file's bytes, hex, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_sha256_hex(value: object) -> bool:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from services.nuclei.unet import WEIGHTS_PATH, NucleiNet, file_sha256
+from services.common.objectstore.integrity import file_sha256
+from services.nuclei.unet import WEIGHTS_PATH, NucleiNet
 
 REPO = Path(__file__).resolve().parents[3]
 
