@@ -88,6 +88,18 @@ def _tile(args: argparse.Namespace) -> dict[str, Any]:
     return run_tile(args)
 
 
+def _qc(args: argparse.Namespace) -> dict[str, Any]:
+    from services.tiling.cli_qc import run_qc_command
+
+    return run_qc_command(args)
+
+
+def _print_qc(result: dict[str, Any]) -> None:
+    from services.tiling.cli_qc import print_qc
+
+    print_qc(result)
+
+
 def _normalize(args: argparse.Namespace) -> dict[str, Any]:
     from services.tiling.images import read_image, write_png
     from services.tiling.stain import normalize_image
@@ -426,6 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
     tile.add_argument("--method", default="vahadane", choices=["vahadane", "macenko", "reinhard"])
     tile.add_argument("--format", default="jpeg", choices=["jpeg", "png"], dest="image_format")
     tile.set_defaults(handler=_tile)
+
+    qc = sub.add_parser("qc", help="tissue, ink, blur, fold and edge masks with a verdict")
+    qc.add_argument("slide", metavar="SLIDE", help="slide or image file, or a folder of them")
+    qc.add_argument("out", metavar="OUT", help="output folder")
+    qc.add_argument(
+        "--mpp", type=float, help="microns per pixel of the file (needed when it has none)"
+    )
+    qc.set_defaults(handler=_qc, human=_print_qc)
 
     normalize = sub.add_parser("normalize", help="Vahadane stain normalization of an image")
     normalize.add_argument("image", metavar="IMAGE")

@@ -92,7 +92,7 @@ from skimage.filters import threshold_otsu
 from services.common.errors import InvalidInput, NotFound
 
 #: Pen ink colours, in the order of their codes (1, 2, 3) in pen code images.
-PEN_COLOURS: tuple[str, ...] = ("green", "blue", "black")
+PEN_COLOURS: tuple[str, ...] = ("green", "blue", "black", "red", "other")
 #: Name of the metadata file; it is written last.
 MASKS_JSON = "tissue.json"
 _FORMAT_VERSION = 1
@@ -162,16 +162,35 @@ class TissueParams:
     pen_min_saturation: float = 0.3
     blue_min_saturation: float = 0.55
     black_max_value: float = 0.35
-    black_max_saturation: float = 0.45
+    black_max_saturation: float = 0.25
     black_min_area_um2: float = 2_000.0
-    black_min_neutrality: float = 0.55
+    black_min_neutrality: float = 0.7
     black_grow_min_od: float = 0.3
     black_grow_min_neutrality: float = 0.6
     black_dilate_um: float = 4.0
     pen_min_area_um2: float = 500.0
     pen_dilate_um: float = 8.0
+    ink_min_od: float = 0.15
+    ink_grow_min_od: float = 0.08
+    green_min_dir_red: float = 0.75
+    red_max_dir_red: float = 0.2
+    red_grow_max_dir_red: float = 0.3
+    red_min_blue_over_green: float = 0.66
+    red_grow_min_blue_over_green: float = 0.62
+    red_min_od: float = 0.25
+    ink_grow_um: float = 100.0
+    red_min_area_um2: float = 20_000.0
+    other_min_blue_over_green: float = 0.05
+    grey_max_angle_deg: float = 8.0
+    grey_min_od: float = 0.06
+    edge_min_length_um: float = 3_000.0
+    edge_max_width_um: float = 600.0
+    tissue_max_od_threshold: float = 0.15
+    tissue_max_saturation_threshold: float = 0.15
+    glass_max_saturation: float = 0.08
+    min_object_image_fraction: float = 0.02
     blur_window_um: float = 24.0
-    blur_fraction: float = 0.5
+    blur_fraction: float = 0.3
     blur_min_std: float = 0.02
     blur_min_area_um2: float = 5_000.0
     fold_smooth_um: float = 16.0
@@ -200,10 +219,11 @@ class TissueMasks:
     """Masks of one slide at one low resolution (all of the same shape).
 
     Attributes:
-        tissue: Tissue, pen already removed.
-        pen: Pen ink per colour (``green``, ``blue``, ``black``), glass included.
+        tissue: Tissue, pen and edges already removed.
+        pen: Pen ink per colour (:data:`PEN_COLOURS`), glass included.
         blur: Out-of-focus tissue.
         fold: Folded (doubled) tissue.
+        edge: Coverslip edges, cracks and label bands (never tissue).
         usable: ``tissue & ~pen & ~blur & ~fold``.
         downsample: Level-0 px per mask px.
         mpp: Resolution of the mask pixels, µm/px.
@@ -214,6 +234,7 @@ class TissueMasks:
     pen: dict[str, np.ndarray]
     blur: np.ndarray
     fold: np.ndarray
+    edge: np.ndarray
     usable: np.ndarray
     downsample: float
     mpp: float
@@ -256,6 +277,7 @@ class TissueMasks:
                 **{f"pen_{name}": area(mask) for name, mask in self.pen.items()},
                 "blur": area(self.blur),
                 "fold": area(self.fold),
+                "edge": area(self.edge),
             },
             "fraction_of_tissue": {
                 "usable": fraction(self.usable),
@@ -325,14 +347,26 @@ def _smooth(image: np.ndarray, sigma_px: float) -> np.ndarray:
 
 
 def estimate_glass(rgb: np.ndarray, params: TissueParams = TissueParams()) -> np.ndarray:
-    """The glass (background) colour: the median colour of the brightest histogram mode.
+    """The glass (background) colour: the median colour of the brightest neutral
+    histogram mode (see :func:`find_glass`); white when there is none."""
+    return find_glass(rgb, params)[0]
+
+
+def find_glass(rgb: np.ndarray, params: TissueParams = TissueParams()) -> tuple[np.ndarray, bool]:
+    """The glass colour and whether glass is in view at all.
+
+    Glass is the brightest mode of the grey-level histogram (at least
+    ``glass_min_grey`` and ``glass_min_mode_fraction`` of the pixels) whose median
+    colour is nearly neutral (saturation <= ``glass_max_saturation``): a pale pink
+    stretch of tissue in a crop with no glass is bright too, but coloured.
 
     Args:
         rgb: ``uint8`` RGB image, shape (height, width, 3).
-        params: Segmentation parameters (``glass_min_mode_fraction``, ``glass_min_grey``).
+        params: Segmentation parameters.
 
     Returns:
-        Glass colour (R, G, B), 0-255 floats; white when no glass mode is found.
+        ``(colour, found)``: glass colour (R, G, B) as 0-255 floats, white when no
+        glass mode is found, and whether one was.
     """
     grey = rgb.astype(np.float32).mean(axis=2)
     hist = np.bincount(np.clip(grey + 0.5, 0, 255).astype(np.int64).ravel(), minlength=256)
@@ -345,12 +379,12 @@ def estimate_glass(rgb: np.ndarray, params: TissueParams = TissueParams()) -> np
         and smooth[g] >= smooth[max(g - 1, 0)]
         and smooth[g] >= smooth[min(g + 1, 255)]
     ]
-    if not peaks:
-        return np.full(3, 255.0)
-    mode = peaks[-1]
-    near = np.abs(grey - mode) <= 4
-    glass = np.median(rgb[near].astype(np.float64), axis=0)
-    return np.asarray(np.clip(glass, 1.0, 255.0), dtype=np.float64)
+    for mode in reversed(peaks):
+        near = np.abs(grey - mode) <= 4
+        glass = np.median(rgb[near].astype(np.float64), axis=0)
+        if float(glass.max() - glass.min()) <= params.glass_max_saturation * float(glass.max()):
+            return np.asarray(np.clip(glass, 1.0, 255.0), dtype=np.float64), True
+    return np.full(3, 255.0), False
 
 
 def _otsu_threshold(values: np.ndarray, floor: float, min_contrast: float) -> float:
@@ -428,6 +462,115 @@ def _black_ink(
     return _remove_small(_grow(core, weak), params.black_min_area_um2 / px_area_um2)
 
 
+def _od_direction(balanced: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Absorbance strength (Euclidean norm of the three channel ODs) and its direction
+    (the OD vector over its norm, (h, w, 3)) of a glass-balanced colour in 0-1.
+
+    The direction is the colour of an absorber whatever its amount: haematoxylin and
+    eosin mixes fill one narrow band of directions (red absorbed least after green,
+    blue absorbed less than green), while inks lie outside it: green ink absorbs red
+    most, red ink leaves red nearly clear and absorbs blue almost as much as green,
+    yellow and orange inks absorb blue most, and black or grey absorb all three alike.
+    """
+    od = -np.log10(np.maximum(balanced, np.float32(1.0 / 255.0)))
+    strength = np.sqrt(od[..., 0] ** 2 + od[..., 1] ** 2 + od[..., 2] ** 2)
+    direction = od / np.maximum(strength, np.float32(1e-6))[..., None]
+    return strength.astype(np.float32), direction.astype(np.float32)
+
+
+def _grey(strength: np.ndarray, direction: np.ndarray, params: TissueParams) -> np.ndarray:
+    """Neutral absorbers (within ``grey_max_angle_deg`` of the grey axis): ink, dust,
+    coverslip edges, label bands; never stained tissue."""
+    cosine = direction.sum(axis=2) / np.float32(math.sqrt(3.0))
+    least = np.float32(math.cos(math.radians(params.grey_max_angle_deg)))
+    return (strength >= params.grey_min_od) & (cosine >= least)
+
+
+def _colour_ink(
+    strength: np.ndarray,
+    direction: np.ndarray,
+    strength_fine: np.ndarray,
+    direction_fine: np.ndarray,
+    grey_fine: np.ndarray,
+    px_um: float,
+    params: TissueParams,
+) -> dict[str, np.ndarray]:
+    """Green, red and other-coloured ink by absorbance direction, each grown by
+    hysteresis into its fainter rim on the lightly smoothed image (at most
+    ``ink_grow_um`` from the confident core).
+
+    Red ink and eosin both leave red light nearly clear; red ink also absorbs blue
+    almost as much as green (blue over green OD >= ``red_min_blue_over_green``),
+    eosin-rich stroma clearly less (about 0.55-0.6), and ink is darker.
+    """
+    r_dir, g_dir, b_dir = direction[..., 0], direction[..., 1], direction[..., 2]
+    rf_dir, gf_dir, bf_dir = direction_fine[..., 0], direction_fine[..., 1], direction_fine[..., 2]
+    reddish = r_dir <= params.red_max_dir_red
+    reddish_fine = rf_dir <= params.red_grow_max_dir_red
+    core = {
+        "green": (strength >= params.ink_min_od) & (r_dir >= params.green_min_dir_red),
+        "red": (strength >= params.red_min_od)
+        & reddish
+        & (b_dir >= params.red_min_blue_over_green * g_dir),
+        "other": (strength >= params.ink_min_od)
+        & reddish
+        & (b_dir >= g_dir + params.other_min_blue_over_green),
+    }
+    weak = {
+        "green": (strength_fine >= params.ink_grow_min_od)
+        & (rf_dir >= params.green_min_dir_red),
+        "red": (strength_fine >= params.ink_grow_min_od)
+        & reddish_fine
+        & (bf_dir >= params.red_grow_min_blue_over_green * gf_dir),
+        "other": (strength_fine >= params.ink_grow_min_od)
+        & reddish_fine
+        & (bf_dir >= gf_dir + params.other_min_blue_over_green),
+    }
+    core["other"] &= ~core["red"]
+    out = {}
+    for name in core:
+        seed = core[name] & ~grey_fine
+        near = _morph(seed, cv2.MORPH_DILATE, params.ink_grow_um / px_um)
+        out[name] = _grow(seed, weak[name] & ~grey_fine & near)
+    out["red"] &= ~out["green"]
+    out["other"] &= ~out["green"] & ~out["red"]
+    return out
+
+
+def _edge_mask(
+    grey: np.ndarray, black: np.ndarray, px_um: float, params: TissueParams
+) -> np.ndarray:
+    """Coverslip edges, cracks and label bands: neutral regions that are long and
+    straight (the short side of their rotated bounding box at most
+    ``edge_max_width_um``, the long side at least ``edge_min_length_um``), or long,
+    touching the image border and mostly not as dark as black ink (a label or a
+    mounting band). A curved or broad ink stroke stays ink."""
+    out = np.zeros(grey.shape, dtype=bool)
+    if not grey.any():
+        return out
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        grey.astype(np.uint8), connectivity=8
+    )
+    height, width = grey.shape
+    least_px = params.edge_min_length_um / px_um
+    for index in range(1, count):
+        x, y, w, h, _area = (int(v) for v in stats[index])
+        if max(w, h) < least_px:
+            continue
+        touches = x == 0 or y == 0 or x + w == width or y + h == height
+        points = cv2.findNonZero((labels[y : y + h, x : x + w] == index).astype(np.uint8))
+        (_, _), (side_a, side_b), _ = cv2.minAreaRect(points)
+        long_side, short_side = max(side_a, side_b), min(side_a, side_b)
+        member = labels[y : y + h, x : x + w] == index
+        thin = long_side >= least_px and short_side * px_um <= params.edge_max_width_um
+        band = touches and int((black[y : y + h, x : x + w] & member).sum()) < 0.5 * int(
+            member.sum()
+        )
+        if thin or band:
+            out[y : y + h, x : x + w] |= member
+    return out
+
+
 def _pen_masks(
     hue: np.ndarray,
     sat: np.ndarray,
@@ -437,7 +580,8 @@ def _pen_masks(
     px_area_um2: float,
     px_um: float,
     params: TissueParams,
-) -> dict[str, np.ndarray]:
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Pen ink per colour, the coverslip/label edge and every neutral absorber."""
     r, g, b = balanced[..., 0], balanced[..., 1], balanced[..., 2]
     green = (
         (hue >= params.green_hue_deg[0])
@@ -451,25 +595,57 @@ def _pen_masks(
         & (b > r)
         & (sat >= params.blue_min_saturation)
     )
+    strength, direction = _od_direction(balanced)
+    strength_fine, direction_fine = _od_direction(balanced_fine)
+    grey_fine = _grey(strength_fine, direction_fine, params)
+    coloured = _colour_ink(
+        strength, direction, strength_fine, direction_fine, grey_fine, px_um, params
+    )
+    black = _black_ink(balanced, val, sat, balanced_fine, px_area_um2, params)
+    edge = _edge_mask(grey_fine, black, px_um, params)
+    black &= ~edge
+    # Ink that absorbs red most is green or blue: by direction alone it is green only
+    # outside the blue hues (where dense haematoxylin comes close to it); blue ink
+    # needs the hue rule's saturation.
+    bluish = (hue >= params.blue_hue_deg[0]) & (hue <= params.blue_hue_deg[1])
+    min_px = params.pen_min_area_um2 / px_area_um2
     raw = {
-        "green": _remove_small(green, params.pen_min_area_um2 / px_area_um2),
-        "blue": _remove_small(blue, params.pen_min_area_um2 / px_area_um2),
-        "black": _black_ink(balanced, val, sat, balanced_fine, px_area_um2, params),
+        "green": _remove_small(green | (coloured["green"] & ~bluish), min_px),
+        "blue": _remove_small(blue, min_px),
+        "black": black,
+        "red": _remove_small(coloured["red"], params.red_min_area_um2 / px_area_um2),
+        "other": _remove_small(coloured["other"] & ~blue & ~black, min_px),
     }
     dilate_um = {"black": params.black_dilate_um}
-    return {
+    pen = {
         name: _morph(mask, cv2.MORPH_DILATE, dilate_um.get(name, params.pen_dilate_um) / px_um)
         for name, mask in raw.items()
     }
+    edge = _morph(edge, cv2.MORPH_DILATE, params.black_dilate_um / px_um)
+    return pen, edge, grey_fine
 
 
-def _sharpness(grey: np.ndarray, sigma_px: float) -> tuple[np.ndarray, np.ndarray]:
-    """Local Laplacian energy over local variance, and the local standard deviation."""
+def _sharpness(
+    grey: np.ndarray, sigma_px: float, weight: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Local Laplacian energy over local variance, the local standard deviation and
+    the share of tissue in the window, all over tissue pixels only.
+
+    The window is weighted by the tissue mask (normalized convolution), and the
+    Laplacian only counts away from the tissue's rim: a window across the tissue's
+    edge would otherwise see the glass-tissue step as a large variance with little
+    fine detail, and call sharp tissue edges blurred.
+    """
     lap = cv2.Laplacian(grey, cv2.CV_32F, ksize=3)
-    energy = _smooth(lap * lap, sigma_px)
-    mean = _smooth(grey, sigma_px)
-    var = np.maximum(_smooth(grey * grey, sigma_px) - mean * mean, 0.0)
-    return energy / (var + 1e-4), np.sqrt(var)
+    inner = cv2.erode(weight, np.ones((3, 3), np.uint8)).astype(np.float32)
+    tissue = weight.astype(np.float32)
+    share = _smooth(tissue, sigma_px)
+    inner_share = np.maximum(_smooth(inner, sigma_px), np.float32(1e-3))
+    energy = _smooth(lap * lap * inner, sigma_px) / inner_share
+    norm = np.maximum(share, np.float32(1e-3))
+    mean = _smooth(grey * tissue, sigma_px) / norm
+    var = np.maximum(_smooth(grey * grey * tissue, sigma_px) / norm - mean * mean, 0.0)
+    return energy / (var + 1e-4), np.sqrt(var), share
 
 
 def _blur_mask(
@@ -483,11 +659,17 @@ def _blur_mask(
     h, w = tissue.shape
     scale = sharp_source.shape[1] / w  # source px per mask px
     grey = (sharp_source.astype(np.float32) / glass.astype(np.float32)).mean(axis=2)
-    sharp, std = _sharpness(grey, params.blur_window_um / (px_um / scale))
+    weight = tissue.astype(np.uint8)
+    if grey.shape != tissue.shape:
+        size = (grey.shape[1], grey.shape[0])
+        weight = cv2.resize(weight, size, interpolation=cv2.INTER_NEAREST)
+    sharp, std, share = _sharpness(grey, params.blur_window_um / (px_um / scale), weight)
     if sharp.shape != tissue.shape:
         sharp = cv2.resize(sharp, (w, h), interpolation=cv2.INTER_AREA)
         std = cv2.resize(std, (w, h), interpolation=cv2.INTER_AREA)
-    judged = tissue & (std >= params.blur_min_std)
+        share = cv2.resize(share, (w, h), interpolation=cv2.INTER_AREA)
+    # Judged where the window holds enough tissue with enough contrast.
+    judged = tissue & (std >= params.blur_min_std) & (share >= 0.5)
     if not judged.any():
         return np.zeros_like(tissue), math.nan
     threshold = params.blur_fraction * float(np.median(sharp[judged]))
@@ -564,7 +746,7 @@ def segment_tissue(
     px_um = float(mpp0) * float(downsample)
     px_area_um2 = px_um * px_um
 
-    glass = estimate_glass(rgb, params)
+    glass, glass_found = find_glass(rgb, params)
     image = rgb.astype(np.float32)
     balanced = np.clip(image / glass.astype(np.float32), 0.0, 1.0)
     od = (-np.log10(np.maximum(balanced, 1.0 / 255.0))).mean(axis=2).astype(np.float32)
@@ -576,15 +758,35 @@ def segment_tissue(
     # Lightly smoothed colour for the hysteresis steps (black ink rims, faint tissue).
     balanced_fine = np.clip(_smooth(balanced, sigma / 4), 0.0, 1.0)
 
-    pen = _pen_masks(hue, sat_s, val_s, balanced_s, balanced_fine, px_area_um2, px_um, params)
-    pen_any = np.zeros(od.shape, dtype=bool)
+    pen, edge, grey = _pen_masks(
+        hue, sat_s, val_s, balanced_s, balanced_fine, px_area_um2, px_um, params
+    )
+    pen_any = edge.copy()
     for mask in pen.values():
         pen_any |= mask
     # Ink is far darker and more saturated than tissue: left in, it would pull Otsu's
     # threshold between tissue and ink instead of between glass and tissue.
-    sample = ~pen_any if (~pen_any).any() else np.ones_like(pen_any)
-    t_od = _otsu_threshold(od_s[sample], params.min_od, params.min_od_contrast)
-    t_sat = _otsu_threshold(sat_s[sample], params.min_saturation, params.min_saturation_contrast)
+    sample = ~(pen_any | grey)
+    if not sample.any():
+        sample = np.ones_like(pen_any)
+    if glass_found:
+        t_od = _otsu_threshold(od_s[sample], params.min_od, params.min_od_contrast)
+        t_sat = _otsu_threshold(sat_s[sample], params.min_saturation, params.min_saturation_contrast)
+        if math.isfinite(t_od) or math.isfinite(t_sat):
+            # Otsu splits glass from tissue; where the view is mostly tissue it would
+            # split pale from dense tissue instead, so it is capped.
+            t_od = min(t_od, max(params.tissue_max_od_threshold, params.min_od))
+            t_sat = min(t_sat, max(params.tissue_max_saturation_threshold, params.min_saturation))
+        elif float(np.median(od_s[sample])) >= params.min_od or (
+            float(np.median(sat_s[sample])) >= params.min_saturation
+        ):
+            # Nothing splits, yet the typical pixel is stained: all tissue, and the
+            # glass-like mode was its palest stretch.
+            t_od, t_sat = params.min_od, params.min_saturation
+    else:
+        # No glass in view (a crop inside the tissue): whatever is stained is tissue.
+        t_od, t_sat = params.min_od, params.min_saturation
+    # Neutral absorbers (dust, coverslip, label) are never tissue, however dark.
     core = ((od_s > t_od) | (sat_s > t_sat)) & sample
     # Hysteresis: faint tissue (fat, thin smears) counts where it touches the core.
     # On a lightly smoothed image: the full smoothing would smear the rim of strong
@@ -592,13 +794,17 @@ def segment_tissue(
     _, sat_fine, _ = _hsv(balanced_fine)
     raw = _grow(core, sat_fine > params.faint_saturation)
 
+    # The smallest object kept: a crop of a few hundred µm is all one small object.
+    min_object_px = min(
+        params.min_object_um2 / px_area_um2, params.min_object_image_fraction * od.size
+    )
     tissue = raw & ~pen_any
     tissue = _morph(tissue, cv2.MORPH_CLOSE, params.close_um / px_um)
     tissue = _morph(tissue, cv2.MORPH_OPEN, params.open_um / px_um)
-    tissue = _remove_small(tissue & ~pen_any, params.min_object_um2 / px_area_um2)
+    tissue = _remove_small(tissue & ~pen_any, min_object_px)
     tissue = _fill_holes(tissue, params.max_hole_um2 / px_area_um2) & ~pen_any
     # Pen often cuts tissue into slivers along its edges; drop those again.
-    tissue = _remove_small(tissue, params.min_object_um2 / px_area_um2)
+    tissue = _remove_small(tissue, min_object_px)
 
     source = sharpness_rgb if sharpness_rgb is not None else rgb
     blur, t_blur = _blur_mask(source, glass, tissue, px_um, px_area_um2, params)
@@ -608,6 +814,7 @@ def segment_tissue(
         "glass_r": float(glass[0]),
         "glass_g": float(glass[1]),
         "glass_b": float(glass[2]),
+        "glass_found": float(glass_found),
         "od": t_od,
         "saturation": t_sat,
         "blur_sharpness": t_blur,
@@ -618,6 +825,7 @@ def segment_tissue(
         pen=pen,
         blur=blur,
         fold=fold,
+        edge=edge,
         usable=usable,
         downsample=float(downsample),
         mpp=px_um,
@@ -635,7 +843,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _mask_files(masks_pen: dict[str, Any]) -> dict[str, str]:
-    files = {"tissue": "tissue.png", "blur": "blur.png", "fold": "fold.png"}
+    files = {"tissue": "tissue.png", "blur": "blur.png", "fold": "fold.png", "edge": "edge.png"}
     files.update({f"pen_{name}": f"pen_{name}.png" for name in masks_pen})
     return files
 
@@ -652,7 +860,7 @@ def save_masks(masks: TissueMasks, folder: str | Path) -> Path:
     """
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    images = {"tissue": masks.tissue, "blur": masks.blur, "fold": masks.fold}
+    images = {"tissue": masks.tissue, "blur": masks.blur, "fold": masks.fold, "edge": masks.edge}
     images.update({f"pen_{name}": mask for name, mask in masks.pen.items()})
     files = _mask_files(masks.pen)
     for key, name in files.items():
@@ -704,6 +912,8 @@ def load_masks(folder: str | Path) -> TissueMasks:
         loaded[key] = image > 127
     pen = {name: loaded[f"pen_{name}"] for name in PEN_COLOURS if f"pen_{name}" in loaded}
     tissue, blur, fold = loaded["tissue"], loaded["blur"], loaded["fold"]
+    # Folders written before edges were found have none.
+    edge = loaded.get("edge", np.zeros(tissue.shape, dtype=bool))
     pen_any = np.zeros(tissue.shape, dtype=bool)
     for mask in pen.values():
         pen_any |= mask
@@ -712,6 +922,7 @@ def load_masks(folder: str | Path) -> TissueMasks:
         pen=pen,
         blur=blur,
         fold=fold,
+        edge=edge,
         usable=tissue & ~pen_any & ~blur & ~fold,
         downsample=downsample,
         mpp=mpp,

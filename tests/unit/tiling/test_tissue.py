@@ -19,6 +19,7 @@ from PIL import Image
 from services.common.errors import InvalidInput, NotFound
 from services.synth.cohort import generate_cohort
 from services.tiling.tissue import (
+    PEN_COLOURS,
     TissueMasks,
     TissueParams,
     load_masks,
@@ -217,15 +218,16 @@ def test_save_and_load_round_trip(cohort: list[dict], tmp_path: Path) -> None:
     assert path.name == "tissue.json"
     names = sorted(p.name for p in path.parent.iterdir())
     assert names == sorted(
-        ["tissue.json", "tissue.png", "blur.png", "fold.png"] + [f"pen_{c}.png" for c in PEN_CODES]
+        ["tissue.json", "tissue.png", "blur.png", "fold.png", "edge.png"]
+        + [f"pen_{c}.png" for c in PEN_COLOURS]
     )
     meta = json.loads(path.read_text())
     assert meta["downsample"] == 8 and meta["mpp"] == pytest.approx(2.0)
     loaded = load_masks(path.parent)
     assert loaded.downsample == masks.downsample and loaded.mpp == masks.mpp
-    for key in ("tissue", "blur", "fold", "usable"):
+    for key in ("tissue", "blur", "fold", "edge", "usable"):
         assert (getattr(loaded, key) == getattr(masks, key)).all(), key
-    for name in PEN_CODES:
+    for name in PEN_COLOURS:
         assert (loaded.pen[name] == masks.pen[name]).all()
     assert loaded.thresholds["od"] == pytest.approx(masks.thresholds["od"], abs=1e-6)
 
