@@ -10,17 +10,23 @@ Rules, in order (parameters in :class:`TissueParams`):
 
 1. **Glass.** The glass colour ``I0`` is estimated from the image: the brightest
    mode of the grey-level histogram that holds at least ``glass_min_mode_fraction``
-   of the pixels, and ``I0`` per channel is the median colour of the pixels near that
-   mode. Without such a mode brighter than ``glass_min_grey`` (an image that is all
-   tissue), white (255) is taken.
+   of the pixels and whose median colour is nearly neutral (saturation <=
+   ``glass_max_saturation``), and ``I0`` per channel is that median colour. Without
+   such a mode brighter than ``glass_min_grey`` (a crop that is all tissue), white
+   (255) is taken and there is no glass in view.
 2. **Features.** Optical density ``OD = -log10(I / I0)`` (mean of the three channels,
    clipped at 0) and the HSV saturation of the glass-balanced colour ``I / I0``, both
    smoothed with a Gaussian of ``smooth_um``.
 3. **Tissue threshold.** Otsu's threshold on each smoothed feature, raised to a floor
    (``min_od``, ``min_saturation``). Otsu always splits, even pure glass (it would
    split the noise), so a feature whose two Otsu classes differ by less than
-   ``min_od_contrast`` / ``min_saturation_contrast`` finds no tissue at all. A pixel
-   is core tissue when either feature is above its threshold. Faint tissue (fat:
+   ``min_od_contrast`` / ``min_saturation_contrast`` finds no tissue at all, unless
+   the typical pixel is stained (then the view is all tissue and the floors are
+   the thresholds). Otsu's thresholds are capped (``tissue_max_od_threshold``,
+   ``tissue_max_saturation_threshold``): in a view that is mostly tissue they
+   would split pale from dense tissue. With no glass in view the floors are the
+   thresholds. A pixel is core tissue when either feature is above its threshold
+   and it is no neutral absorber. Faint tissue (fat:
    white vacuoles in thin pink membranes, nearly glass at low resolution) is added
    by hysteresis: connected regions of saturation above ``faint_saturation`` that
    touch core tissue.
@@ -48,18 +54,36 @@ Rules, in order (parameters in :class:`TissueParams`):
      ``black_min_area_um2`` are dropped so that a few dark nuclei or dust never
      count (judged after growth: thin strokes have small cores).
 
-   Green and blue regions smaller than ``pen_min_area_um2`` are dropped; green and
-   blue masks are dilated by ``pen_dilate_um`` to take the ink's faint rim, black
-   (already grown into its rim) by ``black_dilate_um``, a margin for the
+   - by **absorbance direction** (the unit vector of the three channel ODs: the
+     colour of an absorber whatever its amount; haematoxylin and eosin mixes fill
+     one narrow band of it): green ink absorbs red most (red share >=
+     ``green_min_dir_red``; outside the blue hues, where dense haematoxylin comes
+     close); red ink leaves red nearly clear and absorbs blue almost as much as
+     green (blue/green >= ``red_min_blue_over_green``, where eosin-rich stroma
+     stays near 0.55-0.6), and is darker (``red_min_od``); other colours
+     (yellow, orange) absorb blue more than green. Each grows from its cores into
+     its fainter rim (looser bounds, at most ``ink_grow_um``).
+
+   Regions smaller than ``pen_min_area_um2`` (red: ``red_min_area_um2``) are
+   dropped; the masks are dilated by ``pen_dilate_um`` to take the ink's faint rim,
+   black (already grown into its rim) by ``black_dilate_um``, a margin for the
    anti-aliased edge. Pen pixels are removed from the tissue mask (ink on glass is
    never tissue; tissue under ink is unusable).
+
+   **Neutral absorbers** (direction within ``grey_max_angle_deg`` of the grey
+   axis: dust, coverslip, label, ink) are never tissue. Those that are long and
+   straight, or long and touching the image border without being as dark as
+   black ink, are **edges** (coverslip edges, cracks, label bands): their own
+   class, removed from the tissue and from black ink.
 6. **Blur.** Local sharpness = local mean of the squared Laplacian of the grey image
    divided by the local grey variance (both Gaussian-weighted over ``blur_window_um``),
    on ``sharpness_rgb`` (a higher-resolution read of the same area) when given, else
    on the image itself. Normalising by the local variance makes pale and dense tissue
    comparable; defocus removes fine detail (Laplacian) much faster than contrast.
-   Tissue whose sharpness is below ``blur_fraction`` of the tissue median, and which
-   has enough contrast to judge (local grey std >= ``blur_min_std``, relative to
+   Both are computed over tissue pixels only (the window weighted by the tissue
+   mask, the Laplacian away from its rim), so a sharp tissue edge against glass is
+   not mistaken for blur. Tissue whose sharpness is below ``blur_fraction`` of the
+   tissue median (the slide's own focus), and which has enough contrast to judge (local grey std >= ``blur_min_std``, relative to
    glass), is blurred; the mask is cleaned with an opening and regions smaller than
    ``blur_min_area_um2`` dropped.
 7. **Folds.** Tissue lying doubled absorbs about twice as much: OD smoothed over
@@ -69,8 +93,8 @@ Rules, in order (parameters in :class:`TissueParams`):
 ``usable = tissue & ~pen & ~blur & ~fold``. A slide without tissue gives empty masks
 (``TissueMasks.empty``), which is not an error: the summary says so.
 
-:func:`save_masks` writes ``tissue.png``, ``pen_{green,blue,black}.png``,
-``blur.png``, ``fold.png`` (255 = set) and ``tissue.json`` (written last, so a folder
+:func:`save_masks` writes ``tissue.png``, ``pen_{green,blue,black,red,other}.png``,
+``blur.png``, ``fold.png``, ``edge.png`` (255 = set) and ``tissue.json`` (written last, so a folder
 with ``tissue.json`` is complete) with the downsample, the mask resolution, the
 thresholds and the areas; every file is written atomically (temp file + rename).
 """
@@ -93,6 +117,8 @@ from services.common.errors import InvalidInput, NotFound
 
 #: Pen ink colours, in the order of their codes (1, 2, 3) in pen code images.
 PEN_COLOURS: tuple[str, ...] = ("green", "blue", "black", "red", "other")
+#: Finest mask resolution worked at, µm/px: finer images are segmented at this one.
+FINEST_MASK_UM = 2.0
 #: Name of the metadata file; it is written last.
 MASKS_JSON = "tissue.json"
 _FORMAT_VERSION = 1
@@ -134,8 +160,39 @@ class TissueParams:
         black_grow_min_neutrality: Least neutrality (0-1) of those pixels.
         black_dilate_um: Dilation of the black-ink mask, µm (less than
             ``pen_dilate_um``: the growth already reaches the faint rim).
-        pen_min_area_um2: Smallest green or blue ink region, µm².
-        pen_dilate_um: Dilation of the green and blue ink masks, µm.
+        pen_min_area_um2: Smallest green, blue or other-coloured ink region, µm².
+        pen_dilate_um: Dilation of the green, blue, red and other ink masks, µm.
+        ink_min_od: Least absorbance (Euclidean norm of the channel ODs) of a
+            green or other-coloured ink core.
+        ink_grow_min_od: Least absorbance of the rim pixels ink cores grow into.
+        ink_grow_um: Farthest an ink core grows into its rim, µm.
+        green_min_dir_red: Least red share of the absorbance direction (unit OD
+            vector) of green ink (it absorbs red most; tissue stays under ~0.7).
+        red_max_dir_red: Largest red share of the direction of red and
+            other-coloured ink cores (they leave red light nearly clear).
+        red_grow_max_dir_red: The same for the rim red ink grows into (ink over
+            tissue takes some of the tissue's colour).
+        red_min_blue_over_green: Least blue-over-green ratio of the direction of a
+            red-ink core (eosin stays near 0.55-0.6).
+        red_grow_min_blue_over_green: The same for the rim.
+        red_min_od: Least absorbance of a red-ink core (darker than stroma).
+        red_min_area_um2: Smallest red-ink region, µm².
+        other_min_blue_over_green: Other-coloured ink (yellow, orange) absorbs blue
+            more than green by at least this share of the direction.
+        grey_max_angle_deg: Largest angle between a pixel's absorbance direction
+            and the grey axis for it to count as a neutral absorber (black ink,
+            dust, coverslip, label); stained tissue lies farther from it.
+        grey_min_od: Least absorbance of a neutral absorber.
+        edge_min_length_um: Least length of a coverslip edge or label band, µm.
+        edge_max_width_um: Widest a straight neutral streak may be to count as an
+            edge (a broader one touching the border is a band, unless it is
+            mostly as dark as black ink).
+        tissue_max_od_threshold: Cap of Otsu's OD threshold: in a view that is
+            mostly tissue Otsu would split pale from dense tissue.
+        tissue_max_saturation_threshold: The same for saturation.
+        glass_max_saturation: Most saturated a histogram mode may be to be glass.
+        min_object_image_fraction: The smallest tissue object is also at most this
+            share of the image (a crop of a few hundred µm is one small object).
         blur_window_um: Gaussian sigma of the local sharpness window, µm.
         blur_fraction: Blurred below this fraction of the tissue median sharpness.
         blur_min_std: Least local grey standard deviation (glass = 1) to judge focus.
@@ -177,7 +234,8 @@ class TissueParams:
     red_grow_max_dir_red: float = 0.3
     red_min_blue_over_green: float = 0.66
     red_grow_min_blue_over_green: float = 0.62
-    red_min_od: float = 0.25
+    red_min_od: float = 0.45
+    red_min_saturation: float = 0.5
     ink_grow_um: float = 100.0
     red_min_area_um2: float = 20_000.0
     other_min_blue_over_green: float = 0.05
@@ -492,6 +550,7 @@ def _colour_ink(
     strength_fine: np.ndarray,
     direction_fine: np.ndarray,
     grey_fine: np.ndarray,
+    saturation: np.ndarray,
     px_um: float,
     params: TissueParams,
 ) -> dict[str, np.ndarray]:
@@ -510,6 +569,7 @@ def _colour_ink(
     core = {
         "green": (strength >= params.ink_min_od) & (r_dir >= params.green_min_dir_red),
         "red": (strength >= params.red_min_od)
+        & (saturation >= params.red_min_saturation)
         & reddish
         & (b_dir >= params.red_min_blue_over_green * g_dir),
         "other": (strength >= params.ink_min_od)
@@ -599,7 +659,7 @@ def _pen_masks(
     strength_fine, direction_fine = _od_direction(balanced_fine)
     grey_fine = _grey(strength_fine, direction_fine, params)
     coloured = _colour_ink(
-        strength, direction, strength_fine, direction_fine, grey_fine, px_um, params
+        strength, direction, strength_fine, direction_fine, grey_fine, sat, px_um, params
     )
     black = _black_ink(balanced, val, sat, balanced_fine, px_area_um2, params)
     edge = _edge_mask(grey_fine, black, px_um, params)
@@ -744,6 +804,10 @@ def segment_tissue(
         if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
             raise InvalidInput(f"{name} must be a positive number, got {value!r}")
     px_um = float(mpp0) * float(downsample)
+    if px_um < 0.9 * FINEST_MASK_UM and min(rgb.shape[:2]) * px_um >= 16 * FINEST_MASK_UM:
+        # Masks need no sub-µm detail; a crop at 40x is segmented at FINEST_MASK_UM
+        # (its µm-sized windows would cost hundreds of pixels each) and brought back.
+        return _segment_finer(rgb, float(downsample), float(mpp0), params, sharpness_rgb)
     px_area_um2 = px_um * px_um
 
     glass, glass_found = find_glass(rgb, params)
@@ -830,6 +894,40 @@ def segment_tissue(
         downsample=float(downsample),
         mpp=px_um,
         thresholds=thresholds,
+    )
+
+
+def _segment_finer(
+    rgb: np.ndarray,
+    downsample: float,
+    mpp0: float,
+    params: TissueParams,
+    sharpness_rgb: np.ndarray | None,
+) -> TissueMasks:
+    """:func:`segment_tissue` of a fine image at :data:`FINEST_MASK_UM`, the masks
+    brought back to the image's size (nearest neighbour)."""
+    height, width = rgb.shape[:2]
+    factor = FINEST_MASK_UM / (mpp0 * downsample)
+    size = (max(2, round(width / factor)), max(2, round(height / factor)))
+    small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    coarse = segment_tissue(
+        small, downsample * width / size[0], mpp0, params, sharpness_rgb=sharpness_rgb
+    )
+
+    def back(mask: np.ndarray) -> np.ndarray:
+        up = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+        return np.asarray(up, dtype=bool)
+
+    return TissueMasks(
+        tissue=back(coarse.tissue),
+        pen={name: back(mask) for name, mask in coarse.pen.items()},
+        blur=back(coarse.blur),
+        fold=back(coarse.fold),
+        edge=back(coarse.edge),
+        usable=back(coarse.usable),
+        downsample=downsample,
+        mpp=mpp0 * downsample,
+        thresholds=coarse.thresholds,
     )
 
 
