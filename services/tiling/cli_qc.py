@@ -57,9 +57,7 @@ def _row(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _slides(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
-    )
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
 
 
 def run_qc_command(args: argparse.Namespace) -> dict[str, Any]:

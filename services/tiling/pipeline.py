@@ -290,10 +290,15 @@ def tile_slide(
     return result
 
 
-def compute_masks(
-    reader: SlideReader, slide_id: str, params: TissueParams, mask_downsample: float
-) -> TissueMasks:
-    """Tissue and artifact masks from the slide level nearest ``mask_downsample``."""
+def mask_level_image(
+    reader: SlideReader, slide_id: str, mask_downsample: float
+) -> tuple[np.ndarray, float]:
+    """The slide level nearest ``mask_downsample`` (a plain image: itself), read
+    whole, and its downsample: the image the masks are computed on.
+
+    Raises:
+        InvalidInput: Even that level is larger than :data:`MAX_MASK_PX`.
+    """
     level = reader.best_level_for_downsample(mask_downsample)
     lw, lh = reader.level_dimensions[level]
     if lw * lh > MAX_MASK_PX:
@@ -301,8 +306,14 @@ def compute_masks(
             f"slide {slide_id} has no level small enough for the tissue mask "
             f"(level {level} is {lw}x{lh} px)"
         )
-    thumbnail = reader.read_level(level)
-    downsample = float(reader.level_downsamples[level])
+    return reader.read_level(level), float(reader.level_downsamples[level])
+
+
+def compute_masks(
+    reader: SlideReader, slide_id: str, params: TissueParams, mask_downsample: float
+) -> TissueMasks:
+    """Tissue and artifact masks from the slide level nearest ``mask_downsample``."""
+    thumbnail, downsample = mask_level_image(reader, slide_id, mask_downsample)
     return segment_tissue(thumbnail, downsample, float(reader.mpp[0]), params)
 
 

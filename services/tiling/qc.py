@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,15 @@ import cv2
 import numpy as np
 
 from services.common.errors import InvalidInput
+from services.tiling.pipeline import mask_level_image
 from services.tiling.reader import SlideReader
-from services.tiling.tissue import PEN_COLOURS, TissueMasks, TissueParams, segment_tissue
+from services.tiling.tissue import (
+    PEN_COLOURS,
+    TissueMasks,
+    TissueParams,
+    check_finite_non_negative,
+    segment_tissue,
+)
 
 #: Mask classes in the order they are drawn and listed, with their RGB colours.
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -68,8 +75,6 @@ QUPATH_NAMES: dict[str, str] = {
 }
 ARTIFACTS = tuple(name for name in CLASS_COLOURS if name not in ("tissue", "usable"))
 QC_JSON = "qc.json"
-#: Largest mask image, pixels (a slide whose smallest level is larger is refused).
-MAX_MASK_PX = 40_000_000
 
 
 @dataclass(frozen=True)
@@ -90,10 +95,7 @@ class QcThresholds:
     warn_artifact_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not (math.isfinite(value) and value >= 0):
-                raise InvalidInput(f"QC threshold {f.name} must be finite and >= 0")
+        check_finite_non_negative(self, "QC threshold")
         for name in ("min_usable_fraction", "warn_usable_fraction", "warn_artifact_fraction"):
             if getattr(self, name) > 1:
                 raise InvalidInput(f"QC threshold {name} must be in 0-1")
@@ -160,26 +162,6 @@ def verdict(masks: TissueMasks, thresholds: QcThresholds) -> tuple[str, list[str
     return "pass", []
 
 
-def slide_masks(
-    reader: SlideReader,
-    params: TissueParams | None = None,
-    mask_downsample: float = 16.0,
-) -> tuple[np.ndarray, TissueMasks]:
-    """The image the masks are computed on and the masks: a plain image as it is,
-    a slide's level nearest ``mask_downsample`` (as the tiling does)."""
-    params = params or TissueParams()
-    level = 0 if reader.backend == "image" else reader.best_level_for_downsample(mask_downsample)
-    width, height = reader.level_dimensions[level]
-    if width * height > MAX_MASK_PX:
-        raise InvalidInput(
-            f"{reader.name} has no level small enough for QC (level {level} is "
-            f"{width}x{height} px; at most {MAX_MASK_PX} px)"
-        )
-    thumbnail = reader.read_level(level)
-    downsample = float(reader.level_downsamples[level])
-    return thumbnail, segment_tissue(thumbnail, downsample, float(reader.mpp[0]), params)
-
-
 def run_qc(
     reader: SlideReader,
     params: TissueParams | None = None,
@@ -188,7 +170,10 @@ def run_qc(
 ) -> QcResult:
     """Masks, areas, shares and the verdict of one opened slide or image."""
     thresholds = thresholds or QcThresholds()
-    thumbnail, masks = slide_masks(reader, params, mask_downsample)
+    # The tiling's own masks: a slide's level nearest the downsample (a plain image
+    # has only its own).
+    thumbnail, downsample = mask_level_image(reader, reader.name, mask_downsample)
+    masks = segment_tissue(thumbnail, downsample, float(reader.mpp[0]), params or TissueParams())
     status, reasons = verdict(masks, thresholds)
     px_mm2 = (masks.mpp / 1000.0) ** 2
     tissue_px = int(masks.tissue.sum())
@@ -367,7 +352,9 @@ def write_report(result: QcResult, out: str | Path) -> Path:
     classes = result.class_masks()
     _write_atomic(folder / "thumbnail.png", _png(result.thumbnail))
     for name, mask in classes.items():
-        _write_atomic(folder / "masks" / f"{name}.png", _png(np.where(mask, 255, 0).astype(np.uint8)))
+        _write_atomic(
+            folder / "masks" / f"{name}.png", _png(np.where(mask, 255, 0).astype(np.uint8))
+        )
     _write_atomic(folder / "overlay.png", _png(overlay(result.thumbnail, classes)))
     collection = geojson(classes, result.masks.downsample)
     _write_atomic(folder / "qc.geojson", json.dumps(collection).encode())

@@ -83,9 +83,9 @@ Rules, in order (parameters in :class:`TissueParams`):
    Both are computed over tissue pixels only (the window weighted by the tissue
    mask, the Laplacian away from its rim), so a sharp tissue edge against glass is
    not mistaken for blur. Tissue whose sharpness is below ``blur_fraction`` of the
-   tissue median (the slide's own focus), and which has enough contrast to judge (local grey std >= ``blur_min_std``, relative to
-   glass), is blurred; the mask is cleaned with an opening and regions smaller than
-   ``blur_min_area_um2`` dropped.
+   tissue median (the slide's own focus), and which has enough contrast to judge
+   (local grey std >= ``blur_min_std``, relative to glass), is blurred; the mask is
+   cleaned with an opening and regions smaller than ``blur_min_area_um2`` dropped.
 7. **Folds.** Tissue lying doubled absorbs about twice as much: OD smoothed over
    ``fold_smooth_um`` above ``p50 + fold_k_mad * 1.4826 * MAD`` of the tissue OD, and
    saturation above the tissue median, as regions of at least ``fold_min_area_um2``.
@@ -123,6 +123,16 @@ FINEST_MASK_UM = 2.0
 MASKS_JSON = "tissue.json"
 _FORMAT_VERSION = 1
 _MAD_TO_SIGMA = 1.4826
+
+
+def check_finite_non_negative(params: Any, what: str) -> None:
+    """Every field of a parameter dataclass (numbers or tuples of them) is finite and
+    >= 0, else :class:`InvalidInput` naming it as ``{what} {field}``."""
+    for f in fields(params):
+        value = getattr(params, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise InvalidInput(f"{what} {f.name} must be finite and >= 0")
 
 
 @dataclass(frozen=True)
@@ -256,11 +266,7 @@ class TissueParams:
     fold_min_area_um2: float = 5_000.0
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            values = value if isinstance(value, tuple) else (value,)
-            if not all(math.isfinite(v) and v >= 0 for v in values):
-                raise InvalidInput(f"tissue parameter {f.name} must be finite and >= 0")
+        check_finite_non_negative(self, "tissue parameter")
         for name in ("green_hue_deg", "blue_hue_deg"):
             low, high = getattr(self, name)
             if not low < high <= 360:
@@ -577,8 +583,7 @@ def _colour_ink(
         & (b_dir >= g_dir + params.other_min_blue_over_green),
     }
     weak = {
-        "green": (strength_fine >= params.ink_grow_min_od)
-        & (rf_dir >= params.green_min_dir_red),
+        "green": (strength_fine >= params.ink_grow_min_od) & (rf_dir >= params.green_min_dir_red),
         "red": (strength_fine >= params.ink_grow_min_od)
         & reddish_fine
         & (bf_dir >= params.red_grow_min_blue_over_green * gf_dir),
@@ -722,7 +727,7 @@ def _blur_mask(
     weight = tissue.astype(np.uint8)
     if grey.shape != tissue.shape:
         size = (grey.shape[1], grey.shape[0])
-        weight = cv2.resize(weight, size, interpolation=cv2.INTER_NEAREST)
+        weight = np.asarray(cv2.resize(weight, size, interpolation=cv2.INTER_NEAREST), np.uint8)
     sharp, std, share = _sharpness(grey, params.blur_window_um / (px_um / scale), weight)
     if sharp.shape != tissue.shape:
         sharp = cv2.resize(sharp, (w, h), interpolation=cv2.INTER_AREA)
@@ -835,7 +840,9 @@ def segment_tissue(
         sample = np.ones_like(pen_any)
     if glass_found:
         t_od = _otsu_threshold(od_s[sample], params.min_od, params.min_od_contrast)
-        t_sat = _otsu_threshold(sat_s[sample], params.min_saturation, params.min_saturation_contrast)
+        t_sat = _otsu_threshold(
+            sat_s[sample], params.min_saturation, params.min_saturation_contrast
+        )
         if math.isfinite(t_od) or math.isfinite(t_sat):
             # Otsu splits glass from tissue; where the view is mostly tissue it would
             # split pale from dense tissue instead, so it is capped.

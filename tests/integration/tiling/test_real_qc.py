@@ -6,6 +6,7 @@ tissue; and ``histomarker qc`` writing what it promises."""
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -111,10 +112,7 @@ def _check_geojson(collection: dict, size: tuple[int, int], downsample: float) -
                 xs, ys = zip(*ring, strict=True)
                 assert min(xs) >= 0 and max(xs) <= size[0] * downsample
                 assert min(ys) >= 0 and max(ys) <= size[1] * downsample
-                signed = sum(
-                    x1 * y2 - x2 * y1
-                    for (x1, y1), (x2, y2) in zip(ring[:-1], ring[1:], strict=True)
-                )
+                signed = sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in itertools.pairwise(ring))
                 # Exterior rings counter-clockwise, holes clockwise (RFC 7946 3.1.6).
                 assert (signed > 0) == (k == 0)
         assert shape(geometry).is_valid or shape(geometry).buffer(0).area > 0
