@@ -37,8 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.tiling.reader import open_slide  # noqa: E402
-from services.tiling.tissue import TissueMasks, segment_tissue  # noqa: E402
+from services.tiling.reader import open_slide
+from services.tiling.tissue import TissueMasks, segment_tissue
 
 ROOT = Path(__file__).resolve().parents[1]
 INKS = ("green", "red", "black")
@@ -172,9 +172,7 @@ def main() -> int:
         ],
     }
     for name, rows in groups.items():
-        cells = [
-            _pct(max(r[key] for r in rows)) for key in ("pen", "blur", "fold", "edge")
-        ]
+        cells = [_pct(max(r[key] for r in rows)) for key in ("pen", "blur", "fold", "edge")]
         least = min(r["tissue"] for r in rows)
         print(f"| {name} | {len(rows)} | " + " | ".join(cells) + f" | {_pct(least)} |")
     if args.json:
