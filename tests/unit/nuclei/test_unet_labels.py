@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from services.common.errors import FailedPrecondition
-from services.nuclei.train_unet import normalized_distance
+from services.nuclei.train_unet import normalized_distance, separated_foreground
 from services.nuclei.unet import (
     WORK_MPP,
     NucleiNet,
@@ -46,6 +46,21 @@ def test_two_touching_nuclei_are_cut_apart_where_their_distance_falls_to_zero() 
         assert overlap.argmax() != 0 and overlap.max() / (truth == index).sum() > 0.9
 
 
+def test_touching_nuclei_are_taught_with_a_background_line_between_them() -> None:
+    truth = np.zeros((8, 12), np.int32)
+    truth[2:6, 1:6] = 1
+    truth[2:6, 6:11] = 2  # shares a vertical border with nucleus 1
+    truth[6, 6:11] = 3  # touches nucleus 2 from below
+
+    foreground = separated_foreground(truth)
+
+    # One column of nucleus 2 and nucleus 3's whole row (the higher labels) give way;
+    # everything else of every nucleus stays foreground.
+    assert not foreground[2:6, 6].any() and not foreground[6, 6:11].any()
+    assert foreground[2:6, 1:6].all() and foreground[2:6, 7:11].all()
+    assert not foreground[truth == 0].any()
+
+
 def test_maps_at_the_working_resolution_come_back_at_the_patch_size() -> None:
     truth = _discs([(20, 20), (44, 44)], radius=8)
 
@@ -58,13 +73,14 @@ def test_maps_at_the_working_resolution_come_back_at_the_patch_size() -> None:
 
 
 def test_specks_under_the_smallest_nucleus_are_dropped() -> None:
-    truth = _discs([(32, 32)], radius=1)  # 5 px at 0.5 µm/px: 1.25 µm²
+    truth = _discs([(32, 32)], radius=1)  # 5 px at 0.25 µm/px: 0.31 µm²
     assert labels_from_maps(_maps(truth), truth.shape, mpp=WORK_MPP).max() == 0
 
 
 def test_the_patch_is_brought_to_the_working_resolution() -> None:
     rgb = np.zeros((512, 256, 3), np.uint8)
-    assert to_work_resolution(rgb, 0.25).shape == (256, 128, 3)
+    assert to_work_resolution(rgb, 2 * WORK_MPP).shape == (1024, 512, 3)
+    assert to_work_resolution(rgb, WORK_MPP / 2).shape == (256, 128, 3)
     assert to_work_resolution(rgb, WORK_MPP) is rgb
 
 
