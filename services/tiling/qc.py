@@ -36,7 +36,6 @@ from typing import Any
 import cv2
 import numpy as np
 
-from services.common.errors import InvalidInput
 from services.tiling.pipeline import mask_level_image
 from services.tiling.reader import SlideReader
 from services.tiling.tissue import (
@@ -95,10 +94,11 @@ class QcThresholds:
     warn_artifact_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        check_finite_non_negative(self, "QC threshold")
-        for name in ("min_usable_fraction", "warn_usable_fraction", "warn_artifact_fraction"):
-            if getattr(self, name) > 1:
-                raise InvalidInput(f"QC threshold {name} must be in 0-1")
+        check_finite_non_negative(
+            self,
+            "QC threshold",
+            ("min_usable_fraction", "warn_usable_fraction", "warn_artifact_fraction"),
+        )
 
 
 @dataclass(frozen=True)

@@ -125,14 +125,18 @@ _FORMAT_VERSION = 1
 _MAD_TO_SIGMA = 1.4826
 
 
-def check_finite_non_negative(params: Any, what: str) -> None:
+def check_finite_non_negative(params: Any, what: str, fractions: tuple[str, ...] = ()) -> None:
     """Every field of a parameter dataclass (numbers or tuples of them) is finite and
-    >= 0, else :class:`InvalidInput` naming it as ``{what} {field}``."""
+    >= 0, and the fields named in ``fractions`` at most 1, else :class:`InvalidInput`
+    naming it as ``{what} {field}``."""
     for f in fields(params):
         value = getattr(params, f.name)
         values = value if isinstance(value, tuple) else (value,)
         if not all(math.isfinite(v) and v >= 0 for v in values):
             raise InvalidInput(f"{what} {f.name} must be finite and >= 0")
+    for name in fractions:
+        if getattr(params, name) > 1:
+            raise InvalidInput(f"{what} {name} must be in 0-1")
 
 
 @dataclass(frozen=True)
@@ -266,14 +270,13 @@ class TissueParams:
     fold_min_area_um2: float = 5_000.0
 
     def __post_init__(self) -> None:
-        check_finite_non_negative(self, "tissue parameter")
+        check_finite_non_negative(
+            self, "tissue parameter", ("black_min_neutrality", "black_grow_min_neutrality")
+        )
         for name in ("green_hue_deg", "blue_hue_deg"):
             low, high = getattr(self, name)
             if not low < high <= 360:
                 raise InvalidInput(f"tissue parameter {name} must be (low, high) in 0-360")
-        for name in ("black_min_neutrality", "black_grow_min_neutrality"):
-            if getattr(self, name) > 1:
-                raise InvalidInput(f"tissue parameter {name} must be in 0-1")
         if not 0 < self.blur_fraction < 1:
             raise InvalidInput("tissue parameter blur_fraction must be in (0, 1)")
 
