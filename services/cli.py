@@ -101,8 +101,8 @@ def _print_qc(result: dict[str, Any]) -> None:
 
 
 def _normalize(args: argparse.Namespace) -> dict[str, Any]:
-    from services.tiling.images import read_image, write_png
-    from services.tiling.stain import normalize_image
+    from services.slide.images import read_image, write_png
+    from services.slide.stain import normalize_image
 
     image = read_image(args.image)
     reference = read_image(args.reference)

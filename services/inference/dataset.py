@@ -41,7 +41,7 @@ from services.common.errors import InvalidInput, NotFound
 from services.common.objectstore import ObjectStore
 from services.inference.augment import random_augment
 from services.inference.preprocess import PreprocessConfig, fit_to_input, to_input
-from services.tiling.shards import decode_patch
+from services.slide.shards import decode_patch
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from services.common.objectstore import ObjectStore
 from services.nuclei.features import FEATURE_NAMES, PatchFeatures, nucleus_table, patch_features
 from services.nuclei.methods import segment_batch
 from services.nuclei.segment import MAX_SIDE_PX, SegmentationParams, check_patch
-from services.tiling.shards import decode_patch
+from services.slide.shards import decode_patch
 
 #: Resolution assumed when none is given, µm/px (40x, the biomarker models' input).
 DEFAULT_MPP = 0.25

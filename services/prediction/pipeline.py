@@ -1,10 +1,12 @@
 """One slide's biomarker prediction, stage by stage (METHOD.md, stages 1 and 2).
 
-Stages: ``tissue`` (masks) -> ``grid`` (20x patches with tissue, on the grid the
-models were trained on: plain, or overlapping by ``grid.overlap_px``, and, as tiling
-for training, without blurred tissue or folds) -> ``stain``
-(the slide's stain matrix, once) -> ``cancer_detection`` (20x patches, read and
-normalized, scored by ``cancer_detector``; kept when the calibrated cancer
+Stages: ``tissue``, ``grid`` and ``stain`` are the slide preparation training's
+tiling uses too (:func:`services.slide.prepare.prepare_slide`: masks and their QC
+verdict; 20x patches on the usable tissue, on the grid the models were trained on,
+plain or overlapping by ``grid.overlap_px``; the slide's stain matrix, once). A
+slide whose QC verdict is ``fail`` (too little usable tissue, or mostly artifact)
+gets status ``qc_failed`` and no calls. Then ``cancer_detection`` (20x patches, read
+and normalized, scored by ``cancer_detector``; kept when the calibrated cancer
 probability is above the threshold, 0.9 by default) -> ``high_res`` (each kept patch
 becomes four 40x patches, its quadrants: the native 40x level, or Lanczos x2 of the
 normalized 20x patch) -> ``biomarkers`` (every 40x patch scored by each
@@ -23,15 +25,15 @@ inference window is the scorer's (TorchServe's) utilisation.
 On an overlapping grid neighbouring 20x patches share quadrants (on a half-overlap
 grid, two with each neighbour). Each 40x window (by its level-0 origin) is scored
 once, under the first cancer 20x patch in grid order that has it — its parent — as
-tiling stores it (``tiling.highres.extract_40x``). Cancer results are taken in grid
-order for that, so a window's parent, and its pixels when upsampled, never depend on
+tiling stores it (both take windows from ``services.slide.highres.WindowClaims``).
+Cancer results are taken in grid order for that, so a window's parent, and its pixels when upsampled, never depend on
 which request finished first.
 
 Outputs go to the object store under ``runs/predictions/{slide_id}/{params_hash}/``
 where the hash covers the slide's content digest, the parameters, the stain
 reference and the model versions::
 
-    tissue.png, tissue.json, ...   the tissue masks (``tiling.pipeline.store_masks``)
+    tissue.png, tissue.json, ...   the tissue masks (``slide.prepare.store_masks``)
     patches.parquet                one row per 40x window scored: slide_id, x, y,
                                    width, height (level 0 px), parent_x, parent_y (its
                                    20x patch), cancer_probability and one probability
@@ -47,13 +49,14 @@ Nothing here imports gRPC; the service, the benchmark and the tests call
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -66,30 +69,12 @@ from services.common.errors import InvalidInput
 from services.common.objectstore import ObjectStore
 from services.inference.serving_io import MAX_PATCHES_PER_REQUEST
 from services.prediction.models import DeployedModel, Deployment, PatchScorer
+from services.slide.grid import TissueRule, footprint_px, params_hash
+from services.slide.highres import HighResSource, WindowClaims, choose_source, make_windows
+from services.slide.prepare import PrepParams, SlideStains, prepare_slide, store_masks
+from services.slide.reader import SlideReader
+from services.slide.stain import StainMatrix
 from services.synth.labels import BIOMARKERS
-from services.tiling.grid import (
-    GridParams,
-    TissueRule,
-    footprint_px,
-    params_hash,
-    patch_grid,
-)
-from services.tiling.highres import (
-    HighResSource,
-    choose_source,
-    quadrant_origins,
-    upsample_quadrants,
-)
-from services.tiling.pipeline import (
-    TileParams,
-    _sample_for_stains,
-    allowed_area,
-    compute_masks,
-    store_masks,
-)
-from services.tiling.reader import SlideReader
-from services.tiling.stain import StainMatrix, StainNormalizer, get_normalizer
-from services.tiling.tissue import TissueParams
 
 #: Bump when outputs or algorithms change (part of the hash).
 PIPELINE_VERSION = 3
@@ -100,8 +85,7 @@ PATCH_TABLE = "patches.parquet"
 STATUS_OK = "ok"
 STATUS_NO_TISSUE = "no_tissue"
 STATUS_NO_CANCER = "no_cancer_patches"
-#: Patches of the 20x grid sampled for the slide's stain matrix.
-STAIN_SAMPLE_PATCHES = 24
+STATUS_QC_FAILED = "qc_failed"
 #: Progress fractions at which the pipeline's stages start.
 _STAGE_START = {
     "tissue": 0.0,
@@ -116,8 +100,13 @@ _SCORING_SPAN = 0.8
 
 
 @dataclass(frozen=True)
-class PredictionParams:
-    """How one slide is predicted.
+class PredictionParams(PrepParams):
+    """How one slide is predicted: the slide preparation's parameters
+    (:class:`~services.slide.prepare.PrepParams`, the same as tiling for training:
+    grid, masks, excluded artifacts, stain sample, QC thresholds) and these.
+
+    The grid's ``overlap_px`` should be the one the models were trained on (the
+    service takes the cancer detector's).
 
     Attributes:
         biomarkers: Biomarkers to predict (names of ``BIOMARKERS``).
@@ -126,14 +115,8 @@ class PredictionParams:
         cancer_confidence: Calibrated cancer probability a 20x patch must exceed to
             count as cancer (0-1); None for the detector's own threshold (0.9).
         high_res_policy: ``auto``, ``native`` or ``upsample`` (40x patches).
-        grid: The 20x patch grid; its ``overlap_px`` should be the one the models
-            were trained on (the service takes the cancer detector's).
-        tissue: Tissue mask parameters.
-        mask_downsample: Level-0 px per mask px wanted for the masks.
-        exclude_blur: Leave blurred tissue out of the grid, as tiling does for
-            training (``TileParams.exclude_blur``).
-        exclude_fold: Leave tissue folds out of the grid, likewise.
-        stain_method: Normalization method used when a reference is given.
+        stain_method: Normalization method used when a reference is given
+            (``vahadane`` or ``macenko``: the 40x patches need a stain matrix).
         batch_size: Patches per scoring request.
         max_in_flight: Scoring requests in flight at once.
         reader_threads: Threads reading, normalizing and upsampling patches.
@@ -145,11 +128,6 @@ class PredictionParams:
     heatmaps: bool = True
     cancer_confidence: float | None = None
     high_res_policy: str = "auto"
-    grid: GridParams = field(default_factory=GridParams)
-    tissue: TissueParams = field(default_factory=TissueParams)
-    mask_downsample: float = 16.0
-    exclude_blur: bool = True
-    exclude_fold: bool = True
     stain_method: str = "vahadane"
     batch_size: int = 16
     max_in_flight: int = 4
@@ -157,6 +135,11 @@ class PredictionParams:
     read_ahead_batches: int = 4
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.stain_method not in ("vahadane", "macenko"):
+            raise InvalidInput(
+                f"stain method {self.stain_method!r} has no stain matrix; use vahadane or macenko"
+            )
         unknown = [b for b in self.biomarkers if b not in BIOMARKERS]
         if unknown or not self.biomarkers or len(set(self.biomarkers)) != len(self.biomarkers):
             raise InvalidInput(
@@ -247,7 +230,7 @@ class SlidePredictionResult:
 
     Attributes:
         slide_id: The slide.
-        status: ``ok``, ``no_tissue`` or ``no_cancer_patches``.
+        status: ``ok``, ``no_tissue``, ``qc_failed`` or ``no_cancer_patches``.
         message: One readable line about the status.
         biomarkers: One result per requested biomarker; empty unless ``ok``.
         tissue_patch_count: 20x tissue patches scored.
@@ -267,6 +250,7 @@ class SlidePredictionResult:
             thread time inside ``scoring`` (``read_20x``, ``normalize``, ``make_40x``,
             ``cancer_requests``, ``biomarker_requests``).
         utilisation: The :class:`BusyMeter` summary of the scorer.
+        qc: The slide's QC metrics and verdict (``QcSummary.as_dict``).
     """
 
     slide_id: str
@@ -287,6 +271,7 @@ class SlidePredictionResult:
     elapsed_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     utilisation: dict[str, float] = field(default_factory=dict)
+    qc: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """The result as plain JSON values."""
@@ -473,22 +458,32 @@ def predict_slide(
     mpp0 = float(reader.mpp[0])
     footprint = footprint_px(params.grid, mpp0)  # InvalidInput before any work
 
-    report("tissue", 0, 1, _STAGE_START["tissue"], "tissue masks")
-    t = time.perf_counter()
-    masks = compute_masks(reader, slide_id, params.tissue, params.mask_downsample)
-    store_masks(store, prefix, masks)
-    wall["tissue"] = time.perf_counter() - t
-    budget.check()
+    # The slide prepared as tiling prepares it for training: masks, QC, the usable
+    # area (tissue less blur and folds), the grid on it and the slide's stains.
+    titles = {"tissue": "tissue masks", "grid": "20x patch grid", "stain": "slide stain matrix"}
+    marks: list[tuple[str, float]] = []
 
-    report("grid", 0, 1, _STAGE_START["grid"], "20x patch grid")
-    t = time.perf_counter()
-    # The area training's tiling took patches from (tissue less blur and folds): the
-    # grid, the stain sample and the 40x windows all keep to it.
-    usable = allowed_area(
-        masks.tissue, masks.blur, masks.fold, params.exclude_blur, params.exclude_fold
+    def on_stage(name: str) -> None:
+        budget.check()
+        marks.append((name, time.perf_counter()))
+        report(name, 0, 1, _STAGE_START[name], titles[name])
+
+    prepared = prepare_slide(
+        reader,
+        slide_id,
+        params,
+        reference=reference,
+        stain_method=params.stain_method,
+        on_stage=on_stage,
     )
-    grid = patch_grid(reader.dimensions, mpp0, usable, masks.downsample, params.grid)
-    wall["grid"] = time.perf_counter() - t
+    marks.append(("", time.perf_counter()))
+    for (name, begun), (_, ended) in itertools.pairwise(marks):
+        wall[name] = ended - begun
+    masks, grid = prepared.masks, prepared.grid
+    t = time.perf_counter()
+    store_masks(store, prefix, masks)
+    wall["tissue"] += time.perf_counter() - t
+    budget.check()
 
     def result(status: str, message: str, **extra: Any) -> SlidePredictionResult:
         return SlidePredictionResult(
@@ -506,19 +501,21 @@ def predict_slide(
             params_hash=digest,
             prefix=prefix,
             tissue_mask_key=f"{prefix}/tissue.png",
+            qc=prepared.qc.as_dict(),
             **extra,
         )
 
     if grid.empty:
         out = result(STATUS_NO_TISSUE, "no tissue found: no 20x patch has enough tissue")
         return _finish(store, out, started, wall, {}, {}, report)
+    if prepared.qc.verdict == "fail":
+        out = result(
+            STATUS_QC_FAILED,
+            "the slide failed QC, no biomarker calls: " + "; ".join(prepared.qc.reasons),
+        )
+        return _finish(store, out, started, wall, {}, {}, report)
 
-    report("stain", 0, 1, _STAGE_START["stain"], "slide stain matrix")
-    t = time.perf_counter()
-    normalizer, source = _stains(reader, grid, params, reference)
     hi_source = choose_source(reader, params.high_res_policy, params.grid.target_mpp / 2)
-    wall["stain"] = time.perf_counter() - t
-    budget.check()
 
     t = time.perf_counter()
     engine = _Engine(
@@ -527,14 +524,13 @@ def predict_slide(
         params,
         deployment,
         scorer,
-        normalizer,
-        source,
+        prepared.stains,
         hi_source,
         footprint,
         threshold,
         budget,
         report,
-        TissueRule(usable, masks.downsample, params.grid.min_tissue),
+        prepared.tissue_rule(params.grid.min_tissue),
     )
     scores = engine.run()
     wall["scoring"] = time.perf_counter() - t
@@ -611,29 +607,6 @@ def _finish(
     return out
 
 
-def _stains(
-    reader: SlideReader,
-    grid: pd.DataFrame,
-    params: PredictionParams,
-    reference: StainMatrix | None,
-) -> tuple[StainNormalizer | None, StainMatrix | None]:
-    """The normalizer and the slide's own stains, or (None, None) without a reference."""
-    if reference is None:
-        return None, None
-    normalizer = get_normalizer(params.stain_method)
-    if not isinstance(normalizer, StainNormalizer):
-        raise InvalidInput(f"stain method {params.stain_method!r} has no stain matrix")
-    normalizer.load_target(reference)
-    sample_params = TileParams(grid=params.grid, stain_sample_patches=STAIN_SAMPLE_PATCHES)
-    sample = _sample_for_stains(reader, grid, sample_params)
-    try:
-        source = normalizer.stain_matrix_of(sample)
-    except InvalidInput:
-        # Too little tissue, or one stain only: keep the tissue's colours (as tiling does).
-        source = normalizer.fallback_source(sample)
-    return normalizer, source
-
-
 class _Engine:
     """Reads, normalizes and scores the patches of one slide with overlapping stages."""
 
@@ -644,8 +617,7 @@ class _Engine:
         params: PredictionParams,
         deployment: Deployment,
         scorer: PatchScorer,
-        normalizer: StainNormalizer | None,
-        source: StainMatrix | None,
+        stains: SlideStains | None,
         hi_source: HighResSource,
         footprint: float,
         threshold: float,
@@ -660,8 +632,7 @@ class _Engine:
         self.params = params
         self.deployment = deployment
         self.scorer = scorer
-        self.normalizer = normalizer
-        self.source = source
+        self.stains = stains
         self.hi_source = hi_source
         self.footprint = footprint
         self.threshold = threshold
@@ -673,15 +644,15 @@ class _Engine:
             cancer=np.full(len(grid), np.nan),
             hi_probs={b: [] for b in params.biomarkers},
         )
-        #: Level-0 origins of the 40x windows queued so far (coordinator thread only).
-        self.claimed: set[tuple[int, int]] = set()
+        #: The 40x windows queued so far (coordinator thread only).
+        self.windows = WindowClaims(tissue)
 
     # -- work done on the pools ----------------------------------------------------
     def _normalized(self, rgb: np.ndarray) -> np.ndarray:
-        if self.normalizer is None:
+        if self.stains is None:
             return rgb
         with self.clock.time("normalize"):
-            return self.normalizer.transform(rgb, self.source)
+            return self.stains.transform(rgb)
 
     def _read_20x(self, indices: np.ndarray) -> np.ndarray:
         grid = self.params.grid
@@ -698,31 +669,36 @@ class _Engine:
             patches.append(self._normalized(rgb))
         return np.stack(patches)
 
+    def _read_40x(self, *args: Any) -> np.ndarray:
+        with self.clock.time("read_40x"):
+            return self.reader.read_patch(*args)
+
     def _make_40x(
         self, work: list[tuple[int, np.ndarray, list[tuple[int, int]]]]
     ) -> tuple[list[dict[str, int]], np.ndarray]:
         """The 40x patches of ``work``: (20x patch index, its normalized pixels, the
-        level-0 origins of the quadrants to make), with one table row each."""
+        level-0 origins of the windows to make), with one table row each."""
         grid = self.params.grid
         rows: list[dict[str, int]] = []
         quads: list[np.ndarray] = []
         side = round(self.footprint / 2)
+        upsampled = self.hi_source is HighResSource.UPSAMPLED
         for i, patch, windows in work:
             x, y = int(self.xs[i]), int(self.ys[i])
-            if self.hi_source is HighResSource.NATIVE:
-                with self.clock.time("read_40x"):
-                    raw = [
-                        self.reader.read_patch(qx, qy, grid.patch_px, grid.target_mpp / 2)
-                        for qx, qy in windows
-                    ]
-                made = [self._normalized(q) for q in raw]
-            else:
-                with self.clock.time("make_40x"):
-                    upsampled = upsample_quadrants(patch)  # the normalized 20x patch
-                by_origin = dict(
-                    zip(quadrant_origins(x, y, self.footprint), upsampled, strict=True)
+            with self.clock.time("make_40x") if upsampled else nullcontext():
+                made = make_windows(
+                    self.reader,
+                    x,
+                    y,
+                    self.footprint,
+                    windows,
+                    source=self.hi_source,
+                    patch_px=grid.patch_px,
+                    low_mpp=grid.target_mpp,
+                    normalize=self._normalized,
+                    low_patch=patch,  # the normalized 20x patch
+                    read=self._read_40x,
                 )
-                made = [by_origin[window] for window in windows]
             for (qx, qy), quad in zip(windows, made, strict=True):
                 rows.append(
                     {
@@ -741,27 +717,19 @@ class _Engine:
     def _claim_40x(
         self, indices: np.ndarray, patches20: np.ndarray
     ) -> list[tuple[int, np.ndarray, list[tuple[int, int]]]]:
-        """The quadrants of these cancer 20x patches not queued yet, claimed now.
-
-        Called in grid order: a window shared by overlapping patches goes to the first.
-        Quadrants with too little tissue (the 20x grid's rule) are left out, as in
-        training (``tiling.highres.extract_40x``).
+        """The windows of these cancer 20x patches not queued yet, claimed now (in
+        grid order: a window shared by overlapping patches goes to the first; those
+        with too little usable tissue are left out), as in training
+        (:class:`~services.slide.highres.WindowClaims`).
 
         Returns:
-            (20x patch index, its pixels, level-0 origins of its unclaimed quadrants)
+            (20x patch index, its pixels, level-0 origins of its unclaimed windows)
             for each patch with at least one.
         """
         work = []
         for i, patch in zip(indices, patches20, strict=True):
-            origins = quadrant_origins(int(self.xs[i]), int(self.ys[i]), self.footprint)
-            keeps = self.tissue.keeps(origins, self.footprint / 2)
-            fresh = [
-                origin
-                for origin, keep in zip(origins, keeps, strict=True)
-                if keep and origin not in self.claimed
-            ]
+            fresh = self.windows.claim(int(self.xs[i]), int(self.ys[i]), self.footprint)
             if fresh:
-                self.claimed.update(fresh)
                 work.append((int(i), patch, fresh))
         return work
 

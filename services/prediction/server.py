@@ -67,11 +67,11 @@ from services.prediction.pipeline import (
     SlidePredictionResult,
     predict_slide,
 )
+from services.slide.grid import GridParams
+from services.slide.reader import open_slide
+from services.slide.slides import SlideCache, slide_id_for
+from services.slide.stain import StainMatrix, builtin_reference
 from services.synth.labels import BIOMARKERS
-from services.tiling.grid import GridParams
-from services.tiling.reader import open_slide
-from services.tiling.slides import SlideCache, slide_id_for
-from services.tiling.stain import StainMatrix, builtin_reference
 
 SERVICE_NAME = "histomarker.v1.PredictionService"
 #: File extensions an uploaded slide may have (one file; DICOM and MRXS are folders).

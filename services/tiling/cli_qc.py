@@ -1,6 +1,6 @@
 """``histomarker qc SLIDE OUT``: quality control of a slide, an image, or a folder of them.
 
-One slide writes its files into OUT (see :mod:`services.tiling.qc`); a folder writes
+One slide writes its files into OUT (see :mod:`services.slide.qc`); a folder writes
 one sub-folder per slide (named after the file) and ``OUT/qc.csv`` with one row per
 slide. A slide that cannot be read is a row with verdict ``error`` and the reason in
 a folder run, and exit status 2 for a single slide.
@@ -18,8 +18,8 @@ from typing import Any
 
 from services.common.errors import HistomarkerError, InvalidInput, NotFound
 from services.common.progress import ProgressBar
-from services.tiling.qc import ARTIFACTS, QC_JSON, run_qc, write_report
-from services.tiling.reader import open_slide
+from services.slide.qc import ARTIFACTS, QC_JSON, run_qc, write_report
+from services.slide.reader import open_slide
 
 #: File endings taken as slides or images when OUT is given a folder.
 SLIDE_SUFFIXES = (
@@ -50,7 +50,7 @@ def _one(path: Path, out: Path, mpp: float | None) -> dict[str, Any]:
 def _row(report: dict[str, Any]) -> dict[str, Any]:
     row = {key: report.get(key, "") for key in CSV_COLUMNS[:5]}
     for name in ARTIFACTS:
-        row[f"{name}_over_tissue"] = report.get("area_over_tissue", {}).get(name, "")
+        row[f"{name}_over_tissue"] = report.get("fraction_of_tissue", {}).get(name, "")
     row["reasons"] = "; ".join(report.get("reasons", []))
     row["folder"] = report.get("out", "")
     return row
@@ -114,7 +114,7 @@ def print_qc(result: dict[str, Any]) -> None:
         f"({result['usable_fraction']:.0%})"
     )
     shares = ", ".join(
-        f"{name} {share:.1%}" for name, share in result["area_over_tissue"].items() if share > 0
+        f"{name} {share:.1%}" for name, share in result["fraction_of_tissue"].items() if share > 0
     )
     print(f"  artifacts (area over tissue): {shares or 'none'}")
     print(f"  files in {result['out']} ({QC_JSON}, overlay.png, masks/, qc.geojson)")

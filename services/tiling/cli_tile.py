@@ -10,11 +10,11 @@ from services.common.errors import InvalidInput, NotFound
 from services.common.objectstore import open_store
 from services.common.progress import ProgressBar
 from services.common.settings import ServiceSettings
-from services.tiling.grid import GridParams
-from services.tiling.images import read_image
+from services.slide.grid import GridParams
+from services.slide.images import read_image
+from services.slide.reader import open_slide
+from services.slide.stain import LabStats, StainMatrix, get_normalizer
 from services.tiling.pipeline import TileParams, tile_slide
-from services.tiling.reader import open_slide
-from services.tiling.stain import LabStats, StainMatrix, get_normalizer
 
 
 def resolve_reference(value: str, method: str) -> StainMatrix | LabStats | None:

@@ -9,7 +9,7 @@ the CLI)::
                        tissue_fraction, shard, member
     stain.json         the slide's stain matrix and the target reference (if normalized)
     shards/20x-00000.tar ...   the patches (JPEG q90 by default)
-    tile.json          written last: parameters, hash, counts, status
+    tile.json          written last: parameters, hash, counts, status, QC metrics
 
 A run whose ``tile.json`` exists with the same parameter hash is reused; a run that
 fails removes what it wrote, and in any case never writes ``tile.json``, so nothing
@@ -21,11 +21,9 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -35,11 +33,11 @@ import pandas as pd
 from services.common.cancellation import WorkBudget
 from services.common.errors import InvalidInput
 from services.common.objectstore import ObjectStore
-from services.tiling.grid import GridParams, TissueRule, grid_shape, params_hash, patch_grid
-from services.tiling.reader import SlideReader
-from services.tiling.shards import ShardWriter
-from services.tiling.stain import LabStats, Normalizer, StainMatrix, get_normalizer
-from services.tiling.tissue import TissueMasks, TissueParams, save_masks, segment_tissue
+from services.slide.grid import GridParams, TissueRule, grid_shape, params_hash
+from services.slide.prepare import PrepParams, allowed_area, prepare_slide, store_masks
+from services.slide.reader import SlideReader
+from services.slide.shards import ShardWriter
+from services.slide.stain import LabStats, Normalizer, StainMatrix, get_normalizer
 
 log = logging.getLogger(__name__)
 
@@ -48,47 +46,26 @@ PIPELINE_VERSION = 2
 TILE_JSON = "tile.json"
 GRID_FILE = "grid.parquet"
 STAIN_JSON = "stain.json"
-#: Largest thumbnail read for the masks, pixels.
-MAX_MASK_PX = 40_000_000
 
 Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
-class TileParams:
-    """Everything that decides a tiling result (and so its hash).
+class TileParams(PrepParams):
+    """Everything that decides a tiling result (and so its hash): the slide
+    preparation's parameters (:class:`~services.slide.prepare.PrepParams`: grid,
+    masks, excluded artifacts, stain sample, patch cap, QC thresholds) and these.
 
     Attributes:
-        grid: Patch grid (magnification, size, tissue share, overlap).
-        tissue: Tissue and artifact mask parameters.
-        mask_downsample: Downsample of the level the masks are computed on.
         stain_method: ``vahadane``, ``macenko`` or ``reinhard``; used when a
             reference is given.
         image_format: ``jpeg`` or ``png`` patches.
         quality: JPEG quality.
-        stain_sample_patches: Patches sampled to estimate the slide's stains.
-        exclude_blur: Leave blurred regions out of the grid.
-        exclude_fold: Leave tissue folds out of the grid (pen ink is always left out).
-        max_patches: Most patches kept, sampled uniformly without replacement with
-            ``seed`` (0 keeps every patch).
-        seed: Seed of that sampling.
     """
 
-    grid: GridParams = field(default_factory=GridParams)
-    tissue: TissueParams = field(default_factory=TissueParams)
-    mask_downsample: float = 16.0
     stain_method: str = "vahadane"
     image_format: str = "jpeg"
     quality: int = 90
-    stain_sample_patches: int = 24
-    exclude_blur: bool = True
-    exclude_fold: bool = True
-    max_patches: int = 0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_patches < 0:
-            raise InvalidInput(f"max_patches must be >= 0, got {self.max_patches}")
 
 
 @dataclass
@@ -107,6 +84,8 @@ class TileResult:
     reused: bool = False
     elapsed_s: float = 0.0
     shards: list[str] = field(default_factory=list)
+    #: The slide's QC metrics and verdict (``QcSummary.as_dict``).
+    qc: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """The result as plain JSON values."""
@@ -127,23 +106,6 @@ def _existing(store: ObjectStore, prefix: str, digest: str) -> TileResult | None
     result = TileResult(**meta["result"])
     result.reused = True
     return result
-
-
-def _sample_for_stains(reader: SlideReader, grid: pd.DataFrame, params: TileParams) -> np.ndarray:
-    """Pixels of patches spread evenly over the grid, for the slide's stain estimate."""
-    count = min(len(grid), params.stain_sample_patches)
-    picks = np.linspace(0, len(grid) - 1, count).round().astype(int)
-    patches = [
-        reader.read_patch(
-            int(grid.iloc[i]["x"]),
-            int(grid.iloc[i]["y"]),
-            params.grid.patch_px,
-            params.grid.target_mpp,
-            allow_upsample=params.grid.allow_upsample,
-        )[::4, ::4]
-        for i in picks
-    ]
-    return np.concatenate([patch.reshape(-1, 3) for patch in patches])
 
 
 def load_slide_stain(
@@ -172,26 +134,6 @@ def load_slide_stain(
     normalizer = get_normalizer(str(method))
     normalizer.load_target(reference)  # type: ignore[arg-type]
     return normalizer, LabStats.from_json(slide) if reinhard else StainMatrix.from_json(slide)
-
-
-def allowed_area(
-    tissue: np.ndarray,
-    blur: np.ndarray,
-    fold: np.ndarray,
-    exclude_blur: bool = True,
-    exclude_fold: bool = True,
-) -> np.ndarray:
-    """Where the grid may take patches: tissue (pen already out), less what is excluded.
-
-    The PredictionService lays its grid on the same area, so that a slide is scored
-    on the kind of patches the models were trained on.
-    """
-    allowed = tissue.copy()
-    if exclude_blur:
-        allowed &= ~blur
-    if exclude_fold:
-        allowed &= ~fold
-    return allowed
 
 
 #: The stored masks that decide where the grid may take patches.
@@ -290,48 +232,6 @@ def tile_slide(
     return result
 
 
-def mask_level_image(
-    reader: SlideReader, slide_id: str, mask_downsample: float
-) -> tuple[np.ndarray, float]:
-    """The slide level nearest ``mask_downsample`` (a plain image: itself), read
-    whole, and its downsample: the image the masks are computed on.
-
-    Raises:
-        InvalidInput: Even that level is larger than :data:`MAX_MASK_PX`.
-    """
-    level = reader.best_level_for_downsample(mask_downsample)
-    lw, lh = reader.level_dimensions[level]
-    if lw * lh > MAX_MASK_PX:
-        raise InvalidInput(
-            f"slide {slide_id} has no level small enough for the tissue mask "
-            f"(level {level} is {lw}x{lh} px)"
-        )
-    return reader.read_level(level), float(reader.level_downsamples[level])
-
-
-def compute_masks(
-    reader: SlideReader, slide_id: str, params: TissueParams, mask_downsample: float
-) -> TissueMasks:
-    """Tissue and artifact masks from the slide level nearest ``mask_downsample``."""
-    thumbnail, downsample = mask_level_image(reader, slide_id, mask_downsample)
-    return segment_tissue(thumbnail, downsample, float(reader.mpp[0]), params)
-
-
-def store_masks(
-    store: ObjectStore, prefix: str, masks: TissueMasks, written: list[str] | None = None
-) -> list[str]:
-    """Put the mask PNGs and ``tissue.json`` (last) under ``prefix``; returns the keys."""
-    keys = written if written is not None else []
-    with tempfile.TemporaryDirectory() as folder:
-        save_masks(masks, folder)
-        paths = sorted(Path(folder).iterdir(), key=lambda p: (p.name == "tissue.json", p.name))
-        for path in paths:
-            key = _key(prefix, path.name)
-            store.put_file(key, path)
-            keys.append(key)
-    return keys
-
-
 def _run(
     reader: SlideReader,
     slide_id: str,
@@ -346,17 +246,11 @@ def _run(
 ) -> TileResult:
     mpp0 = float(reader.mpp[0])
     width, height = reader.dimensions
-    masks = compute_masks(reader, slide_id, params.tissue, params.mask_downsample)
-    store_masks(store, prefix, masks, written)
-    downsample = masks.downsample
-    allowed = allowed_area(
-        masks.tissue, masks.blur, masks.fold, params.exclude_blur, params.exclude_fold
+    prepared = prepare_slide(
+        reader, slide_id, params, reference=reference, stain_method=params.stain_method
     )
-    grid = patch_grid((width, height), mpp0, allowed, downsample, params.grid)
-    if params.max_patches and len(grid) > params.max_patches:
-        # A uniform sample, kept in grid order (neighbours stay neighbours in shards).
-        grid = grid.sample(n=params.max_patches, random_state=params.seed).sort_index()
-        grid = grid.reset_index(drop=True)
+    store_masks(store, prefix, prepared.masks, written)
+    grid = prepared.grid
     grid_rows, grid_cols = grid_shape((width, height), mpp0, params.grid)
     total_positions = grid_rows * grid_cols
 
@@ -372,31 +266,20 @@ def _run(
             mpp=mpp0,
             dimensions=(int(width), int(height)),
             shards=shard_keys,
+            qc=prepared.qc.as_dict(),
         )
 
     if grid.empty:
         _put_table(store, _key(prefix, GRID_FILE), grid.assign(shard="", member=""), written)
         return result("no_tissue", "no patch has enough tissue: the grid is empty", 0, [])
 
-    normalizer = None
-    source = None
-    if reference is not None:
-        normalizer = get_normalizer(params.stain_method)
-        normalizer.load_target(reference)  # type: ignore[arg-type]
-        sample = _sample_for_stains(reader, grid, params)
-        estimate = "ok"
-        try:
-            source = normalizer.stain_matrix_of(sample)
-        except InvalidInput as exc:
-            # Too little tissue, or one stain only: normalize against the target's own
-            # stains (colours kept, glass mapped) rather than fail the slide.
-            source = normalizer.fallback_source(sample)
-            estimate = f"fallback: {exc}"
+    stains = prepared.stains
+    if stains is not None:
         stain = {
-            "method": params.stain_method,
-            "slide": json.loads(source.to_json()),
-            "target": json.loads(reference.to_json()),
-            "slide_estimate": estimate,
+            "method": stains.method,
+            "slide": json.loads(stains.source.to_json()),
+            "target": json.loads(stains.reference.to_json()),
+            "slide_estimate": stains.estimate,
         }
         key = _key(prefix, STAIN_JSON)
         store.put_bytes(key, json.dumps(stain, indent=1).encode())
@@ -416,8 +299,8 @@ def _run(
                 params.grid.target_mpp,
                 allow_upsample=params.grid.allow_upsample,
             )
-            if normalizer is not None:
-                rgb = normalizer.transform(rgb, source)  # type: ignore[arg-type]
+            if stains is not None:
+                rgb = stains.transform(rgb)
             row = shards.add(rgb, x=int(patch.x), y=int(patch.y))
             if row["shard"] not in written:
                 written.append(row["shard"])

@@ -29,23 +29,22 @@ from services.common.refs import served_key
 from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
 from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2, tiling_pb2_grpc
-from services.tiling.grid import GridParams, params_hash
-from services.tiling.highres import HighResSource, extract_40x
+from services.slide.grid import GridParams, params_hash
+from services.slide.highres import HighResSource, extract_40x
+from services.slide.prepare import store_masks
+from services.slide.reader import open_slide
+from services.slide.slides import SlideCache, slide_id_for
+from services.slide.stain import StainMatrix, builtin_reference, get_normalizer
+from services.slide.tissue import MASKS_JSON, TissueParams, compute_masks
 from services.tiling.pipeline import (
     PIPELINE_VERSION,
     TileParams,
     TileResult,
-    compute_masks,
     load_slide_stain,
     load_tissue_rule,
-    store_masks,
     tile_slide,
     tiling_digest,
 )
-from services.tiling.reader import open_slide
-from services.tiling.slides import SlideCache, slide_id_for
-from services.tiling.stain import StainMatrix, builtin_reference, get_normalizer
-from services.tiling.tissue import MASKS_JSON, TissueParams
 
 SERVICE_NAME = "histomarker.v1.TilingService"
 #: Images one NormalizePatches message (or FitStainReference call) may carry, and their

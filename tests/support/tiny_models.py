@@ -52,7 +52,7 @@ def training_cohort(store: ObjectStore, slides: int) -> pd.DataFrame:
     Returns:
         Their manifest (slide_id, patient_id, kind and one column per biomarker).
     """
-    from services.tiling.shards import ShardWriter
+    from services.slide.shards import ShardWriter
 
     rng = np.random.default_rng(0)
     rows = []

@@ -27,7 +27,7 @@ from services.inference.calibration import softmax
 from services.inference.dataset import PatchReader, ShardCache, build_patch_table
 from services.inference.preprocess import to_input
 from services.inference.training import TrainConfig, TrainResult, train
-from services.tiling.shards import ShardWriter
+from services.slide.shards import ShardWriter
 
 pytestmark = pytest.mark.slow
 

@@ -31,7 +31,7 @@ from services.common.stubs.histomarker.v1 import common_pb2, nuclei_pb2
 from services.nuclei.features import FEATURE_NAMES
 from services.nuclei.pipeline import TABLE_COLUMNS
 from services.nuclei.server import NucleiSettings, create
-from services.tiling.shards import ShardWriter
+from services.slide.shards import ShardWriter
 
 SERVICE = nuclei_pb2.DESCRIPTOR.services_by_name["NucleiService"]
 SHARD_PREFIX = "tiles/FUZZ-1/0123456789abcdef"

@@ -20,9 +20,9 @@ from services.common.stubs.histomarker.v1 import common_pb2, nuclei_pb2, nuclei_
 from services.nuclei.features import FEATURE_NAMES
 from services.nuclei.pipeline import TABLE_COLUMNS, analyze_patch, decode_labels_tiff
 from services.nuclei.server import SERVICE_NAME, NucleiSettings, create
+from services.slide.images import read_image
+from services.slide.shards import ShardWriter
 from services.synth.cohort import generate_cohort
-from services.tiling.images import read_image
-from services.tiling.shards import ShardWriter
 
 SLIDE = "SLIDE-A"
 PREFIX = f"tiles/{SLIDE}/0123456789abcdef"

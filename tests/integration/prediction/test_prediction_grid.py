@@ -28,11 +28,11 @@ from services.common.objectstore import ObjectStore, open_store
 from services.common.stubs.histomarker.v1 import common_pb2, prediction_pb2, prediction_pb2_grpc
 from services.prediction.pipeline import PredictionParams
 from services.prediction.server import SERVICE_NAME, PredictionServicer, PredictionSettings
+from services.slide.grid import GridParams, TissueRule, footprint_px, patch_grid
+from services.slide.highres import quadrant_origins
+from services.slide.reader import open_slide
 from services.synth.cohort import generate_cohort
-from services.tiling.grid import GridParams, TissueRule, footprint_px, patch_grid
-from services.tiling.highres import quadrant_origins
 from services.tiling.pipeline import compute_masks
-from services.tiling.reader import open_slide
 
 SLIDE_KEY = "slides/GRID-1.tiff"
 

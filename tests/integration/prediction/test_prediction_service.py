@@ -39,10 +39,10 @@ from services.prediction.client import PredictionClient, file_digest, options_of
 from services.prediction.models import CANCER_DETECTOR, LocalScorer
 from services.prediction.pipeline import PredictionParams, predict_slide
 from services.prediction.server import SERVICE_NAME, PredictionServicer, PredictionSettings
+from services.slide.reader import open_slide
+from services.slide.stain import builtin_reference
 from services.synth.cohort import generate_cohort
 from services.synth.labels import BIOMARKERS
-from services.tiling.reader import open_slide
-from services.tiling.stain import builtin_reference
 
 pytestmark = [
     pytest.mark.slow,

@@ -18,9 +18,9 @@ from realdata import realdata
 from shapely.geometry import shape
 
 from services.cli import main
-from services.tiling.qc import CLASS_COLOURS, QUPATH_NAMES
-from services.tiling.reader import open_slide
-from services.tiling.tissue import segment_tissue
+from services.slide.qc import CLASS_COLOURS, QUPATH_NAMES
+from services.slide.reader import open_slide
+from services.slide.tissue import segment_tissue
 
 #: The ink examples' scale is not recorded (about 10-20 µm/px).
 PEN_MPP = 16.0
@@ -139,7 +139,7 @@ def test_qc_command_writes_masks_overlay_geojson_and_verdict(tmp_path: Path) -> 
     assert (red & ink).sum() >= 0.85 * ink.sum()
     assert report["verdict"] in {"pass", "warn"}
     assert report["tissue_area_mm2"] > 50 and 0 < report["usable_fraction"] <= 1
-    assert report["area_over_tissue"]["pen_red"] > 0.02
+    assert report["fraction_of_tissue"]["pen_red"] > 0.02
     assert "masks" in report["thresholds"] and "verdict" in report["thresholds"]
     overlay = cv2.imread(str(out / "overlay.png"))
     assert overlay.shape[0] >= size[1] and overlay.shape[1] > size[0]  # with a legend

@@ -14,10 +14,10 @@ import pytest
 from services.cli import main
 from services.common.errors import InvalidInput
 from services.common.objectstore import open_store
+from services.slide.reader import open_slide
+from services.slide.shards import decode_patch
 from services.synth.cohort import generate_cohort
 from services.tiling.pipeline import TileParams, load_slide_stain, tile_slide
-from services.tiling.reader import open_slide
-from services.tiling.shards import decode_patch
 
 
 @pytest.fixture(scope="module")

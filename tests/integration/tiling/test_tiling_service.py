@@ -17,14 +17,14 @@ import pytest
 from services.common.grpc_client import open_channel
 from services.common.objectstore import open_store
 from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2, tiling_pb2_grpc
+from services.slide.grid import TissueRule
+from services.slide.highres import quadrant_origins
+from services.slide.reader import open_slide
+from services.slide.stain import builtin_reference, get_normalizer
 from services.synth.cohort import generate_cohort
 from services.tiling.client import normalize_batches, tile_slide
-from services.tiling.grid import TissueRule
-from services.tiling.highres import quadrant_origins
 from services.tiling.pipeline import load_slide_stain, load_tissue_rule
-from services.tiling.reader import open_slide
 from services.tiling.server import TilingSettings, create, stain_to_proto
-from services.tiling.stain import builtin_reference, get_normalizer
 
 
 @pytest.fixture(scope="module")
@@ -368,7 +368,7 @@ def test_40x_windows_without_enough_tissue_are_left_out(stack) -> None:
 
 def test_native_policy_needs_a_40x_level(tmp_path: Path) -> None:
     from services.common.errors import FailedPrecondition
-    from services.tiling.highres import choose_source
+    from services.slide.highres import choose_source
 
     path = tmp_path / "twenty.png"
     cv2.imwrite(str(path), np.full((600, 600, 3), 200, np.uint8))

@@ -30,7 +30,7 @@ from services.inference.dataset import (
     validate_patch_table,
 )
 from services.inference.preprocess import PreprocessConfig, fit_to_input
-from services.tiling.shards import ShardWriter
+from services.slide.shards import ShardWriter
 
 
 def _patch(seed: int, side: int = 24) -> np.ndarray:

@@ -36,13 +36,13 @@ from services.prediction.pipeline import (
     predict_slide,
     prediction_digest,
 )
+from services.slide.grid import GridParams, TissueRule, footprint_px, patch_grid
+from services.slide.highres import quadrant_origins
+from services.slide.reader import SlideReader, open_slide
+from services.slide.tissue import TissueParams
 from services.synth.cohort import generate_cohort
 from services.synth.labels import BIOMARKERS
-from services.tiling.grid import GridParams, TissueRule, footprint_px, patch_grid
-from services.tiling.highres import quadrant_origins
 from services.tiling.pipeline import TileParams, compute_masks, tile_slide
-from services.tiling.reader import SlideReader, open_slide
-from services.tiling.tissue import TissueParams
 
 INPUT_PX = 32
 #: The 20x grid of the demo's training: 512 px patches, half-overlapping.

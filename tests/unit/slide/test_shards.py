@@ -7,7 +7,7 @@ import pytest
 
 from services.common.errors import InvalidInput
 from services.common.objectstore import open_store
-from services.tiling.shards import ShardWriter, decode_patch, encode_patch, iter_shard
+from services.slide.shards import ShardWriter, decode_patch, encode_patch, iter_shard
 
 
 def _patch(seed: int) -> np.ndarray:

@@ -10,10 +10,7 @@ from skimage.color import deltaE_ciede2000, rgb2lab
 from skimage.metrics import structural_similarity
 
 from services.common.errors import InvalidInput
-from services.synth.labels import SITES, Site, sample_cohort
-from services.synth.render import Stain, TileRenderer
-from services.synth.slide import SyntheticSlide
-from services.tiling.stain import (
+from services.slide.stain import (
     MacenkoNormalizer,
     ReinhardNormalizer,
     StainMatrix,
@@ -21,6 +18,9 @@ from services.tiling.stain import (
     get_normalizer,
     normalize_image,
 )
+from services.synth.labels import SITES, Site, sample_cohort
+from services.synth.render import Stain, TileRenderer
+from services.synth.slide import SyntheticSlide
 
 PATCH_PX = 512
 #: Tissue-only 512 px patches (level 0, x, y) of the test slide, and a disjoint

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from services.common.errors import InvalidInput
-from services.tiling.reader import open_slide
+from services.slide.reader import open_slide
 
 #: Largest image read whole, pixels (a 512 px patch is 0.26 Mpx).
 MAX_WHOLE_IMAGE_PX = 64_000_000

@@ -106,7 +106,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -114,6 +114,9 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
 from services.common.errors import InvalidInput, NotFound
+
+if TYPE_CHECKING:
+    from services.slide.reader import SlideReader
 
 #: Pen ink colours, in the order of their codes (1, 2, 3) in pen code images.
 PEN_COLOURS: tuple[str, ...] = ("green", "blue", "black", "red", "other")
@@ -123,6 +126,8 @@ FINEST_MASK_UM = 2.0
 MASKS_JSON = "tissue.json"
 _FORMAT_VERSION = 1
 _MAD_TO_SIGMA = 1.4826
+#: Largest slide level read whole for the masks, pixels.
+MAX_MASK_PX = 40_000_000
 
 
 def check_finite_non_negative(params: Any, what: str, fractions: tuple[str, ...] = ()) -> None:
@@ -954,6 +959,33 @@ def _mask_files(masks_pen: dict[str, Any]) -> dict[str, str]:
     files = {"tissue": "tissue.png", "blur": "blur.png", "fold": "fold.png", "edge": "edge.png"}
     files.update({f"pen_{name}": f"pen_{name}.png" for name in masks_pen})
     return files
+
+
+def mask_level_image(
+    reader: SlideReader, slide_id: str, mask_downsample: float
+) -> tuple[np.ndarray, float]:
+    """The slide level nearest ``mask_downsample`` (a plain image: itself), read
+    whole, and its downsample: the image the masks are computed on.
+
+    Raises:
+        InvalidInput: Even that level is larger than :data:`MAX_MASK_PX`.
+    """
+    level = reader.best_level_for_downsample(mask_downsample)
+    lw, lh = reader.level_dimensions[level]
+    if lw * lh > MAX_MASK_PX:
+        raise InvalidInput(
+            f"slide {slide_id} has no level small enough for the tissue mask "
+            f"(level {level} is {lw}x{lh} px)"
+        )
+    return reader.read_level(level), float(reader.level_downsamples[level])
+
+
+def compute_masks(
+    reader: SlideReader, slide_id: str, params: TissueParams, mask_downsample: float
+) -> TissueMasks:
+    """Tissue and artifact masks from the slide level nearest ``mask_downsample``."""
+    thumbnail, downsample = mask_level_image(reader, slide_id, mask_downsample)
+    return segment_tissue(thumbnail, downsample, float(reader.mpp[0]), params)
 
 
 def save_masks(masks: TissueMasks, folder: str | Path) -> Path:

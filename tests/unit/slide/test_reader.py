@@ -1,4 +1,4 @@
-"""Tests of services.tiling.reader: both slide backends, plain images, bad input."""
+"""Tests of services.slide.reader: both slide backends, plain images, bad input."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from services.common.errors import InvalidInput, NotFound
+from services.slide.reader import SlideReader, open_slide, to_rgb8
 from services.synth.cohort import generate_cohort
-from services.tiling.reader import SlideReader, open_slide, to_rgb8
 
 
 @pytest.fixture(scope="module")

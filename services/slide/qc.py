@@ -1,8 +1,8 @@
 """Slide quality control: the tissue and artifact masks of a slide or image, a verdict,
 and files a person can open (``histomarker qc``).
 
-For a whole-slide image the masks are those the tiling computes (the level nearest
-:attr:`TileParams.mask_downsample`); a plain image (a thumbnail or a crop, whose
+For a whole-slide image the masks are those tiling and prediction compute (the level
+nearest ``PrepParams.mask_downsample``); a plain image (a thumbnail or a crop, whose
 resolution the caller gives) is used as it is. :func:`write_report` writes:
 
 - ``thumbnail.png``: the image the masks were computed on;
@@ -11,7 +11,8 @@ resolution the caller gives) is used as it is. :func:`write_report` writes:
 - ``overlay.png``: the thumbnail with every class drawn in its colour, and a legend;
 - ``qc.geojson``: the same classes as polygons in level-0 pixels, a FeatureCollection
   of QuPath annotations (``objectType`` and ``classification`` with name and colour);
-- ``qc.json`` (written last): areas, the share of the tissue per class, the
+- ``qc.json`` (written last): areas, the share of the tissue per artifact class
+  (``fraction_of_tissue``, as the verdict judges it: :class:`QcSummary`), the
   thresholds and the verdict with its reasons.
 
 Every file is written to a temporary name and renamed, so a folder with ``qc.json``
@@ -36,13 +37,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from services.tiling.pipeline import mask_level_image
-from services.tiling.reader import SlideReader
-from services.tiling.tissue import (
+from services.slide.reader import SlideReader
+from services.slide.tissue import (
     PEN_COLOURS,
     TissueMasks,
     TissueParams,
     check_finite_non_negative,
+    mask_level_image,
     segment_tissue,
 )
 
@@ -125,41 +126,86 @@ def class_masks(masks: TissueMasks) -> dict[str, np.ndarray]:
     return out
 
 
-def verdict(masks: TissueMasks, thresholds: QcThresholds) -> tuple[str, list[str]]:
-    """``pass``, ``warn`` or ``fail`` and the reasons, one readable line each."""
+@dataclass(frozen=True)
+class QcSummary:
+    """What a slide's masks say, in numbers (the QC metrics that travel with tiling
+    and prediction results).
+
+    Attributes:
+        verdict: ``pass``, ``warn`` or ``fail``.
+        reasons: Why, one readable line each (empty on a pass).
+        tissue_area_mm2: Tissue area, mm².
+        usable_area_mm2: Tissue with no pen, blur or fold on it, mm².
+        usable_fraction: Usable share of the tissue (0-1).
+        artifact_fractions: Per artifact class, the share of the tissue area it
+            covers (0-1 or more): blur and fold by the tissue they lie on; pen ink and
+            coverslip edges, which are cut out of the tissue, by their whole area.
+    """
+
+    verdict: str
+    reasons: tuple[str, ...]
+    tissue_area_mm2: float
+    usable_area_mm2: float
+    usable_fraction: float
+    artifact_fractions: dict[str, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The summary as plain JSON values."""
+        out = asdict(self)
+        out["reasons"] = list(self.reasons)
+        return out
+
+
+def qc_summary(masks: TissueMasks, thresholds: QcThresholds) -> QcSummary:
+    """Areas, shares and the verdict of one slide's masks (see the module docstring)."""
     px_mm2 = (masks.mpp / 1000.0) ** 2
     tissue_px = int(masks.tissue.sum())
-    if tissue_px == 0:
-        return "fail", ["no tissue found"]
-    usable_mm2 = float(masks.usable.sum()) * px_mm2
-    usable_share = float(masks.usable.sum()) / tissue_px
+    usable_px = int(masks.usable.sum())
+    classes = class_masks(masks)
+    shares = {}
+    for name in ARTIFACTS:
+        mask = classes[name]
+        # Ink and edges are cut out of the tissue: judge them by the tissue they took,
+        # i.e. the area they cover next to and over it.
+        covered = mask if name.startswith("pen_") or name == "edge" else mask & masks.tissue
+        shares[name] = round(float(covered.sum()) / tissue_px, 6) if tissue_px else 0.0
+    usable_share = usable_px / tissue_px if tissue_px else 0.0
+    usable_mm2 = usable_px * px_mm2
     failures, warnings = [], []
-    if usable_mm2 < thresholds.min_usable_mm2:
-        failures.append(
-            f"usable tissue {usable_mm2:.3g} mm² is under {thresholds.min_usable_mm2:g} mm²"
-        )
-    if usable_share < thresholds.min_usable_fraction:
-        failures.append(
-            f"only {usable_share:.0%} of the tissue is usable "
-            f"(at least {thresholds.min_usable_fraction:.0%} needed)"
-        )
-    elif usable_share < thresholds.warn_usable_fraction:
-        warnings.append(f"only {usable_share:.0%} of the tissue is usable")
-    for name, mask in class_masks(masks).items():
-        if name in ("tissue", "usable"):
-            continue
-        share = float((mask & masks.tissue).sum()) / tissue_px
-        if name.startswith("pen_") or name == "edge":
-            # Ink and edges are cut out of the tissue: judge them by the tissue they
-            # took, i.e. the area they cover next to and over it.
-            share = float(mask.sum()) / tissue_px
-        if share > thresholds.warn_artifact_fraction:
-            warnings.append(f"{QUPATH_NAMES[name].lower()} covers {share:.0%} of the tissue area")
-    if failures:
-        return "fail", failures + warnings
-    if warnings:
-        return "warn", warnings
-    return "pass", []
+    if tissue_px == 0:
+        failures.append("no tissue found")
+    else:
+        if usable_mm2 < thresholds.min_usable_mm2:
+            failures.append(
+                f"usable tissue {usable_mm2:.3g} mm² is under {thresholds.min_usable_mm2:g} mm²"
+            )
+        if usable_share < thresholds.min_usable_fraction:
+            failures.append(
+                f"only {usable_share:.0%} of the tissue is usable "
+                f"(at least {thresholds.min_usable_fraction:.0%} needed)"
+            )
+        elif usable_share < thresholds.warn_usable_fraction:
+            warnings.append(f"only {usable_share:.0%} of the tissue is usable")
+        for name, share in shares.items():
+            if share > thresholds.warn_artifact_fraction:
+                warnings.append(
+                    f"{QUPATH_NAMES[name].lower()} covers {share:.0%} of the tissue area"
+                )
+    status = "fail" if failures else "warn" if warnings else "pass"
+    return QcSummary(
+        verdict=status,
+        reasons=tuple(failures + warnings),
+        tissue_area_mm2=round(tissue_px * px_mm2, 6),
+        usable_area_mm2=round(usable_mm2, 6),
+        usable_fraction=round(usable_share, 6),
+        artifact_fractions=shares,
+    )
+
+
+def verdict(masks: TissueMasks, thresholds: QcThresholds) -> tuple[str, list[str]]:
+    """``pass``, ``warn`` or ``fail`` and the reasons, one readable line each."""
+    summary = qc_summary(masks, thresholds)
+    return summary.verdict, list(summary.reasons)
 
 
 def run_qc(
@@ -174,32 +220,22 @@ def run_qc(
     # has only its own).
     thumbnail, downsample = mask_level_image(reader, reader.name, mask_downsample)
     masks = segment_tissue(thumbnail, downsample, float(reader.mpp[0]), params or TissueParams())
-    status, reasons = verdict(masks, thresholds)
+    summary = qc_summary(masks, thresholds)
     px_mm2 = (masks.mpp / 1000.0) ** 2
-    tissue_px = int(masks.tissue.sum())
     classes = class_masks(masks)
     report = {
         "slide": reader.name,
-        "verdict": status,
-        "reasons": reasons,
+        "verdict": summary.verdict,
+        "reasons": list(summary.reasons),
         "mpp": float(reader.mpp[0]),
         "mask_mpp": float(masks.mpp),
         "downsample": float(masks.downsample),
         "size_px": [int(masks.tissue.shape[1]), int(masks.tissue.shape[0])],
-        "tissue_area_mm2": round(tissue_px * px_mm2, 6),
-        "usable_area_mm2": round(float(masks.usable.sum()) * px_mm2, 6),
-        "usable_fraction": round(float(masks.usable.sum()) / tissue_px, 6) if tissue_px else 0.0,
+        "tissue_area_mm2": summary.tissue_area_mm2,
+        "usable_area_mm2": summary.usable_area_mm2,
+        "usable_fraction": summary.usable_fraction,
         "area_mm2": {name: round(float(m.sum()) * px_mm2, 6) for name, m in classes.items()},
-        "fraction_of_tissue": {
-            name: round(float((classes[name] & masks.tissue).sum()) / tissue_px, 6)
-            if tissue_px
-            else 0.0
-            for name in ("blur", "fold")
-        },
-        "area_over_tissue": {
-            name: round(float(classes[name].sum()) / tissue_px, 6) if tissue_px else 0.0
-            for name in ARTIFACTS
-        },
+        "fraction_of_tissue": summary.artifact_fractions,
         "thresholds": {
             "masks": {
                 k: (round(float(v), 6) if math.isfinite(v) else None)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from services.common.errors import InvalidInput
-from services.tiling.grid import (
+from services.slide.grid import (
     GridParams,
     TissueRule,
     footprint_px,
@@ -12,7 +12,7 @@ from services.tiling.grid import (
     patch_grid,
     window_coverage,
 )
-from services.tiling.highres import quadrant_origins, upsample_quadrants
+from services.slide.highres import quadrant_origins, upsample_quadrants
 
 
 def test_footprint_follows_magnification_and_slide_resolution() -> None:

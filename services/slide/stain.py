@@ -44,7 +44,7 @@ Choices (ours):
   absorbs the shrinkage, which at 0.1 (a large fraction of eosin's concentrations)
   tilts the eosin vector 10-20 degrees towards hematoxylin. With the unbiased vectors,
   the plain pseudo-inverse concentrations (clipped at 0) recover a known stain better
-  than staintools' per-pixel lasso (``tests/unit/tiling/test_stain.py``).
+  than staintools' per-pixel lasso (``tests/unit/slide/test_stain.py``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tissue and artifact masks (services.tiling.tissue) against the synthetic truth.
+"""Tissue and artifact masks (services.slide.tissue) against the synthetic truth.
 
 Pen over tissue counts as not tissue: our ``tissue`` mask already has pen removed, so
 it is compared with the truth tissue minus the truth pen. Our masks (downsample 8)
@@ -17,8 +17,7 @@ import pytest
 from PIL import Image
 
 from services.common.errors import InvalidInput, NotFound
-from services.synth.cohort import generate_cohort
-from services.tiling.tissue import (
+from services.slide.tissue import (
     PEN_COLOURS,
     TissueMasks,
     TissueParams,
@@ -26,6 +25,7 @@ from services.tiling.tissue import (
     save_masks,
     segment_tissue,
 )
+from services.synth.cohort import generate_cohort
 
 #: Seed whose 6 tiny slides hold 3 green, 4 blue and 3 black pen-marked slides.
 COHORT_SEED = 4

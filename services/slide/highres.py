@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 
 import cv2
 import numpy as np
@@ -21,10 +23,10 @@ import pandas as pd
 
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.objectstore import ObjectStore
-from services.tiling.grid import TissueRule
-from services.tiling.reader import SlideReader
-from services.tiling.shards import ShardWriter
-from services.tiling.stain import LabStats, Normalizer, StainMatrix
+from services.slide.grid import TissueRule
+from services.slide.reader import SlideReader
+from services.slide.shards import ShardWriter
+from services.slide.stain import LabStats, Normalizer, StainMatrix
 
 
 class HighResSource(StrEnum):
@@ -101,11 +103,86 @@ def choose_source(reader: SlideReader, policy: str, high_mpp: float = 0.25) -> H
     return HighResSource.NATIVE if native else HighResSource.UPSAMPLED
 
 
-def _normalized(
-    rgb: np.ndarray, stain: tuple[Normalizer, StainMatrix | LabStats] | None
-) -> np.ndarray:
-    if stain is None:
-        return rgb
+class WindowClaims:
+    """The 40x windows of a slide's 20x patches, each made once.
+
+    A 20x patch at (x, y) with a level-0 footprint has four 40x windows, its
+    quadrants. On an overlapping grid neighbours share windows (on a half-overlap
+    grid, two with each neighbour): a window goes to the first patch, in the order
+    claimed, that has it. With a tissue rule, windows with too little usable tissue
+    (glass or pen ink beside the tissue of their 20x patch) are left out.
+
+    Tiling (:func:`extract_40x`, the 40x patches the models learn from) and the
+    PredictionService (the ones they score) both take their windows from here, so a
+    slide's 40x windows are the same in training and in prediction.
+
+    Args:
+        tissue: The usable area and least tissue share (None keeps every window).
+    """
+
+    def __init__(self, tissue: TissueRule | None = None) -> None:
+        self.tissue = tissue
+        self.taken: set[tuple[int, int]] = set()
+
+    def claim(self, x: int, y: int, footprint_px: float) -> list[tuple[int, int]]:
+        """Level-0 origins of the windows of the patch at (x, y) not taken yet,
+        taken now (row-major order)."""
+        origins = quadrant_origins(x, y, footprint_px)
+        if self.tissue is not None:
+            keeps = self.tissue.keeps(origins, footprint_px / 2)
+            origins = [o for o, keep in zip(origins, keeps, strict=True) if keep]
+        fresh = [origin for origin in origins if origin not in self.taken]
+        self.taken.update(fresh)
+        return fresh
+
+
+def make_windows(
+    reader: SlideReader,
+    x: int,
+    y: int,
+    footprint_px: float,
+    windows: list[tuple[int, int]],
+    *,
+    source: HighResSource,
+    patch_px: int,
+    low_mpp: float,
+    normalize: Callable[[np.ndarray], np.ndarray] | None = None,
+    low_patch: np.ndarray | None = None,
+    read: Callable[..., np.ndarray] | None = None,
+) -> list[np.ndarray]:
+    """The 40x pixels of some windows of the 20x patch at (x, y).
+
+    Native: each window read from the slide at ``low_mpp / 2`` and normalized.
+    Upsampled (the paper's way): the normalized 20x patch (``low_patch``, or read and
+    normalized now) zoomed x2 with Lanczos and cut into its quadrants.
+
+    Args:
+        reader: The open slide.
+        x, y: The 20x patch's level-0 origin.
+        footprint_px: Its level-0 side.
+        windows: Origins of the quadrants wanted (from :meth:`WindowClaims.claim`).
+        source: Native level or upsampling (:func:`choose_source`).
+        patch_px: Patch side, px (the same at 20x and 40x).
+        low_mpp: Resolution of the 20x patch, µm/px.
+        normalize: The slide's stain transform (None keeps its colours).
+        low_patch: The 20x patch's normalized pixels, when already read.
+        read: Reads a patch as ``reader.read_patch`` does (to time it); default that.
+
+    Returns:
+        One ``uint8`` (patch_px, patch_px, 3) image per window, in the order given.
+    """
+    normalize = normalize or (lambda rgb: rgb)
+    read = read or reader.read_patch
+    if source is HighResSource.NATIVE:
+        return [normalize(read(qx, qy, patch_px, low_mpp / 2)) for qx, qy in windows]
+    if low_patch is None:
+        low_patch = normalize(read(x, y, patch_px, low_mpp))
+    every = quadrant_origins(x, y, footprint_px)
+    by_origin = dict(zip(every, upsample_quadrants(low_patch), strict=True))
+    return [by_origin[window] for window in windows]
+
+
+def _normalized(rgb: np.ndarray, stain: tuple[Normalizer, StainMatrix | LabStats]) -> np.ndarray:
     normalizer, source = stain
     return normalizer.transform(rgb, source)  # type: ignore[arg-type]
 
@@ -161,28 +238,25 @@ def extract_40x(
     name = f"40x-{digest}"
     writer = ShardWriter(store, prefix, name, patches_per_shard=patches_per_shard)
     rows = []
-    stored: set[tuple[int, int]] = set()
+    claims = WindowClaims(tissue)
+    normalize = None if stain is None else partial(_normalized, stain=stain)
     try:
         for x, y, footprint in patches:
-            origins = quadrant_origins(x, y, footprint)
-            if tissue is not None:
-                keeps = tissue.keeps(origins, footprint / 2)
-                origins = [o for o, keep in zip(origins, keeps, strict=True) if keep]
-            fresh = [origin for origin in origins if origin not in stored]
+            fresh = claims.claim(x, y, footprint)
             if not fresh:
                 continue
-            if source is HighResSource.NATIVE:
-                quads = {
-                    (qx, qy): _normalized(reader.read_patch(qx, qy, patch_px, low_mpp / 2), stain)
-                    for qx, qy in fresh
-                }
-            else:
-                low = _normalized(reader.read_patch(x, y, patch_px, low_mpp), stain)
-                every = quadrant_origins(x, y, footprint)
-                quads = dict(zip(every, upsample_quadrants(low), strict=True))
-            for qx, qy in fresh:
-                quad = quads[(qx, qy)]
-                stored.add((qx, qy))
+            quads = make_windows(
+                reader,
+                x,
+                y,
+                footprint,
+                fresh,
+                source=source,
+                patch_px=patch_px,
+                low_mpp=low_mpp,
+                normalize=normalize,
+            )
+            for (qx, qy), quad in zip(fresh, quads, strict=True):
                 rows.append(
                     writer.add(
                         quad,
