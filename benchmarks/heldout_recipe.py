@@ -91,9 +91,9 @@ def heldout_aurocs(out: Path, bundles: dict[str, Path]) -> dict[str, float]:
     from services.common.objectstore import open_store
     from services.prediction.models import LocalScorer
     from services.prediction.pipeline import PredictionParams, predict_slide
-    from services.tiling.grid import GridParams
-    from services.tiling.reader import open_slide
-    from services.tiling.stain import builtin_reference
+    from services.slide.grid import GridParams
+    from services.slide.reader import open_slide
+    from services.slide.stain import builtin_reference
 
     scorer = LocalScorer(bundles)
     deployment = scorer.deployment()

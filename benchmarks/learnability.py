@@ -39,7 +39,7 @@ def tumour_patches(
     import pandas as pd
     import tifffile
 
-    from services.tiling.stain import get_normalizer
+    from services.slide.stain import get_normalizer
 
     manifest = pd.read_csv(cohort / "manifest.csv")
     rng = np.random.default_rng(seed)
@@ -78,7 +78,7 @@ def stored_patches(store: Path, input_px: int) -> tuple[np.ndarray, np.ndarray]:
     import cv2
 
     from services.common.objectstore import open_store
-    from services.tiling.shards import iter_shard
+    from services.slide.shards import iter_shard
 
     objects = open_store(store.resolve().as_uri())
     patches, slides = [], []

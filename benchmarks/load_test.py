@@ -389,7 +389,7 @@ def run_level(
 
 def tissue_patches(slide: Path, count: int) -> list[np.ndarray]:
     """The ``count`` 512 px windows of the slide's 20x level with the most tissue."""
-    from services.tiling.reader import open_slide
+    from services.slide.reader import open_slide
 
     with open_slide(slide) as reader:
         level = reader.best_level_for_downsample(2)
@@ -411,8 +411,8 @@ def tissue_patches(slide: Path, count: int) -> list[np.ndarray]:
 
 def normalize_call(patches: list[np.ndarray], source: Any, timeout_s: float) -> tuple[Call, int]:
     """A NormalizePatches call of one message carrying every patch (PNG)."""
+    from services.slide.stain import builtin_reference
     from services.tiling.server import stain_to_proto
-    from services.tiling.stain import builtin_reference
 
     images = []
     for rgb in patches:
@@ -438,9 +438,9 @@ def normalize_call(patches: list[np.ndarray], source: Any, timeout_s: float) -> 
 
 
 def load_normalize(args: argparse.Namespace, root: Path, slide: Path) -> list[dict[str, Any]]:
-    from services.tiling.reader import open_slide
+    from services.slide.reader import open_slide
+    from services.slide.stain import get_normalizer
     from services.tiling.server import SERVICE_NAME
-    from services.tiling.stain import get_normalizer
 
     patches = tissue_patches(slide, args.patches)
     with open_slide(slide) as reader:

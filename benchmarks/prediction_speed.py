@@ -50,10 +50,10 @@ from services.inference.registry import publish_bundle
 from services.inference.torchserve import TorchServe, TorchServeConfig
 from services.prediction.models import CANCER_DETECTOR, ModelRegistry, TorchServeScorer
 from services.prediction.pipeline import PredictionParams, predict_slide
+from services.slide.reader import open_slide
+from services.slide.stain import get_normalizer
 from services.synth.cohort import generate_cohort
 from services.synth.labels import BIOMARKERS
-from services.tiling.reader import open_slide
-from services.tiling.stain import get_normalizer
 
 CONFIGS = {
     "overlapped": {"reader_threads": 2, "read_ahead_batches": 4},

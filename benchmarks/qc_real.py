@@ -37,8 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.tiling.reader import open_slide
-from services.tiling.tissue import TissueMasks, segment_tissue
+from services.slide.reader import open_slide
+from services.slide.tissue import TissueMasks, segment_tissue
 
 ROOT = Path(__file__).resolve().parents[1]
 INKS = ("green", "red", "black")

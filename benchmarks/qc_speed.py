@@ -34,8 +34,8 @@ import json, os, sys, tempfile, time
 os.sched_setaffinity(0, {int(sys.argv[2])})
 import cv2
 cv2.setNumThreads(1)
-from services.tiling.qc import run_qc, write_report
-from services.tiling.reader import open_slide
+from services.slide.qc import run_qc, write_report
+from services.slide.reader import open_slide
 slide, repeat = sys.argv[1], int(sys.argv[3])
 best = float("inf")
 for _ in range(repeat):

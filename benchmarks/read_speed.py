@@ -5,7 +5,7 @@ positions of a synthetic slide (small preset unless ``--preset``/``--slide``) wi
 three readers, each on one CPU core, and prints patches per second side by side:
 
 - ``openslide`` and ``tifffile`` (ours), both through
-  ``services.tiling.reader.open_slide(path, backend=...)``, in this process pinned
+  ``services.slide.reader.open_slide(path, backend=...)``, in this process pinned
   to ``--core``;
 - ``tiatoolbox``: ``tiatoolbox.wsicore.wsireader.TIFFWSIReader`` in a child process
   run by the Python of a separate venv (TIAToolbox pins an older torch; make it
@@ -49,7 +49,7 @@ DEFAULT_TIA_PYTHON = ROOT / ".venv-tiatoolbox" / "bin" / "python"
 
 def tissue_positions(path: Path, count: int, seed: int) -> list[tuple[int, int]]:
     """Level-0 (x, y) of level-1 patches whose centre lies on tissue."""
-    from services.tiling.reader import open_slide
+    from services.slide.reader import open_slide
 
     with open_slide(path) as reader:
         thumb_level = reader.level_count - 1
@@ -80,7 +80,7 @@ def time_backend(
 ) -> tuple[float, float, list[np.ndarray]]:
     """Patches per second on the first (cold) pass and over ``repeats`` more passes,
     and the first pass's patches."""
-    from services.tiling.reader import open_slide
+    from services.slide.reader import open_slide
 
     with open_slide(path, backend=backend) as reader:
         started = time.perf_counter()

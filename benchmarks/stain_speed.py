@@ -32,9 +32,9 @@ def main() -> None:
     import cv2
     import staintools
 
+    from services.slide.stain import MacenkoNormalizer, VahadaneNormalizer
     from services.synth.labels import sample_cohort
     from services.synth.slide import SyntheticSlide
-    from services.tiling.stain import MacenkoNormalizer, VahadaneNormalizer
 
     cv2.setNumThreads(1)
     spec = next(s for s in sample_cohort(8, 3) if s.kind == "cancer")

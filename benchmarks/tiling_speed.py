@@ -51,8 +51,8 @@ PIPELINE = (
     + r"""
 from services.common.objectstore import open_store
 from services.tiling.pipeline import TileParams, tile_slide
-from services.tiling.reader import open_slide
-from services.tiling.stain import get_normalizer
+from services.slide.reader import open_slide
+from services.slide.stain import get_normalizer
 with open_slide(slide) as reader:
     reference = get_normalizer("vahadane").fit(reader.read_region(0, 0, 1, 2048, 2048)).target
     store = open_store(Path(out).as_uri())
@@ -79,9 +79,9 @@ def main() -> None:
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
     from services.common.objectstore import open_store
+    from services.slide.reader import open_slide
     from services.synth.cohort import generate_cohort
     from services.tiling.pipeline import tile_slide
-    from services.tiling.reader import open_slide
 
     print(
         "| preset | patches | raw OpenSlide patches/s | pipeline patches/s | ratio "

@@ -32,8 +32,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from services.slide.tissue import PEN_COLOURS, segment_tissue
 from services.synth.cohort import MANIFEST_NAME, generate_cohort
-from services.tiling.tissue import PEN_COLOURS, segment_tissue
 
 MPP0 = 0.25
 DOWNSAMPLE = 8

@@ -35,7 +35,7 @@ def stored_indexes(store, tissue_rule: bool) -> dict[str, str]:  # type: ignore[
     """Slide id -> key of its 40x index (a reduced copy with ``tissue_rule``)."""
     import pandas as pd
 
-    from services.tiling.highres import quadrant_origins
+    from services.slide.highres import quadrant_origins
     from services.tiling.pipeline import load_tissue_rule
 
     found = {

@@ -30,7 +30,7 @@ from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2
 from services.inference.bundle import CONFIG_FILE, ModelConfig
 from services.inference.preprocess import shrink_to_input
 from services.inference.serving_io import encode_npy
-from services.tiling.shards import iter_shard
+from services.slide.shards import iter_shard
 
 CANCER_LABEL = "cancer"
 

@@ -44,7 +44,7 @@ from flows.settings import FlowSettings
 from services.common.errors import FailedPrecondition, HistomarkerError, InvalidInput
 from services.common.objectstore import ObjectInfo
 from services.prediction.client import BIOMARKER_ENUMS, PredictionClient, options_of
-from services.tiling.slides import slide_id_for
+from services.slide.slides import slide_id_for
 
 #: The PredictionService's output prefix (``services.prediction.pipeline.RUNS_PREFIX``).
 PREDICTIONS_PREFIX = "runs/predictions"

@@ -26,8 +26,8 @@ On an overlapping grid neighbouring 20x patches share quadrants (on a half-overl
 grid, two with each neighbour). Each 40x window (by its level-0 origin) is scored
 once, under the first cancer 20x patch in grid order that has it — its parent — as
 tiling stores it (both take windows from ``services.slide.highres.WindowClaims``).
-Cancer results are taken in grid order for that, so a window's parent, and its pixels when upsampled, never depend on
-which request finished first.
+Cancer results are taken in grid order for that, so a window's parent, and its pixels
+when upsampled, never depend on which request finished first.
 
 Outputs go to the object store under ``runs/predictions/{slide_id}/{params_hash}/``
 where the hash covers the slide's content digest, the parameters, the stain
@@ -477,6 +477,7 @@ def predict_slide(
         on_stage=on_stage,
     )
     marks.append(("", time.perf_counter()))
+    wall["stain"] = 0.0  # no stain step without a reference
     for (name, begun), (_, ended) in itertools.pairwise(marks):
         wall[name] = ended - begun
     masks, grid = prepared.masks, prepared.grid

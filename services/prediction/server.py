@@ -48,6 +48,7 @@ from services.common.errors import (
 )
 from services.common.grpc_server import HistomarkerServer, ServiceBinding, create_server, serve
 from services.common.objectstore import ObjectStore
+from services.common.qc_messages import qc_to_proto
 from services.common.refs import served_key
 from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
@@ -68,6 +69,7 @@ from services.prediction.pipeline import (
     predict_slide,
 )
 from services.slide.grid import GridParams
+from services.slide.qc import QcSettings, QcThresholds
 from services.slide.reader import open_slide
 from services.slide.slides import SlideCache, slide_id_for
 from services.slide.stain import StainMatrix, builtin_reference
@@ -94,6 +96,7 @@ _STATUSES = {
     "ok": prediction_pb2.PREDICTION_STATUS_OK,
     "no_tissue": prediction_pb2.PREDICTION_STATUS_NO_TISSUE,
     "no_cancer_patches": prediction_pb2.PREDICTION_STATUS_NO_CANCER_PATCHES,
+    "qc_failed": prediction_pb2.PREDICTION_STATUS_QC_FAILED,
 }
 _SOURCES = {
     "native": common_pb2.HIGH_RES_SOURCE_NATIVE,
@@ -102,7 +105,7 @@ _SOURCES = {
 _ESTIMATES = ("patch_auroc", "slide_auroc", "patch_auprc", "slide_auprc", "slide_mcc_f1")
 
 
-class PredictionSettings(ServiceSettings):
+class PredictionSettings(QcSettings):
     """Settings of the PredictionService (environment prefix ``HISTOMARKER_``)."""
 
     service_name: str = "prediction"
@@ -301,6 +304,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             else None,
             high_res_policy=_POLICIES.get(options.high_res_policy, "auto"),
             stain_method=self.settings.stain_method,
+            qc=QcThresholds.from_settings(self.settings),
             batch_size=self.settings.batch_size,
             max_in_flight=self.settings.max_in_flight,
             reader_threads=self.settings.reader_threads,
@@ -424,6 +428,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             params_hash=result.params_hash,
             tissue_mask=self._ref(result.tissue_mask_key),
             elapsed_seconds=result.elapsed_s,
+            qc=qc_to_proto(result.qc),
         )
         if result.patch_table_key:
             message.patch_table.CopyFrom(self._ref(result.patch_table_key))

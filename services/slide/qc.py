@@ -30,13 +30,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+from pydantic import Field
 
+from services.common.settings import ServiceSettings
 from services.slide.reader import SlideReader
 from services.slide.tissue import (
     PEN_COLOURS,
@@ -89,7 +91,7 @@ class QcThresholds:
             before a warning.
     """
 
-    min_usable_mm2: float = 1.0
+    min_usable_mm2: float = 0.5
     min_usable_fraction: float = 0.3
     warn_usable_fraction: float = 0.7
     warn_artifact_fraction: float = 0.1
@@ -100,6 +102,29 @@ class QcThresholds:
             "QC threshold",
             ("min_usable_fraction", "warn_usable_fraction", "warn_artifact_fraction"),
         )
+
+    @classmethod
+    def from_settings(cls, settings: QcSettings) -> QcThresholds:
+        """The thresholds a service's ``HISTOMARKER_QC_*`` settings give."""
+        return cls(**{f.name: getattr(settings, f"qc_{f.name}") for f in fields(cls)})
+
+
+class QcSettings(ServiceSettings):
+    """The QC thresholds as settings of a service that prepares slides (tiling and
+    prediction; environment ``HISTOMARKER_QC_MIN_USABLE_MM2``...). The defaults are
+    :class:`QcThresholds`'s: half a mm² of usable tissue (about eight 20x patches of
+    512 px) is the least a slide needs for a mean over its patches to mean much."""
+
+    #: Least usable tissue area, mm²; less fails QC.
+    qc_min_usable_mm2: float = Field(default=QcThresholds.min_usable_mm2, ge=0)
+    #: Least usable share of the tissue (0-1); less fails QC (mostly artifact).
+    qc_min_usable_fraction: float = Field(default=QcThresholds.min_usable_fraction, ge=0, le=1)
+    #: Usable share of the tissue under which QC warns (0-1).
+    qc_warn_usable_fraction: float = Field(default=QcThresholds.warn_usable_fraction, ge=0, le=1)
+    #: Share of the tissue one artifact class may cover before QC warns (0-1).
+    qc_warn_artifact_fraction: float = Field(
+        default=QcThresholds.warn_artifact_fraction, ge=0, le=1
+    )
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from services.common.cancellation import WorkBudget
 from services.common.errors import InvalidInput
 from services.common.grpc_server import HistomarkerServer, ServiceBinding, create_server, serve
 from services.common.images import decode_rgb
+from services.common.qc_messages import qc_to_proto
 from services.common.refs import served_key
 from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
@@ -32,6 +33,7 @@ from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2, tiling_
 from services.slide.grid import GridParams, params_hash
 from services.slide.highres import HighResSource, extract_40x
 from services.slide.prepare import store_masks
+from services.slide.qc import QcSettings, QcThresholds
 from services.slide.reader import open_slide
 from services.slide.slides import SlideCache, slide_id_for
 from services.slide.stain import StainMatrix, builtin_reference, get_normalizer
@@ -64,7 +66,7 @@ _METHODS = {
 }
 
 
-class TilingSettings(ServiceSettings):
+class TilingSettings(QcSettings):
     """Settings of the TilingService (environment prefix ``HISTOMARKER_``)."""
 
     service_name: str = "tiling"
@@ -205,6 +207,7 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
             exclude_fold=tiling_pb2.ARTIFACT_KIND_FOLD not in ignored,
             max_patches=int(message.max_patches),
             seed=int(message.seed),
+            qc=QcThresholds.from_settings(self.settings),
         )
         return params, reference, mask_mpp
 
@@ -233,6 +236,7 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
             ),
             patch_size_px=params.grid.patch_px,
             reused=result.reused,
+            qc=qc_to_proto(result.qc),
         )
         if self.store.exists(key("stain.json")):
             message.stain.CopyFrom(self._ref(key("stain.json")))

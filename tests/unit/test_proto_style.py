@@ -75,6 +75,7 @@ NUMERIC_TYPES = {
 UNIT_VOCABULARY: dict[str, tuple[str, ...]] = {
     "length in pixels": ("px", "pixel", "pixels"),
     "length or resolution in microns": ("µm", "um", "micron", "microns", "mpp"),
+    "area": ("mm²", "µm²"),
     "data size": ("bytes", "KiB", "MiB", "GiB"),
     "time": ("seconds", "milliseconds", "ms"),
     "angle": ("degrees", "radians"),

@@ -31,8 +31,8 @@ from services.prediction.server import SERVICE_NAME, PredictionServicer, Predict
 from services.slide.grid import GridParams, TissueRule, footprint_px, patch_grid
 from services.slide.highres import quadrant_origins
 from services.slide.reader import open_slide
+from services.slide.tissue import compute_masks
 from services.synth.cohort import generate_cohort
-from services.tiling.pipeline import compute_masks
 
 SLIDE_KEY = "slides/GRID-1.tiff"
 

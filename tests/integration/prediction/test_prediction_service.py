@@ -33,12 +33,14 @@ from services.common.errors import InvalidInput, ResourceExhausted
 from services.common.grpc_client import open_channel
 from services.common.grpc_server import HistomarkerServer, ServiceBinding, create_server
 from services.common.objectstore import ObjectStore, open_store
+from services.common.qc_messages import qc_from_proto
 from services.common.stubs.histomarker.v1 import common_pb2, prediction_pb2, prediction_pb2_grpc
 from services.inference.torchserve import TorchServe, TorchServeConfig
 from services.prediction.client import PredictionClient, file_digest, options_of
 from services.prediction.models import CANCER_DETECTOR, LocalScorer
 from services.prediction.pipeline import PredictionParams, predict_slide
 from services.prediction.server import SERVICE_NAME, PredictionServicer, PredictionSettings
+from services.slide.qc import ARTIFACTS, QcThresholds
 from services.slide.reader import open_slide
 from services.slide.stain import builtin_reference
 from services.synth.cohort import generate_cohort
@@ -227,10 +229,16 @@ def test_predict_stored_slide_matches_the_models_run_in_process(stack: Stack) ->
             stack.store,
             scorer.deployment(),
             scorer,
-            PredictionParams(cancer_confidence=KEEP_ALL, heatmaps=False),
+            PredictionParams(
+                cancer_confidence=KEEP_ALL,
+                heatmaps=False,
+                qc=QcThresholds.from_settings(stack.servicer.settings),
+            ),
             reference=builtin_reference(),
         )
     remote = {item.model_name: item.probability for item in prediction.biomarkers}
+    assert local.status == "ok" and len(local.biomarkers) == len(BIOMARKERS)
+    assert qc_from_proto(prediction.qc) == local.qc
     for item in local.biomarkers:
         assert remote[item.model_name] == pytest.approx(item.probability, abs=1e-5)
 
@@ -259,6 +267,38 @@ def test_no_cancer_patch_is_a_valid_answer(stack: Stack) -> None:
     assert prediction.status == prediction_pb2.PREDICTION_STATUS_NO_CANCER_PATCHES
     assert list(prediction.biomarkers) == [] and prediction.tissue_patch_count > 0
     assert "no biomarker calls" in prediction.status_message
+
+
+def test_a_slide_failing_qc_gets_qc_failed_with_its_reasons(stack: Stack) -> None:
+    # A service with a real slide's floor (0.5 mm² of usable tissue; the tiny slide
+    # holds about 0.37): the slide is answered QC_FAILED, with no calls.
+    strict = PredictionServicer(
+        stack.servicer.settings.model_copy(update={"qc_min_usable_mm2": 0.5})
+    )
+    binding = ServiceBinding(
+        SERVICE_NAME, strict, prediction_pb2_grpc.add_PredictionServiceServicer_to_server
+    )
+    server, port = create_server(strict.settings, [binding])
+    server.start()
+    channel = open_channel(f"127.0.0.1:{port}")
+    try:
+        stub = prediction_pb2_grpc.PredictionServiceStub(channel)
+        prediction = stub.PredictSlide(
+            _request(stack, cancer_confidence=KEEP_ALL), timeout=120
+        ).prediction
+    finally:
+        channel.close()
+        server.stop(0).wait()
+    assert prediction.status == prediction_pb2.PREDICTION_STATUS_QC_FAILED
+    assert list(prediction.biomarkers) == [] and not prediction.HasField("patch_table")
+    assert prediction.qc.verdict == common_pb2.QC_VERDICT_FAIL
+    assert prediction.qc.usable_area_mm2 < 0.5 and prediction.qc.tissue_area_mm2 > 0.2
+    assert any("under 0.5 mm²" in reason for reason in prediction.qc.reasons)
+    assert "failed QC" in prediction.status_message
+    assert [a.name for a in prediction.qc.artifacts] == list(ARTIFACTS)
+    # The same slide on the tests' service (its floor lowered for tiny slides) passes.
+    passed = stack.stub.PredictSlide(_request(stack, cancer_confidence=1.0), timeout=120)
+    assert passed.prediction.qc.verdict in (common_pb2.QC_VERDICT_PASS, common_pb2.QC_VERDICT_WARN)
 
 
 def test_upload_and_predict_checks_size_and_checksum(stack: Stack, tmp_path: Path) -> None:

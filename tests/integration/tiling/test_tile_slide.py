@@ -37,6 +37,9 @@ def test_tile_writes_masks_grid_and_patches(slide: Path, tmp_path: Path, capsys)
     assert main(["tile", str(slide), str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["status"] == "ok" and result["patch_count"] > 0
+    # QC is recorded, not acted on: the tiny slide is under a real slide's 0.5 mm²
+    # usable-tissue floor, and is tiled all the same.
+    assert result["qc"]["verdict"] == "fail" and result["qc"]["usable_area_mm2"] < 0.5
     for name in ("tissue.png", "tissue.json", "grid.parquet", "tile.json"):
         assert (out / name).is_file(), name
     grid = pd.read_parquet(out / "grid.parquet")

@@ -16,9 +16,11 @@ import pytest
 
 from services.common.grpc_client import open_channel
 from services.common.objectstore import open_store
+from services.common.qc_messages import qc_from_proto
 from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2, tiling_pb2_grpc
 from services.slide.grid import TissueRule
 from services.slide.highres import quadrant_origins
+from services.slide.qc import ARTIFACTS
 from services.slide.reader import open_slide
 from services.slide.stain import builtin_reference, get_normalizer
 from services.synth.cohort import generate_cohort
@@ -77,7 +79,15 @@ def test_tile_slide_stream_reports_progress_then_result(stack) -> None:
     assert len(results) == 1 and events[-1].HasField("result")
     result = results[0]
     assert result.patch_count > 0 and progress[-1].done == progress[-1].total == result.patch_count
+    # The QC metrics travel with the result: the tests' floor (tests/conftest.py) passes
+    # the tiny slide; every artifact class has its share.
+    qc = qc_from_proto(result.qc)
+    assert qc["verdict"] in {"pass", "warn"} and 0.2 < qc["tissue_area_mm2"] < 0.8
+    assert 0 < qc["usable_area_mm2"] <= qc["tissue_area_mm2"]
+    assert set(qc["artifact_fractions"]) == set(ARTIFACTS)
     store = open_store(store_dir.as_uri())
+    recorded = json.loads(store.get_bytes(result.grid.key.replace("grid.parquet", "tile.json")))
+    assert recorded["result"]["qc"] == qc
     assert store.exists(result.grid.key) and result.grid.key.startswith("tiles/")
     assert all(store.exists(shard.key) for shard in result.shards)
     seen: list = []

@@ -38,11 +38,12 @@ from services.prediction.pipeline import (
 )
 from services.slide.grid import GridParams, TissueRule, footprint_px, patch_grid
 from services.slide.highres import quadrant_origins
+from services.slide.qc import QcThresholds
 from services.slide.reader import SlideReader, open_slide
-from services.slide.tissue import TissueParams
+from services.slide.tissue import TissueParams, compute_masks
 from services.synth.cohort import generate_cohort
 from services.synth.labels import BIOMARKERS
-from services.tiling.pipeline import TileParams, compute_masks, tile_slide
+from services.tiling.pipeline import TileParams, tile_slide
 
 INPUT_PX = 32
 #: The 20x grid of the demo's training: 512 px patches, half-overlapping.
@@ -69,8 +70,13 @@ def store(tmp_path: Path) -> ObjectStore:
     return open_store((tmp_path / "store").as_uri())
 
 
+#: The tiny synthetic slides hold 0.3-0.4 mm² of tissue: under a real slide's QC floor.
+SYNTHETIC_QC = QcThresholds(min_usable_mm2=0.05)
+
+
 def _params(**changes: object) -> PredictionParams:
-    return replace(PredictionParams(batch_size=8, max_in_flight=2), **changes)  # type: ignore[arg-type]
+    base = PredictionParams(batch_size=8, max_in_flight=2, qc=SYNTHETIC_QC)
+    return replace(base, **changes)  # type: ignore[arg-type]
 
 
 def _table(store: ObjectStore, key: str) -> pd.DataFrame:
@@ -398,6 +404,31 @@ def test_a_cancelled_budget_stops_the_work(
     assert not any(info.key.endswith("prediction.json") for info in store.list("runs/"))
 
 
+def test_a_slide_under_the_qc_floor_gets_qc_failed_and_no_calls(
+    scorer: LocalScorer, slide_path: Path, store: ObjectStore
+) -> None:
+    # The real-slide default: 0.5 mm² of usable tissue; a tiny slide holds less.
+    params = _params(cancer_confidence=0.0, qc=QcThresholds())
+    with open_slide(slide_path) as reader:
+        result = predict_slide(reader, "S5", store, scorer.deployment(), scorer, params)
+    assert result.status == "qc_failed"
+    assert result.qc["verdict"] == "fail"
+    assert any("usable tissue" in reason for reason in result.qc["reasons"])
+    assert result.qc["usable_area_mm2"] < 0.5
+    assert "usable tissue" in result.message and result.biomarkers == []
+    assert result.tissue_patch_count > 0 and not result.patch_table_key
+    stored = json.loads(store.get_bytes(f"{result.prefix}/prediction.json"))
+    assert stored["status"] == "qc_failed" and stored["qc"] == result.qc
+    assert store.exists(result.tissue_mask_key)  # the masks that failed are kept
+    # The same slide with the tests' floor passes QC and is predicted.
+    with open_slide(slide_path) as reader:
+        passed = predict_slide(
+            reader, "S5", store, scorer.deployment(), scorer, _params(cancer_confidence=0.0)
+        )
+    assert passed.status == "ok" and passed.qc["verdict"] in {"pass", "warn"}
+    assert passed.qc["tissue_area_mm2"] == result.qc["tissue_area_mm2"]
+
+
 def test_missing_models_are_named(scorer: LocalScorer) -> None:
     partial = LocalScorer.__new__(LocalScorer)
     partial._models = {k: v for k, v in scorer._models.items() if k != "biomarker_her2"}
@@ -413,6 +444,10 @@ def test_parameters_are_checked() -> None:
         PredictionParams(biomarkers=("tp53", "kras"))
     with pytest.raises(InvalidInput, match="cancer_confidence"):
         PredictionParams(cancer_confidence=1.5)
+    with pytest.raises(InvalidInput, match="reinhard"):
+        PredictionParams(stain_method="reinhard")  # the 40x patches need a stain matrix
+    with pytest.raises(InvalidInput, match="max_patches"):
+        PredictionParams(max_patches=-1)  # the slide preparation's own checks run too
 
 
 def test_busy_meter_measures_the_union_of_requests() -> None:
