@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.common.objectstore import open_store
+from services.demo import SYNTHETIC_MIN_USABLE_MM2
 from services.inference.archive import build_mar
 from services.inference.backbones import build_backbone
 from services.inference.bundle import ModelConfig, save_bundle
@@ -50,6 +51,7 @@ from services.inference.registry import publish_bundle
 from services.inference.torchserve import TorchServe, TorchServeConfig
 from services.prediction.models import CANCER_DETECTOR, ModelRegistry, TorchServeScorer
 from services.prediction.pipeline import PredictionParams, predict_slide
+from services.slide.qc import QcThresholds
 from services.slide.reader import open_slide
 from services.slide.stain import get_normalizer
 from services.synth.cohort import generate_cohort
@@ -128,6 +130,8 @@ def main() -> None:
                     "full-size": TorchServeScorer(client, shrink=False),
                 }
                 base = PredictionParams(
+                    # Synthetic slides are small: the demo's QC floor, not a real slide's.
+                    qc=QcThresholds(min_usable_mm2=SYNTHETIC_MIN_USABLE_MM2),
                     cancer_confidence=args.cancer_confidence,
                     batch_size=args.batch,
                     max_in_flight=args.in_flight,

@@ -43,6 +43,7 @@ from flows.runners import with_fanout_runner
 from flows.settings import FlowSettings
 from services.common.errors import FailedPrecondition, HistomarkerError, InvalidInput
 from services.common.objectstore import ObjectInfo
+from services.common.qc_messages import qc_from_proto
 from services.prediction.client import BIOMARKER_ENUMS, PredictionClient, options_of
 from services.slide.slides import slide_id_for
 
@@ -109,9 +110,13 @@ class SlideOutcome(Record):
         status: ``predicted`` in this batch, ``skipped`` (recorded by an earlier
             batch, whose result the other fields repeat) or ``failed``.
         prediction_status: The service's status: ``ok``, ``no_tissue``,
-            ``no_cancer_patches``; "" when it failed.
+            ``qc_failed``, ``no_cancer_patches``; "" when it failed.
         message: The service's status line, or the error.
         prediction_key: The stored ``prediction.json`` ("" when it failed).
+        qc_verdict: The slide's QC verdict (``pass``, ``warn``, ``fail``; "" when
+            the call failed).
+        qc_reasons: Why, ``; ``-joined.
+        usable_area_mm2: Its usable tissue, mm².
         biomarkers: One call per biomarker (empty unless ``ok``).
     """
 
@@ -121,6 +126,9 @@ class SlideOutcome(Record):
     prediction_status: str = ""
     message: str = ""
     prediction_key: str = ""
+    qc_verdict: str = ""
+    qc_reasons: str = ""
+    usable_area_mm2: float = 0.0
     biomarkers: tuple[BiomarkerOutcome, ...] = ()
 
 
@@ -196,6 +204,7 @@ def outcome_of(slide: InboxSlide, prediction: Any) -> SlideOutcome:
         for item in prediction.biomarkers
     )
     prefix = f"{PREDICTIONS_PREFIX}/{prediction.slide_id}/{prediction.params_hash}"
+    qc = qc_from_proto(prediction.qc)
     return SlideOutcome(
         slide_id=slide.slide_id,
         slide_key=slide.key,
@@ -203,6 +212,9 @@ def outcome_of(slide: InboxSlide, prediction: Any) -> SlideOutcome:
         prediction_status=status,
         message=prediction.status_message,
         prediction_key=f"{prefix}/{PREDICTION_JSON}",
+        qc_verdict=qc.get("verdict", ""),
+        qc_reasons="; ".join(qc.get("reasons", ())),
+        usable_area_mm2=float(qc.get("usable_area_mm2", 0.0)),
         biomarkers=biomarkers,
     )
 

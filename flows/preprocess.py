@@ -2,13 +2,18 @@
 
 One ``TileSlide`` call per slide (tissue, grid, stain matrix, normalized 20x
 shards under ``tiles/{slide_id}/{params_hash}/``), at most
-``max_concurrent_slides`` at once. TilingService itself reuses a stored result of
+``max_concurrent_slides`` at once. Each slide's QC verdict is recorded in its
+:class:`~flows.records.TiledSlide`, logged when it warns or fails, and listed in a
+``slide-qc`` table artifact of the flow run. TilingService itself reuses a stored result of
 the same parameters, so a task that runs again costs one round trip.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
 
 from flows.clients import service_errors, tiling_stub
 from flows.config import TilingConfig
@@ -17,6 +22,7 @@ from flows.ingest import read_cohort
 from flows.policy import pipeline_task
 from flows.records import CohortRef, TiledSlide
 from flows.settings import FlowSettings
+from services.common.qc_messages import qc_from_proto
 from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2
 from services.tiling.client import tile_slide as call_tile_slide
 
@@ -47,6 +53,7 @@ def tile_slide(
     request = tiling_request(slide_id, slide_key, config)
     with service_errors("TilingService"), tiling_stub(settings) as stub:
         result = call_tile_slide(stub, request, timeout_s=settings.rpc_timeout_s)
+    qc = qc_from_proto(result.qc)
     return TiledSlide(
         slide_id=result.slide_id,
         slide_key=slide_key,
@@ -55,7 +62,26 @@ def tile_slide(
         patch_count=int(result.patch_count),
         patch_px=int(result.patch_size_px),
         patch_mpp=float(result.patch_resolution.mpp_x),
+        qc_verdict=qc.get("verdict", ""),
+        qc_reasons=tuple(qc.get("reasons", ())),
+        usable_area_mm2=float(qc.get("usable_area_mm2", 0.0)),
+        usable_fraction=float(qc.get("usable_fraction", 0.0)),
     )
+
+
+def qc_rows(tiled: list[TiledSlide]) -> list[dict[str, object]]:
+    """One QC row per slide: slide_id, verdict, usable mm² and share, patches, reasons."""
+    return [
+        {
+            "slide_id": t.slide_id,
+            "qc_verdict": t.qc_verdict,
+            "usable_area_mm2": round(t.usable_area_mm2, 4),
+            "usable_fraction": round(t.usable_fraction, 4),
+            "patch_count": t.patch_count,
+            "qc_reasons": "; ".join(t.qc_reasons),
+        }
+        for t in tiled
+    ]
 
 
 @flow(name="preprocess", log_prints=True)
@@ -78,7 +104,15 @@ def preprocess(
         for row in table.itertuples(index=False)
     ]
     tiled = submit_bounded(tile_slide, calls, max_concurrent_slides)
-    get_run_logger().info(
-        "tiled %d slides, %d patches", len(tiled), sum(t.patch_count for t in tiled)
+    logger = get_run_logger()
+    logger.info("tiled %d slides, %d patches", len(tiled), sum(t.patch_count for t in tiled))
+    verdicts = Counter(t.qc_verdict or "unknown" for t in tiled)
+    for t in tiled:
+        if t.qc_verdict in ("warn", "fail"):
+            logger.warning("slide %s QC %s: %s", t.slide_id, t.qc_verdict, "; ".join(t.qc_reasons))
+    create_table_artifact(
+        qc_rows(tiled),
+        key="slide-qc",
+        description=f"QC of the cohort's slides at tiling: {dict(sorted(verdicts.items()))}.",
     )
     return tiled

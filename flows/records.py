@@ -39,7 +39,15 @@ class SlideRef(Record):
 
 
 class TiledSlide(Record):
-    """A slide after TileSlide: its 20x patch grid and shards."""
+    """A slide after TileSlide: its 20x patch grid and shards, and its QC.
+
+    Attributes:
+        qc_verdict: ``pass``, ``warn`` or ``fail`` (recorded: a failing slide is
+            still tiled; its usable patches are as good as any).
+        qc_reasons: Why, one line each.
+        usable_area_mm2: Tissue with no pen, blur or fold on it, mm².
+        usable_fraction: Its share of the tissue (0-1).
+    """
 
     slide_id: str
     slide_key: str
@@ -48,6 +56,10 @@ class TiledSlide(Record):
     patch_count: int
     patch_px: int
     patch_mpp: float
+    qc_verdict: str = ""
+    qc_reasons: tuple[str, ...] = ()
+    usable_area_mm2: float = 0.0
+    usable_fraction: float = 0.0
 
 
 class ModelRef(Record):

@@ -59,6 +59,9 @@ COHORT_NAME = "demo"
 #: detector's own threshold (0.9): biomarker probabilities need cancer patches.
 FALLBACK_CANCER_CONFIDENCE = 0.5
 
+#: Least usable tissue for QC on the demo's synthetic slides, mm² (a real slide's
+#: default is ``QcThresholds.min_usable_mm2``, 0.5 mm²).
+SYNTHETIC_MIN_USABLE_MM2 = 0.05
 
 @dataclass(frozen=True)
 class DemoScale:
@@ -517,7 +520,10 @@ def run_demo(
         skip=frozenset({"flows"}),  # the demo runs the flow itself, once
     )
     stack = LocalStack(options, report=stages.say)
-    with interruptible():
+    # The synthetic slides are small (the tiny preset is 1.0 x 0.77 mm), under the
+    # usable tissue QC asks of a real slide: the demo's services take a floor for them.
+    qc_floor = {"HISTOMARKER_QC_MIN_USABLE_MM2": str(SYNTHETIC_MIN_USABLE_MM2)}
+    with interruptible(), environment(qc_floor):
         try:
             with stages.stage("local stack up"):
                 stack.start()

@@ -77,6 +77,14 @@ def print_table(prediction: prediction_pb2.SlidePrediction, out: TextIO) -> None
         f"{prediction.cancer_model_name} v{prediction.cancer_model_version}; "
         f"{prediction.elapsed_seconds:.1f} s\n"
     )
+    if prediction.HasField("qc") and prediction.qc.verdict:
+        qc = prediction.qc
+        verdict = common_pb2.QcVerdict.Name(qc.verdict).removeprefix("QC_VERDICT_").lower()
+        reasons = f" ({'; '.join(qc.reasons)})" if qc.reasons else ""
+        out.write(
+            f"QC: {verdict}{reasons}; tissue {qc.tissue_area_mm2:.2f} mm², "
+            f"{qc.usable_fraction:.0%} usable\n"
+        )
     if not prediction.biomarkers:
         return
     header = f"{'biomarker':<10}{'probability':>12}{'threshold':>11}  {'call':<9}"

@@ -56,6 +56,8 @@ def test_preprocess_on_a_local_dask_cluster_matches_the_thread_runner(
     cohort = ingest_cohort(str(tiling["root"] / "cohort" / "manifest.csv"), "dask")
     threads = preprocess(cohort, TILING, 2)
     assert len(threads) == SLIDES and all(t.patch_count > 0 for t in threads)
+    # Each slide's QC travels from TileSlide into its record.
+    assert all(t.qc_verdict in {"pass", "warn"} and t.usable_area_mm2 > 0 for t in threads)
 
     with LocalCluster(
         n_workers=2,

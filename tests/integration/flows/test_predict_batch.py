@@ -105,6 +105,7 @@ def test_two_inbox_slides_are_predicted_once_then_skipped(
     table = pd.read_parquet(io.BytesIO(store.get_bytes(first.table_key)))
     assert sorted(table["slide_id"]) == sorted(prediction["inbox"])
     assert set(table["status"]) == {"predicted"} and set(table["prediction_status"]) == {"ok"}
+    assert set(table["qc_verdict"]) <= {"pass", "warn"} and (table["usable_area_mm2"] > 0).all()
     for biomarker in BIOMARKERS:
         assert table[f"{biomarker}_probability"].between(0, 1).all()
         assert set(table[f"{biomarker}_call"]) <= {"positive", "negative"}

@@ -434,9 +434,11 @@ def test_cli_predict_uploads_and_prints_json_or_a_table(
         "PREDICTION_STATUS_OK",
         "PREDICTION_STATUS_NO_CANCER_PATCHES",
     }
+    assert answer["prediction"]["qc"]["verdict"] in {"QC_VERDICT_PASS", "QC_VERDICT_WARN"}
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("slide CLI-1: ") and "cancer patches:" in out
+    assert "\nQC: pass" in out or "\nQC: warn" in out
     assert cli.main(["predict", str(tmp_path / "missing.tiff"), "--target", stack.target]) == 2
 
 

@@ -92,6 +92,29 @@ def test_outcome_of_a_prediction_message() -> None:
     )
     assert (tp53.biomarker, tp53.call, tp53.heatmap_key) == ("tp53", "negative", "")
     assert skipped(outcome).status == "skipped" and skipped(outcome).biomarkers == (er, tp53)
+    assert outcome.qc_verdict == "" and outcome.usable_area_mm2 == 0.0  # no QC sent
+
+
+def test_a_qc_failed_slide_is_recorded_with_its_verdict_and_reasons() -> None:
+    prediction = prediction_pb2.SlidePrediction(
+        slide_id="b",
+        status=prediction_pb2.PREDICTION_STATUS_QC_FAILED,
+        status_message="the slide failed QC, no biomarker calls: ...",
+        params_hash="h2",
+        qc=common_pb2.SlideQc(
+            verdict=common_pb2.QC_VERDICT_FAIL,
+            reasons=["usable tissue 0.2 mm² is under 0.5 mm²", "pen green covers 40%"],
+            tissue_area_mm2=0.3,
+            usable_area_mm2=0.2,
+            usable_fraction=0.66,
+        ),
+    )
+    outcome = outcome_of(InboxSlide(slide_id="b", key="inbox/b.svs", etag="e"), prediction)
+    assert outcome.prediction_status == "qc_failed" and outcome.biomarkers == ()
+    assert outcome.qc_verdict == "fail" and outcome.usable_area_mm2 == pytest.approx(0.2)
+    assert outcome.qc_reasons == "usable tissue 0.2 mm² is under 0.5 mm²; pen green covers 40%"
+    row = summary_table([outcome], ("er",)).iloc[0]
+    assert row["qc_verdict"] == "fail" and "pen green" in row["qc_reasons"]
 
 
 def test_summary_table_has_a_row_per_slide_and_columns_per_biomarker() -> None:

@@ -1,4 +1,5 @@
-"""The TileSlide request the preprocess flow sends, from its TilingConfig."""
+"""The TileSlide request the preprocess flow sends, from its TilingConfig, and the
+QC table it records."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pydantic
 import pytest
 
 from flows.config import TilingConfig
-from flows.preprocess import tiling_request
+from flows.preprocess import qc_rows, tiling_request
+from flows.records import TiledSlide
 from services.common.stubs.histomarker.v1 import tiling_pb2
 
 
@@ -29,3 +31,24 @@ def test_the_method_grid_has_no_overlap() -> None:
 def test_overlap_must_be_within_the_patch(overlap: int) -> None:
     with pytest.raises(pydantic.ValidationError, match="overlap_px"):
         TilingConfig(patch_px=512, overlap_px=overlap)
+
+
+def test_qc_rows_list_each_slides_verdict() -> None:
+    common = {"slide_key": "k", "params_hash": "h", "grid_key": "g", "patch_px": 512}
+    tiled = [
+        TiledSlide(slide_id="A", patch_count=40, patch_mpp=0.5, qc_verdict="pass", **common),
+        TiledSlide(
+            slide_id="B",
+            patch_count=2,
+            patch_mpp=0.5,
+            qc_verdict="fail",
+            qc_reasons=("usable tissue 0.1 mm² is under 0.5 mm²", "blur covers 20%"),
+            usable_area_mm2=0.1,
+            usable_fraction=0.5,
+            **common,
+        ),
+    ]
+    rows = qc_rows(tiled)
+    assert [r["qc_verdict"] for r in rows] == ["pass", "fail"]
+    assert rows[1]["qc_reasons"] == "usable tissue 0.1 mm² is under 0.5 mm²; blur covers 20%"
+    assert rows[1]["usable_area_mm2"] == 0.1 and rows[1]["patch_count"] == 2
