@@ -63,6 +63,7 @@ FALLBACK_CANCER_CONFIDENCE = 0.5
 #: default is ``QcThresholds.min_usable_mm2``, 0.5 mm²).
 SYNTHETIC_MIN_USABLE_MM2 = 0.05
 
+
 @dataclass(frozen=True)
 class DemoScale:
     """How big the demo is.

@@ -37,7 +37,7 @@ from services.slide.qc import QcSettings, QcThresholds
 from services.slide.reader import open_slide
 from services.slide.slides import SlideCache, slide_id_for
 from services.slide.stain import StainMatrix, builtin_reference, get_normalizer
-from services.slide.tissue import MASKS_JSON, TissueParams, compute_masks
+from services.slide.tissue import MASKS_JSON, PEN_COLOURS, TissueParams, compute_masks
 from services.tiling.pipeline import (
     PIPELINE_VERSION,
     TileParams,
@@ -351,7 +351,7 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
                     tissue_fraction=summary["fraction_of_tissue"][name],
                 )
             )
-        for colour in ("green", "blue", "black"):
+        for colour in PEN_COLOURS:
             message.artifacts.append(
                 tiling_pb2.ArtifactMask(
                     kind=tiling_pb2.ARTIFACT_KIND_PEN, mask=self._ref(f"{prefix}/pen_{colour}.png")

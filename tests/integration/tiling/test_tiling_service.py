@@ -397,7 +397,12 @@ def test_segment_tissue_stores_masks_and_reuses_them(stack) -> None:
     assert not first.reused and first.tissue.downsample == pytest.approx(8)
     assert 0.2 < first.tissue.tissue_fraction < 0.8
     kinds = [a.kind for a in first.tissue.artifacts]
-    assert kinds.count(tiling_pb2.ARTIFACT_KIND_PEN) == 3
+    # One pen mask per ink colour: green, blue, black, red and other.
+    pens = [a.mask.key for a in first.tissue.artifacts if a.kind == tiling_pb2.ARTIFACT_KIND_PEN]
+    assert kinds.count(tiling_pb2.ARTIFACT_KIND_PEN) == 5
+    assert [key.rsplit("/", 1)[1] for key in pens] == [
+        f"pen_{colour}.png" for colour in ("green", "blue", "black", "red", "other")
+    ]
     store = open_store(store_dir.as_uri())
     assert all(store.exists(a.mask.key) for a in first.tissue.artifacts)
     mask = cv2.imdecode(
