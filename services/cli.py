@@ -155,7 +155,46 @@ def _cohort_import(args: argparse.Namespace) -> dict[str, Any]:
         sequenced=args.sequenced,
         overwrite=args.overwrite,
         include_frozen=args.include_frozen,
+        strict_her2=args.strict_her2,
+        allow_unknown_values=args.allow_unknown_values,
     )
+
+
+#: Examples shown per list in the readable summary (``--json`` has them all).
+_SHOWN = 3
+
+
+def _print_cohort_import(result: dict[str, Any]) -> None:
+    """The import's summary in a few short lines; ``--json`` has every detail."""
+    slides = result["slides"]
+    print(f"manifest: {result['manifest']}")
+    print(
+        f"slides: {slides['cancer']} cancer, {slides['normal']} normal "
+        f"({slides['files']} slide files, {slides['skipped']} skipped)"
+    )
+    for reason, count in list(result["skipped_by_reason"].items())[:_SHOWN]:
+        print(f"  skipped: {count} {reason}")
+    print("labels over the cancer slides (positive / negative / unknown):")
+    for label, counts in result["labels"].items():
+        known = counts["positive"] + counts["negative"]
+        share = f"{counts['positive'] / known:.1%} positive" if known else "no known value"
+        print(
+            f"  {label:<7}{counts['positive']:>6} /{counts['negative']:>6} /"
+            f"{counts['unknown']:>6}   {share}"
+        )
+    patients = result["patients"]
+    print(
+        f"patients: {patients['with_slides']} with slides, {patients['without_slide']} "
+        "named by a table without a slide"
+    )
+    for report in result["inputs"]:
+        labels = ", ".join(report["labels"]) or "ids only"
+        print(
+            f"  {Path(report['path']).name}: {report['used_rows']} of {report['rows']} rows "
+            f"used, {report['patients']} patients ({labels})"
+        )
+    for line in result["warnings"]:
+        print(f"warning: {line}")
 
 
 def _serve(args: argparse.Namespace) -> dict[str, Any]:
@@ -515,9 +554,23 @@ def build_parser() -> argparse.ArgumentParser:
     cohort_import.add_argument("--out", metavar="MANIFEST.csv", help="default ./manifest.csv")
     cohort_import.add_argument("--overwrite", action="store_true", help="replace --out")
     cohort_import.add_argument(
-        "--include-frozen", action="store_true", help="also use frozen (TS/BS) sections"
+        "--include-frozen",
+        action="store_true",
+        help="also use frozen (TS/BS) sections: TCGA's normal slides (-11A) are frozen",
     )
-    cohort_import.set_defaults(handler=_cohort_import)
+    cohort_import.add_argument(
+        "--strict-her2",
+        action="store_true",
+        help="FISH settles HER2 only where IHC is equivocal (default: also where IHC is "
+        "missing or indeterminate)",
+    )
+    cohort_import.add_argument(
+        "--allow-unknown-values",
+        action="store_true",
+        help="take label values outside the vocabulary as unknown even when they are "
+        "more than 5%% of a column",
+    )
+    cohort_import.set_defaults(handler=_cohort_import, human=_print_cohort_import)
     _add_json_flag(cohort_import)
 
     predict = sub.add_parser("predict", help="calibrated biomarker calls for a slide")

@@ -45,6 +45,8 @@ def import_cohort(
     *,
     overwrite: bool = False,
     include_frozen: bool = False,
+    strict_her2: bool = False,
+    allow_unknown_values: bool = False,
 ) -> dict[str, Any]:
     """Build a cohort manifest from TCGA slides and cBioPortal tables, and write it.
 
@@ -62,7 +64,11 @@ def import_cohort(
             or plain list); needs ``mutations``.
         overwrite: Replace an existing manifest.
         include_frozen: Also use frozen sections (TS/BS/MS) for patients without a
-            diagnostic slide.
+            diagnostic slide (TCGA's normal-tissue slides are frozen sections).
+        strict_her2: FISH settles HER2 only where IHC is equivocal (by default also
+            where IHC is missing or indeterminate).
+        allow_unknown_values: Accept label columns with many values outside the
+            vocabulary (taken as unknown).
 
     Returns:
         The summary (see :meth:`services.cohort.tcga.ImportSummary.to_dict`), with
@@ -84,7 +90,7 @@ def import_cohort(
     if sequenced is not None and mutations is None:
         raise InvalidInput("a list of sequenced samples needs a mutation table (MAF) too")
 
-    clinical_table = _read_clinical_tables(clinical)
+    clinical_table = _read_clinical_tables(clinical, strict_her2, allow_unknown_values)
     mutation_table = read_mutations(mutations) if mutations is not None else None
     sequenced_patients = read_sequenced(sequenced) if sequenced is not None else frozenset()
     immune_scores = read_immune(immune) if immune is not None else None
@@ -106,11 +112,16 @@ def import_cohort(
 
 def _read_clinical_tables(
     clinical: PathLike | Sequence[PathLike] | None,
+    strict_her2: bool,
+    allow_unknown_values: bool,
 ) -> ClinicalTable | None:
     if clinical is None:
         return None
     paths = [clinical] if isinstance(clinical, str | os.PathLike) else list(clinical)
     if not paths:
         return None
-    tables = [read_clinical(path) for path in paths]
+    tables = [
+        read_clinical(path, strict_her2=strict_her2, allow_unknown_values=allow_unknown_values)
+        for path in paths
+    ]
     return tables[0] if len(tables) == 1 else merge_clinical(tables)

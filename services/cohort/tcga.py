@@ -141,7 +141,17 @@ _LABEL_SOURCE_COLUMNS: Mapping[str, tuple[str, ...]] = {
     "er": ("ER_STATUS_BY_IHC", "ER_STATUS"),
     "pr": ("PR_STATUS_BY_IHC", "PR_STATUS"),
     "her2": ("HER2_STATUS_BY_IHC", "IHC_HER2", "HER2_STATUS"),
-    "basal": ("SUBTYPE", "PAM50_SUBTYPE", "PAM50", "PAM50_MRNA", "PAM50CALL_RNASEQ"),
+    "basal": (
+        "SUBTYPE",
+        "PAM50_SUBTYPE",
+        "PAM50",
+        "PAM50_MRNA",
+        "PAM50CALL_RNASEQ",
+        "PAM50_MRNA_NATURE2012",
+        "BRCA_SUBTYPE_PAM50",
+        "PAPER_BRCA_SUBTYPE_PAM50",
+        "SUBTYPE_MRNA",
+    ),
 }
 _HER2_FISH_COLUMN = "HER2_FISH_STATUS"
 _MAF_COLUMNS = ("HUGO_SYMBOL", "TUMOR_SAMPLE_BARCODE", "VARIANT_CLASSIFICATION")
@@ -163,9 +173,32 @@ _MISSING_VALUES = frozenset(
         "equivocal",
     }
 )
+#: PAM50 classes as written by TCGA PanCan (``BRCA_LumA``), the Nature 2012 paper and
+#: UCSC Xena (``Luminal A``, ``HER2-enriched``, ``Basal-like``, ``Claudin low``) and
+#: ``PAM50Call_RNAseq`` (``LumA``...), once lower-cased with the ``BRCA_`` prefix and
+#: every space, hyphen, underscore and dot taken out (:func:`subtype_key`).
+_BASAL_SUBTYPES = frozenset({"basal", "basallike"})
 _NON_BASAL_SUBTYPES = frozenset(
-    {"luma", "lumb", "her2", "normal", "claudin-low", "claudin_low", "claudinlow"}
+    {
+        "luma",
+        "luminala",
+        "lumb",
+        "luminalb",
+        "her2",
+        "her2enriched",
+        "her2e",
+        "erbb2",
+        "erbb2enriched",
+        "normal",
+        "normallike",
+        "normalbreastlike",
+        "claudinlow",
+        "claudin",
+    }
 )
+#: Largest share of a label column's rows that may hold values outside the vocabulary
+#: before an import fails (without ``allow_unknown_values``).
+MAX_UNRECOGNISED_SHARE = 0.05
 
 
 class _Unrecognised:
@@ -630,13 +663,15 @@ def _read_table(
                 delimiter: str | None = "\t"
             elif "," in header_text:
                 delimiter = ","
+            elif ";" in header_text:
+                delimiter = ";"  # spreadsheets of comma-decimal locales
             elif allow_one_column:
                 delimiter = None
             else:
                 shown = header_text.strip()[:80]
                 raise InvalidInput(
-                    f"{source} line {header_line}: the {what} is not tab- or comma-separated "
-                    f"(header {shown!r})"
+                    f"{source} line {header_line}: the {what} is not tab-, comma- or "
+                    f"semicolon-separated (header {shown!r})"
                 )
             header = [name.strip() for name in _split(header_text, delimiter, source, header_line)]
             normalized = tuple(_normalize_column(name) for name in header)
@@ -657,11 +692,13 @@ def _read_table(
                 if not text.strip() or text.startswith("#"):
                     continue
                 fields = _split(text, delimiter, source, line_no)
+                if not rows and _is_header_row(fields):
+                    continue  # GDC Biotab: CDE names, then CDE ids
                 if len(fields) > len(header) and any(f.strip() for f in fields[len(header) :]):
                     raise InvalidInput(
                         f"{source} line {line_no}: {len(fields)} fields, the header has "
                         f"{len(header)}; is the {what} really "
-                        f"{'tab' if delimiter == chr(9) else 'comma'}-separated?"
+                        f"{_DELIMITER_NAMES.get(delimiter or '', 'one-column')}-separated?"
                     )
                 if len(fields) < len(header):
                     fields = fields + [""] * (len(header) - len(fields))
@@ -675,6 +712,27 @@ def _read_table(
     if not rows and not allow_no_rows:
         raise InvalidInput(f"{source}: the {what} has a header but no data rows")
     return _Table(source, header_line, normalized, tuple(header), kept, tuple(rows))
+
+
+_DELIMITER_NAMES = {"\t": "tab", ",": "comma", ";": "semicolon"}
+_IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]*", re.ASCII)
+
+
+def _is_header_row(fields: Sequence[str]) -> bool:
+    """Whether a row right after the header is more header: GDC Biotab's second and
+    third rows (CDE names such as ``bcr_patient_barcode``, then ``CDE_ID:2673794``).
+
+    Such a row holds no TCGA barcode, and either each of its cells is a ``CDE_ID:``
+    entry or nine in ten are names of letters, digits and underscores, at least three
+    of them with an underscore.
+    """
+    cells = [cell.strip() for cell in fields if cell.strip()]
+    if len(cells) < 3 or any(TcgaBarcode.find(cell) is not None for cell in cells):
+        return False
+    if all(cell.upper().startswith("CDE_ID:") for cell in cells):
+        return True
+    named = sum(1 for cell in cells if _IDENTIFIER.fullmatch(cell))
+    return named >= 0.9 * len(cells) and sum("_" in cell for cell in cells) >= 3
 
 
 def _numbered_lines(handle: IO[str]) -> Iterator[tuple[int, str]]:
@@ -713,25 +771,67 @@ def _parse_id(table: _Table, line_no: int, column: str, text: str) -> TcgaBarcod
         raise InvalidInput(f"{table.path} line {line_no}: {table.name(column)}: {exc}") from None
 
 
+#: Examples of ignored values kept per reason.
+_EXAMPLES = 3
+#: Rows looked at to tell which candidate column holds the TCGA barcodes.
+_ID_PROBE_ROWS = 50
+
+
+class _Ignored:
+    """Rows left out of a table, by reason, with the first few examples."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, reason: str, example: str) -> None:
+        self.counts[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < _EXAMPLES and example not in shown:
+            shown.append(example)
+
+
+def _id_column(table: _Table, candidates: Sequence[str]) -> str | None:
+    """The first of ``candidates`` whose values are TCGA barcodes (judged on the first
+    rows; GDC Biotab's ``patient_id`` holds 4-character codes beside
+    ``bcr_patient_barcode``); else the first present, or None."""
+    present = [column for column in candidates if table.has(column)]
+    for column in present:
+        values = [table.cell(row, column) for _line, row in table.rows[:_ID_PROBE_ROWS]]
+        values = [value for value in values if value]
+        barcodes = sum(1 for value in values if _FULL_BARCODE.fullmatch(value) is not None)
+        if values and barcodes * 2 >= len(values):
+            return column
+    return present[0] if present else None
+
+
 def _row_patient(
     table: _Table,
     line_no: int,
     row: tuple[str, ...],
     patient_column: str | None,
     sample_column: str | None,
-    ignored: Counter[str],
+    ignored: _Ignored,
 ) -> str | None:
-    """The row's patient, or None if the row names a non-primary sample."""
-    patient: TcgaBarcode | None = None
-    sample: TcgaBarcode | None = None
-    if patient_column is not None and table.cell(row, patient_column):
-        patient = _parse_id(table, line_no, patient_column, table.cell(row, patient_column))
-    if sample_column is not None and table.cell(row, sample_column):
-        sample = _parse_id(table, line_no, sample_column, table.cell(row, sample_column))
+    """The row's patient, or None if the row is left out (counted in ``ignored``): it
+    names a non-primary sample, has no id, or its id is not a TCGA barcode."""
+    barcodes: dict[str, TcgaBarcode] = {}
+    for column in (patient_column, sample_column):
+        if column is None or not table.cell(row, column):
+            continue
+        text = table.cell(row, column)
+        match = _FULL_BARCODE.fullmatch(text)
+        if match is None:
+            ignored.add(f"{table.name(column)} not a TCGA barcode", text[:40])
+            return None
+        barcodes[column] = TcgaBarcode._from_match(match)
+    patient = barcodes.get(patient_column) if patient_column is not None else None
+    sample = barcodes.get(sample_column) if sample_column is not None else None
     if patient is None and sample is None:
-        raise InvalidInput(f"{table.path} line {line_no}: no patient or sample id")
+        ignored.add("no patient or sample id", f"line {line_no}")
+        return None
     if sample is not None and sample.sample_type not in (None, CANCER_SAMPLE_TYPE):
-        ignored[f"sample type {sample_type_name(sample.sample_type)}"] += 1
+        ignored.add(f"sample type {sample_type_name(sample.sample_type)}", str(sample))
         return None
     if patient is not None and sample is not None and patient.patient_id != sample.patient_id:
         raise InvalidInput(
@@ -741,6 +841,15 @@ def _row_patient(
     chosen = patient if patient is not None else sample
     assert chosen is not None
     return chosen.patient_id
+
+
+def _nothing_left(table: _Table, ignored: _Ignored, what: str) -> InvalidInput:
+    """The error for a table none of whose rows could be used."""
+    reasons = "; ".join(
+        f"{count} {reason} (e.g. {', '.join(ignored.examples.get(reason, []))})"
+        for reason, count in ignored.counts.most_common(3)
+    )
+    return InvalidInput(f"{table.path}: no row of the {what} can be used: {reasons}")
 
 
 # --------------------------------------------------------------------------- clinical
@@ -762,6 +871,48 @@ class Label:
 
 
 @dataclass(frozen=True)
+class InputReport:
+    """What one input file gave, for the import summary.
+
+    Attributes:
+        path: The file.
+        kind: ``clinical`` or ``mutations``.
+        rows: Data rows read.
+        used_rows: Rows that gave a patient (the others are in ``ignored_rows``).
+        patients: Patients named by the used rows.
+        labels: Manifest label columns the file supplies (may be empty: a table of
+            ids only, merged with the others).
+        ignored_rows: Reason -> rows left out.
+        ignored_examples: Reason -> the first few values left out.
+        notes: Other remarks, one line each (e.g. patient-level MAF barcodes).
+    """
+
+    path: str
+    kind: str
+    rows: int
+    used_rows: int
+    patients: int
+    labels: tuple[str, ...]
+    ignored_rows: Mapping[str, int] = field(default_factory=dict)
+    ignored_examples: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-able data."""
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "rows": self.rows,
+            "used_rows": self.used_rows,
+            "patients": self.patients,
+            "labels": list(self.labels),
+            "ignored_rows": dict(self.ignored_rows),
+            "ignored_examples": {k: list(v) for k, v in self.ignored_examples.items()},
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
 class ClinicalTable:
     """Clinical labels per patient (see :func:`read_clinical`).
 
@@ -774,6 +925,7 @@ class ClinicalTable:
         unrecognised_values: File column -> value -> how many rows held it; taken
             as unknown.
         ignored_rows: Reason -> number of rows ignored.
+        inputs: What each file gave (one per file read).
     """
 
     sources: tuple[Path, ...]
@@ -781,6 +933,7 @@ class ClinicalTable:
     columns_used: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     unrecognised_values: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     ignored_rows: Mapping[str, int] = field(default_factory=dict)
+    inputs: tuple[InputReport, ...] = ()
 
 
 def _status_value(text: str) -> int | _Unrecognised | None:
@@ -794,35 +947,57 @@ def _status_value(text: str) -> int | _Unrecognised | None:
     return _UNRECOGNISED
 
 
+def subtype_key(text: str) -> str:
+    """A PAM50 value reduced for matching: lower case, without the ``BRCA_`` (or
+    ``BRCA.``) prefix and without spaces, hyphens, underscores and dots."""
+    value = text.strip().casefold()
+    for prefix in ("brca_", "brca.", "brca-", "brca "):
+        value = value.removeprefix(prefix)
+    return re.sub(r"[\s_.\-]+", "", value)
+
+
 def _subtype_value(text: str) -> int | _Unrecognised | None:
     value = text.strip().casefold()
     if value in _MISSING_VALUES or (value.startswith("[") and value.endswith("]")):
         return None
-    value = value.removeprefix("brca_").removesuffix("-like").removesuffix("_like")
-    if value == "basal":
+    key = subtype_key(value)
+    if key in _BASAL_SUBTYPES:
         return 1
-    if value in _NON_BASAL_SUBTYPES:
+    if key in _NON_BASAL_SUBTYPES:
         return 0
     return _UNRECOGNISED
 
 
-def read_clinical(path: str | os.PathLike[str]) -> ClinicalTable:
+def read_clinical(
+    path: str | os.PathLike[str],
+    *,
+    strict_her2: bool = False,
+    allow_unknown_values: bool = False,
+) -> ClinicalTable:
     """Read ER, PR, HER2 and Basal labels from a clinical patient or sample table.
 
     Accepts cBioPortal's ``data_clinical_patient.txt`` / ``data_clinical_sample.txt``
-    (``#`` lines, then a tab-separated header) and plain CSV/TSV tables with a
-    header. The column names and values it understands are in the module docstring.
+    (``#`` lines, then a tab-separated header), cBioPortal's "clinical data" export
+    (human-readable headers such as ``Patient ID``), GDC BCR Biotab files (three
+    header rows) and plain CSV/TSV/semicolon tables with a header. The column names
+    and values it understands are in the module docstring. A table with ids but no
+    label column is read for its ids (it is merged with the others).
 
     Args:
         path: The table.
+        strict_her2: FISH settles HER2 only where IHC is equivocal (by default it
+            also decides where IHC is missing or indeterminate).
+        allow_unknown_values: Take values outside the vocabulary as unknown even when
+            they are more than :data:`MAX_UNRECOGNISED_SHARE` of a column's rows.
 
     Returns:
         The labels per patient.
 
     Raises:
         NotFound: No such file.
-        InvalidInput: Unreadable or malformed table, no id column, no label column,
-            an id that is not a TCGA barcode, or rows of one patient that disagree.
+        InvalidInput: Unreadable or malformed table, no id column, no usable row,
+            rows of one patient that disagree, or a label column with many values
+            outside the vocabulary.
     """
     wanted = {
         *_PATIENT_COLUMNS,
@@ -831,38 +1006,52 @@ def read_clinical(path: str | os.PathLike[str]) -> ClinicalTable:
         *(column for columns in _LABEL_SOURCE_COLUMNS.values() for column in columns),
     }
     table = _read_table(path, what="clinical table", keep=wanted)
-    patient_column = table.first_present(_PATIENT_COLUMNS)
-    sample_column = table.first_present(_SAMPLE_COLUMNS)
+    patient_column = _id_column(table, _PATIENT_COLUMNS)
+    sample_column = _id_column(table, _SAMPLE_COLUMNS)
     if patient_column is None and sample_column is None:
         _require(table, (*_PATIENT_COLUMNS, *_SAMPLE_COLUMNS), "patient or sample id")
     sources = {
         label: tuple(column for column in columns if table.has(column))
         for label, columns in _LABEL_SOURCE_COLUMNS.items()
     }
-    if not any(sources.values()):
-        every = [column for columns in _LABEL_SOURCE_COLUMNS.values() for column in columns]
-        raise InvalidInput(
-            f"{table.path}: no biomarker column (expected any of {', '.join(every)}); "
-            f"found: {table.describe_columns()}"
-        )
     fish_column = _HER2_FISH_COLUMN if table.has(_HER2_FISH_COLUMN) else None
 
     patients: dict[str, dict[str, Label]] = {}
     unrecognised: dict[str, Counter[str]] = {}
-    ignored: Counter[str] = Counter()
+    ignored = _Ignored()
+    used = 0
     for line_no, row in table.rows:
         patient = _row_patient(table, line_no, row, patient_column, sample_column, ignored)
         if patient is None:
             continue
+        used += 1
         known = patients.setdefault(patient, {})
         where = f"{table.path} line {line_no}"
         for label, columns in sources.items():
-            found = _row_label(table, row, label, columns, fish_column, unrecognised, where)
+            if not columns and not (label == "her2" and fish_column is not None):
+                continue
+            found = _row_label(
+                table, row, label, columns, fish_column, unrecognised, where, strict_her2
+            )
             if found is not None:
                 _merge_label(known, label, found, patient)
+    if not used:
+        raise _nothing_left(table, ignored, "clinical table")
+    if not allow_unknown_values:
+        _check_unrecognised(table, unrecognised, used)
     columns_used = {label: columns for label, columns in sources.items() if columns}
-    if fish_column is not None and "her2" in columns_used:
-        columns_used["her2"] = (*columns_used["her2"], fish_column)
+    if fish_column is not None:
+        columns_used["her2"] = (*columns_used.get("her2", ()), fish_column)
+    report = InputReport(
+        path=str(table.path),
+        kind="clinical",
+        rows=len(table.rows),
+        used_rows=used,
+        patients=len(patients),
+        labels=tuple(label for label in CLINICAL_LABELS if label in columns_used),
+        ignored_rows=dict(ignored.counts),
+        ignored_examples={k: tuple(v) for k, v in ignored.examples.items()},
+    )
     return ClinicalTable(
         sources=(table.path,),
         patients=patients,
@@ -873,8 +1062,26 @@ def read_clinical(path: str | os.PathLike[str]) -> ClinicalTable:
         unrecognised_values={
             column: dict(sorted(values.items())) for column, values in unrecognised.items()
         },
-        ignored_rows=dict(ignored),
+        ignored_rows=dict(ignored.counts),
+        inputs=(report,),
     )
+
+
+def _check_unrecognised(table: _Table, unrecognised: Mapping[str, Counter[str]], rows: int) -> None:
+    """Refuse label columns in which values outside the vocabulary are common enough
+    to bias their label (more than :data:`MAX_UNRECOGNISED_SHARE` of the rows read),
+    naming every such column and its commonest values in one line."""
+    problems = []
+    for column, values in unrecognised.items():
+        count = sum(values.values())
+        if count > MAX_UNRECOGNISED_SHARE * rows:
+            shown = ", ".join(f"{value!r} ({n})" for value, n in values.most_common(4))
+            problems.append(f"column {column}: {count} of {rows} rows hold {shown}")
+    if problems:
+        raise InvalidInput(
+            f"{table.path}: values histomarker does not know, which would be taken as "
+            f"unknown: {'; '.join(problems)} (pass --allow-unknown-values to accept that)"
+        )
 
 
 def _row_label(
@@ -885,8 +1092,13 @@ def _row_label(
     fish_column: str | None,
     unrecognised: dict[str, Counter[str]],
     where: str,
+    strict_her2: bool = False,
 ) -> Label | None:
-    """The first known label among ``columns`` of a row (HER2: with FISH), or None."""
+    """The first known label among ``columns`` of a row, or None.
+
+    HER2: FISH decides where IHC gives no call, equivocal, indeterminate or missing
+    (with ``strict_her2``: only where IHC is equivocal).
+    """
     equivocal = False
     for column in columns:
         text = table.cell(row, column)
@@ -897,13 +1109,14 @@ def _row_label(
         if value is not None:
             return Label(value, text, where)
         equivocal = equivocal or text.strip().casefold() == "equivocal"
-    if label == "her2" and equivocal and fish_column is not None:
+    if label == "her2" and fish_column is not None and (equivocal or not strict_her2):
         text = table.cell(row, fish_column)
         fish = _status_value(text)
         if isinstance(fish, _Unrecognised):
             unrecognised.setdefault(table.name(fish_column), Counter())[text] += 1
         elif fish is not None:
-            return Label(fish, f"Equivocal, FISH {text}", where)
+            ihc = "Equivocal" if equivocal else "no IHC call"
+            return Label(fish, f"{ihc}, FISH {text}", where)
     return None
 
 
@@ -949,6 +1162,7 @@ def merge_clinical(tables: Sequence[ClinicalTable]) -> ClinicalTable:
         columns_used=columns_used,
         unrecognised_values=unrecognised,
         ignored_rows=dict(ignored),
+        inputs=tuple(report for table in tables for report in table.inputs),
     )
 
 
@@ -966,6 +1180,7 @@ class MutationTable:
             mutation of that gene.
         rows: Number of data rows read.
         ignored_rows: Reason -> number of rows ignored.
+        report: What the file gave, for the import summary.
     """
 
     source: Path
@@ -973,6 +1188,7 @@ class MutationTable:
     mutated: Mapping[str, frozenset[str]]
     rows: int
     ignored_rows: Mapping[str, int] = field(default_factory=dict)
+    report: InputReport | None = None
 
     def label(self, gene_label: str, patient: str, sequenced: Collection[str] = ()) -> int | None:
         """A patient's mutation label: 1, 0, or None when it was not sequenced.
@@ -1014,14 +1230,20 @@ def read_mutations(path: str | os.PathLike[str]) -> MutationTable:
     genes = {symbol.upper(): label for label, symbol in MUTATION_GENES.items()}
     sequenced: set[str] = set()
     mutated: dict[str, set[str]] = {label: set() for label in MUTATION_GENES}
-    ignored: Counter[str] = Counter()
+    ignored = _Ignored()
+    patient_level = 0
     for line_no, row in table.rows:
         sample_text = table.cell(row, "TUMOR_SAMPLE_BARCODE")
-        if not sample_text:
-            raise InvalidInput(f"{table.path} line {line_no}: empty Tumor_Sample_Barcode")
-        sample = _parse_id(table, line_no, "TUMOR_SAMPLE_BARCODE", sample_text)
-        if sample.sample_type != CANCER_SAMPLE_TYPE:
-            ignored[f"sample type {sample_type_name(sample.sample_type)}"] += 1
+        match = _FULL_BARCODE.fullmatch(sample_text)
+        if match is None:
+            reason = "empty Tumor_Sample_Barcode" if not sample_text else "not a TCGA barcode"
+            ignored.add(reason, sample_text[:40] or f"line {line_no}")
+            continue
+        sample = TcgaBarcode._from_match(match)
+        if sample.sample_type is None:
+            patient_level += 1  # maftools/TCGAmutations: the patient's primary tumour
+        elif sample.sample_type != CANCER_SAMPLE_TYPE:
+            ignored.add(f"sample type {sample_type_name(sample.sample_type)}", str(sample))
             continue
         variant = table.cell(row, "VARIANT_CLASSIFICATION")
         if not variant:
@@ -1030,12 +1252,32 @@ def read_mutations(path: str | os.PathLike[str]) -> MutationTable:
         label = genes.get(table.cell(row, "HUGO_SYMBOL").upper())
         if label is not None and variant.casefold() not in SILENT_CLASSES:
             mutated[label].add(sample.patient_id)
+    if not sequenced:
+        raise _nothing_left(table, ignored, "mutation table (MAF)")
+    notes = []
+    if patient_level:
+        notes.append(
+            f"{patient_level} rows name a patient, not a sample (12-character barcodes, "
+            "as maftools writes them): taken as the patient's primary tumour"
+        )
+    used = len(table.rows) - sum(ignored.counts.values())
     return MutationTable(
         source=table.path,
         sequenced=frozenset(sequenced),
         mutated={label: frozenset(patients) for label, patients in mutated.items()},
         rows=len(table.rows),
-        ignored_rows=dict(ignored),
+        ignored_rows=dict(ignored.counts),
+        report=InputReport(
+            path=str(table.path),
+            kind="mutations",
+            rows=len(table.rows),
+            used_rows=used,
+            patients=len(sequenced),
+            labels=tuple(MUTATION_GENES),
+            ignored_rows=dict(ignored.counts),
+            ignored_examples={k: tuple(v) for k, v in ignored.examples.items()},
+            notes=tuple(notes),
+        ),
     )
 
 
@@ -1143,7 +1385,7 @@ def read_immune(path: str | os.PathLike[str]) -> dict[str, float]:
     patient_column = id_column if id_column in _PATIENT_COLUMNS else None
     sample_column = None if patient_column else id_column
     scores: dict[str, tuple[float, int]] = {}
-    ignored: Counter[str] = Counter()
+    ignored = _Ignored()
     for line_no, row in table.rows:
         patient = _row_patient(table, line_no, row, patient_column, sample_column, ignored)
         if patient is None:
@@ -1195,6 +1437,12 @@ class ImportSummary:
         columns_used: Label column -> clinical table columns it was read from.
         unrecognised_values: Clinical column -> value -> count, taken as unknown.
         ignored_rows: Table -> reason -> rows ignored.
+        inputs: What each input file gave.
+        labels_not_supplied: Label columns no input supplies (unknown for every slide).
+        labels_mostly_unknown: Label -> share of the cancer slides it is unknown for,
+            for those unknown for more than half (and supplied by some input).
+        warnings: One readable line for each of the above, each input whose rows were
+            all left out, and each column with values outside the vocabulary.
         manifest: Where the manifest was written, once it is.
     """
 
@@ -1212,6 +1460,10 @@ class ImportSummary:
     columns_used: dict[str, list[str]] = field(default_factory=dict)
     unrecognised_values: dict[str, dict[str, int]] = field(default_factory=dict)
     ignored_rows: dict[str, dict[str, int]] = field(default_factory=dict)
+    inputs: list[InputReport] = field(default_factory=list)
+    labels_not_supplied: list[str] = field(default_factory=list)
+    labels_mostly_unknown: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     manifest: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -1248,6 +1500,10 @@ class ImportSummary:
             "clinical_columns_used": self.columns_used,
             "unrecognised_values": self.unrecognised_values,
             "ignored_rows": self.ignored_rows,
+            "inputs": [report.to_dict() for report in self.inputs],
+            "labels_not_supplied": self.labels_not_supplied,
+            "labels_mostly_unknown": self.labels_mostly_unknown,
+            "warnings": self.warnings,
         }
 
 
@@ -1383,3 +1639,67 @@ def _summarize(
         if mutations.ignored_rows:
             summary.ignored_rows["mutations"] = dict(mutations.ignored_rows)
     summary.patients_without_slide = sorted(named - with_slides)
+    _warn(summary, clinical, mutations)
+
+
+#: Where each label can come from, for the warning when no input supplies it.
+_LABEL_SOURCES_HINT = {
+    "er": "a receptor-status table",
+    "pr": "a receptor-status table",
+    "her2": "a receptor-status table",
+    "basal": "a PAM50 subtype table",
+    "tp53": "a mutation table (MAF)",
+    "pik3ca": "a mutation table (MAF)",
+}
+_RECEPTOR_HINT = (
+    "the PanCancer Atlas study has no ER, PR or HER2: add the sample file of "
+    "brca_tcga_pub2015, the patient file of the legacy brca_tcga, or the GDC Biotab "
+    "clinical_patient_brca file"
+)
+
+
+def _warn(
+    summary: ImportSummary, clinical: ClinicalTable | None, mutations: MutationTable | None
+) -> None:
+    """The lines that keep an import from being silently empty or lopsided."""
+    if clinical is not None:
+        summary.inputs.extend(clinical.inputs)
+    if mutations is not None and mutations.report is not None:
+        summary.inputs.append(mutations.report)
+    supplied = {label for report in summary.inputs for label in report.labels}
+    summary.labels_not_supplied = [label for label in LABEL_COLUMNS if label not in supplied]
+    missing = summary.labels_not_supplied
+    if missing:
+        hints = sorted({_LABEL_SOURCES_HINT[label] for label in missing})
+        line = f"no input supplies {', '.join(missing)}: unknown for every slide (needs "
+        line += " and ".join(hints) + ")"
+        if {"er", "pr", "her2"} & set(missing) and clinical is not None:
+            line += f"; {_RECEPTOR_HINT}"
+        summary.warnings.append(line)
+    cancer = summary.cancer_slides
+    for label, counts in summary.labels.items():
+        if label in missing or not cancer:
+            continue
+        share = counts["unknown"] / cancer
+        if share > 0.5:
+            summary.labels_mostly_unknown[label] = round(share, 4)
+            summary.warnings.append(
+                f"{label} is unknown for {counts['unknown']} of {cancer} cancer slides "
+                f"({share:.0%})"
+            )
+    for report in summary.inputs:
+        name = Path(report.path).name
+        if not report.labels:
+            summary.warnings.append(f"{name}: no label column; read for its patient ids only")
+        if report.used_rows == 0:
+            summary.warnings.append(f"{name}: every row was left out")
+        for reason, count in report.ignored_rows.items():
+            if reason.endswith("not a TCGA barcode") or reason.startswith("no patient"):
+                examples = ", ".join(report.ignored_examples.get(reason, ()))
+                summary.warnings.append(f"{name}: {count} rows skipped, {reason} (e.g. {examples})")
+        summary.warnings.extend(f"{name}: {note}" for note in report.notes)
+    for column, values in summary.unrecognised_values.items():
+        shown = ", ".join(f"{value!r} ({n})" for value, n in list(values.items())[:3])
+        summary.warnings.append(
+            f"column {column}: {sum(values.values())} values taken as unknown: {shown}"
+        )

@@ -357,7 +357,8 @@ def test_import_errors_name_the_bad_table(cohort: dict[str, Path]) -> None:
     bad = cohort["root"] / "bad_clinical.txt"
     bad.write_text("PATIENT_ID\tER_STATUS_BY_IHC\nnot-a-barcode\tPositive\n")
     out = cohort["root"] / "m.csv"
-    with pytest.raises(InvalidInput, match=r"bad_clinical.txt line 2: PATIENT_ID: "):
+    # Non-TCGA ids are skipped; a table with nothing else left is an error naming it.
+    with pytest.raises(InvalidInput, match=r"bad_clinical.txt: no row of the clinical table"):
         import_cohort(cohort["slides"], clinical=bad, out=out)
     assert not out.exists()
 
@@ -529,7 +530,12 @@ def test_unrecognised_values_are_unknown_and_reported(tmp_path: Path) -> None:
         tmp_path / "c.txt",
         [[A, "BRCA_Weird", "Pos", "Positive", "3+", ""], [B, "BRCA_Weird", "", "", "", ""]],
     )
-    table = read_clinical(path)
+    # Every row of SUBTYPE is unknown to the vocabulary: refused unless allowed.
+    with pytest.raises(InvalidInput) as info:
+        read_clinical(path)
+    assert "column SUBTYPE: 2 of 2 rows hold 'BRCA_Weird' (2)" in str(info.value)
+    assert "column ER_STATUS_BY_IHC: 1 of 2 rows hold 'Pos' (1)" in str(info.value)
+    table = read_clinical(path, allow_unknown_values=True)
     assert set(table.patients[A]) == {"pr"}
     assert table.unrecognised_values == {
         "SUBTYPE": {"BRCA_Weird": 2},
@@ -611,13 +617,12 @@ def test_merge_clinical_fills_gaps_and_refuses_conflicts(tmp_path: Path) -> None
         ("#only\n#comments\n\n", "empty clinical table: no header row"),
         ("PATIENT_ID\tSUBTYPE\n", "the clinical table has a header but no data rows"),
         ("PATIENT_ID SUBTYPE\nTCGA-A1-A0SB BRCA_LumA\n", "line 1: the clinical table is not tab"),
-        ("PATIENT_ID;SUBTYPE\nTCGA-A1-A0SB;BRCA_LumA\n", "is not tab- or comma-separated"),
+        ("PATIENT_ID|SUBTYPE\nTCGA-A1-A0SB|BRCA_LumA\n", "is not tab-, comma- or semicolon-"),
         ("NAME\tSUBTYPE\nx\tBRCA_LumA\n", "no patient or sample id column"),
-        (f"PATIENT_ID\tAGE\n{A}\t50\n", "no biomarker column (expected any of ER_STATUS_BY_IHC"),
         (f"PATIENT_ID\tSUBTYPE\tSUBTYPE\n{A}\tx\ty\n", "column 'SUBTYPE' appears twice"),
         (f"PATIENT_ID\tSUBTYPE\n{A}\tBRCA_LumA\textra\n", "line 2: 3 fields, the header has 2"),
-        ("PATIENT_ID\tSUBTYPE\n\tBRCA_LumA\n", "line 2: no patient or sample id"),
-        ("PATIENT_ID\tSUBTYPE\nMB-0001\tLumA\n", "line 2: PATIENT_ID: 'MB-0001' is not a TCGA"),
+        ("PATIENT_ID\tSUBTYPE\n\tBRCA_LumA\n", "1 no patient or sample id (e.g. line 2)"),
+        ("PATIENT_ID\tSUBTYPE\nMB-0001\tLumA\n", "1 PATIENT_ID not a TCGA barcode (e.g. MB-0001)"),
     ],
 )
 def test_malformed_clinical_tables_give_readable_errors(
@@ -705,13 +710,18 @@ def test_a_gzip_maf_is_read(tmp_path: Path) -> None:
             ("TP53", "Silent"),
             "missing MAF column(s) Tumor_Sample_Barcode; found: Hugo_Symbol, Variant_Class",
         ),
-        (("Gene",), ("TP53",), "is not tab- or comma-separated"),
+        (("Gene",), ("TP53",), "is not tab-, comma- or semicolon-separated"),
         (MAF_COLUMNS, maf_row("TP53", "", f"{A}-01"), "line 3: empty Variant_Classification"),
-        (MAF_COLUMNS, maf_row("TP53", "Silent", ""), "line 3: empty Tumor_Sample_Barcode"),
+        (MAF_COLUMNS, maf_row("TP53", "Silent", ""), "1 empty Tumor_Sample_Barcode (e.g. line 3)"),
         (
             MAF_COLUMNS,
             maf_row("TP53", "Silent", "sample-1"),
-            "line 3: Tumor_Sample_Barcode: 'sample-1' is not a TCGA barcode",
+            "no row of the mutation table (MAF) can be used: 1 not a TCGA barcode (e.g. sample-1)",
+        ),
+        (
+            MAF_COLUMNS,
+            maf_row("TP53", "Silent", f"{A}-11A-01D-A142-09"),
+            "1 sample type 11 (solid tissue normal) (e.g. TCGA-",
         ),
     ],
 )
