@@ -749,7 +749,7 @@ def _split(text: str, delimiter: str | None, source: Path, line_no: int) -> list
         # cBioPortal and MAF files are not quoted; a quote is an ordinary character.
         return text.split("\t")
     try:
-        return next(csv.reader([text]))
+        return next(csv.reader([text], delimiter=delimiter))
     except (csv.Error, StopIteration) as exc:
         raise InvalidInput(f"{source} line {line_no}: malformed CSV: {exc}") from None
 
