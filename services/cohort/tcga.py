@@ -1,7 +1,9 @@
 """A cohort manifest from TCGA-BRCA slides and cBioPortal tables: pure logic.
 
 The inputs are a folder of TCGA slide files, whose names carry TCGA barcodes, and
-tables from cBioPortal's TCGA-BRCA studies (PanCancer Atlas or legacy). The rules:
+tables as users download them: cBioPortal's TCGA-BRCA studies (PanCancer Atlas,
+``brca_tcga_pub2015``, legacy ``brca_tcga``; native files or the study page's
+export), GDC BCR Biotab, UCSC Xena subtype tables and MAFs. The rules:
 
 Barcodes
     ``TCGA-TSS-PPPP-SSV-PPA-...``, e.g. ``TCGA-A1-A0SB-01Z-00-DX1``: tissue source site
@@ -31,30 +33,45 @@ Slides (:func:`select_slides`)
     to files are followed; links to folders are not.
 
 Clinical tables (:func:`read_clinical`)
-    Tab- or comma-separated; leading lines starting with ``#`` (cBioPortal's four
-    header lines, a MAF's ``#version``) and blank lines are skipped; then a header
-    row. Column ids match ignoring case, with spaces and hyphens read as ``_``.
-    Patients come from ``PATIENT_ID`` (or ``BCR_PATIENT_BARCODE``) and/or
-    ``SAMPLE_ID`` (or ``BCR_SAMPLE_BARCODE``); when a row names a sample whose type is
-    not ``01`` it is ignored (labels describe the primary tumour). Label columns, in
+    Tab-, comma- or semicolon-separated; leading lines starting with ``#``
+    (cBioPortal's four header lines, a MAF's ``#version``) and blank lines are
+    skipped; then a header row; rows right after it that are more header (GDC
+    Biotab's CDE names and ``CDE_ID:`` rows) are skipped too. Column ids match
+    ignoring case, with spaces and hyphens read as ``_`` (so the cBioPortal export's
+    ``Patient ID`` is ``PATIENT_ID``). Patients come from ``PATIENT_ID`` (or
+    ``BCR_PATIENT_BARCODE``) and/or ``SAMPLE_ID`` (or ``BCR_SAMPLE_BARCODE``); of two
+    candidate columns the first whose values are TCGA barcodes is used (Biotab's
+    ``patient_id`` holds 4-character codes). A row whose id is not a TCGA barcode, or
+    that has none, is skipped and counted (an error only when no row is left); a row
+    naming a sample whose type is not ``01`` is ignored (labels describe the primary
+    tumour). A table without any label column is read for its ids. Label columns, in
     the order they are tried for each row (the first that holds a label wins):
     ER ``ER_STATUS_BY_IHC``, ``ER_STATUS``; PR ``PR_STATUS_BY_IHC``, ``PR_STATUS``;
     HER2 ``HER2_STATUS_BY_IHC``, ``IHC_HER2``, ``HER2_STATUS``; subtype ``SUBTYPE``,
-    ``PAM50_SUBTYPE``, ``PAM50``, ``PAM50_MRNA``, ``PAM50CALL_RNASEQ``. Values match
-    ignoring case and surrounding spaces. ``Positive`` gives 1 and ``Negative`` 0;
-    ``Indeterminate``, ``Equivocal``, empty, ``NA`` and any bracketed TCGA value
-    (``[Not Available]``, ``[Not Evaluated]``, ...) are unknown. HER2 ``Equivocal``
-    by IHC is settled by ``HER2_FISH_STATUS`` when that column exists and holds
-    Positive or Negative, else unknown. Subtype: ``Basal`` (with or without the
-    ``BRCA_`` prefix or a ``-like`` suffix) gives basal=1; the other PAM50 classes
-    (LumA, LumB, Her2, Normal, and Claudin-low) give 0; missing values are unknown.
-    A value outside these lists is taken as unknown and reported in the summary
-    (``unrecognised_values``), never turned into a label. Rows of one patient are
-    merged; two known values that disagree are an error naming both lines.
+    ``PAM50_SUBTYPE``, ``PAM50``, ``PAM50_MRNA``, ``PAM50CALL_RNASEQ``,
+    ``PAM50_MRNA_NATURE2012``, ``BRCA_SUBTYPE_PAM50``, ``PAPER_BRCA_SUBTYPE_PAM50``,
+    ``SUBTYPE_MRNA``. Values match ignoring case and surrounding spaces.
+    ``Positive`` gives 1 and ``Negative`` 0; ``Indeterminate``, ``Equivocal``,
+    empty, ``NA`` and any bracketed TCGA value (``[Not Available]``, ...) are
+    unknown. HER2 without a call by IHC (equivocal, indeterminate or missing) is
+    settled by ``HER2_FISH_STATUS`` when that column holds Positive or Negative
+    (``strict_her2``: only an equivocal IHC is). Subtype: compared without a
+    ``BRCA_`` prefix, case, spaces, hyphens, underscores and dots
+    (:func:`subtype_key`): ``Basal``/``Basal-like`` give basal=1; LumA, LumB, Her2,
+    Normal and Claudin-low in the TCGA, Nature 2012/Xena (``Luminal A``,
+    ``HER2-enriched``, ``Normal-like``, ``Claudin low``...) and ``PAM50Call_RNAseq``
+    spellings give 0; missing values are unknown. A value outside these lists is taken
+    as unknown and reported (``unrecognised_values``), never turned into a label; when
+    such values are more than :data:`MAX_UNRECOGNISED_SHARE` of a label column's
+    rows, the table is refused unless ``allow_unknown_values``. Rows of one patient
+    are merged; two known values that disagree are an error naming both lines.
 
 Mutations (:func:`read_mutations`)
     A MAF with ``Hugo_Symbol``, ``Tumor_Sample_Barcode`` and
-    ``Variant_Classification``. Rows of samples whose type is not ``01`` are ignored.
+    ``Variant_Classification``. Rows of samples whose type is not ``01`` are ignored;
+    a 12-character patient barcode (as maftools and TCGAmutations write) stands for
+    the patient's primary tumour; a row whose sample is not a TCGA barcode is skipped
+    and counted, and a MAF none of whose rows can be used is an error.
     Non-silent means any class except :data:`SILENT_CLASSES` (``Silent``, ``Intron``,
     ``3'UTR``, ``5'UTR``, ``3'Flank``, ``5'Flank``, ``IGR``, ``RNA``, ``lincRNA``);
     so ``Splice_Region`` and ``Translation_Start_Site`` count. A patient's TP53 (PIK3CA)
@@ -72,7 +89,9 @@ Manifest (:func:`build_manifest`)
     One row per selected slide, sorted by patient then kind (cancer first). Cancer
     rows carry the patient's labels and immune score; normal rows carry none (they
     serve cancer-versus-normal training only). ``split`` is empty: the training flow
-    decides it.
+    decides it. The summary warns of each label no input supplies, each label unknown
+    for more than half the cancer slides, and each input left out entirely, used for
+    its ids only, or with rows skipped.
 
 Errors in tables raise :class:`~services.common.errors.InvalidInput` naming the file,
 the line where there is one, and what is wrong; a missing file raises NotFound.
@@ -1676,6 +1695,18 @@ def _warn(
         if {"er", "pr", "her2"} & set(missing) and clinical is not None:
             line += f"; {_RECEPTOR_HINT}"
         summary.warnings.append(line)
+    frozen_normals = sum(
+        1
+        for item in summary.skipped
+        if item.reason == "frozen_section"
+        and (found := TcgaBarcode.find(item.path.name)) is not None
+        and found.sample_type == NORMAL_SAMPLE_TYPE
+    )
+    if frozen_normals and not summary.normal_slides:
+        summary.warnings.append(
+            f"no normal slide: {frozen_normals} normal-tissue slides are frozen sections, as "
+            "TCGA's are; pass --include-frozen to use them"
+        )
     cancer = summary.cancer_slides
     for label, counts in summary.labels.items():
         if label in missing or not cancer:

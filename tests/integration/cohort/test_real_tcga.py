@@ -150,6 +150,8 @@ def test_normal_slides_need_include_frozen(tcga: Path, slides: Path, tmp_path: P
     plain, _ = _import(slides, tmp_path / "a.csv", clinical=legacy)
     frozen, manifest = _import(slides, tmp_path / "b.csv", clinical=legacy, include_frozen=True)
     assert plain["slides"]["normal"] == 0 and frozen["slides"]["normal"] == 3
+    assert any("3 normal-tissue slides are frozen" in line for line in plain["warnings"])
+    assert not any("frozen" in line for line in frozen["warnings"])
     assert manifest.loc[manifest["kind"] == "normal", list(LABEL_COLUMNS)].isna().all().all()
 
 
