@@ -46,15 +46,20 @@ Clinical tables (:func:`read_clinical`)
     naming a sample whose type is not ``01`` is ignored (labels describe the primary
     tumour). A table without any label column is read for its ids. Label columns, in
     the order they are tried for each row (the first that holds a label wins):
-    ER ``ER_STATUS_BY_IHC``, ``ER_STATUS``; PR ``PR_STATUS_BY_IHC``, ``PR_STATUS``;
-    HER2 ``HER2_STATUS_BY_IHC``, ``IHC_HER2``, ``HER2_STATUS``; subtype ``SUBTYPE``,
+    ER ``ER_STATUS_BY_IHC``, ``ER_STATUS``, ``BREAST_CARCINOMA_ESTROGEN_RECEPTOR_STATUS``,
+    ``ER_STATUS_NATURE2012``; PR likewise (``PR_...``,
+    ``BREAST_CARCINOMA_PROGESTERONE_RECEPTOR_STATUS``); HER2 ``HER2_STATUS_BY_IHC``,
+    ``IHC_HER2``, ``HER2_STATUS``,
+    ``LAB_PROC_HER2_NEU_IMMUNOHISTOCHEMISTRY_RECEPTOR_STATUS``,
+    ``HER2_FINAL_STATUS_NATURE2012``, with FISH from ``HER2_FISH_STATUS`` or
+    ``LAB_PROCEDURE_HER2_NEU_IN_SITU_HYBRID_OUTCOME_TYPE``; subtype ``SUBTYPE``,
     ``PAM50_SUBTYPE``, ``PAM50``, ``PAM50_MRNA``, ``PAM50CALL_RNASEQ``,
     ``PAM50_MRNA_NATURE2012``, ``BRCA_SUBTYPE_PAM50``, ``PAPER_BRCA_SUBTYPE_PAM50``,
     ``SUBTYPE_MRNA``. Values match ignoring case and surrounding spaces.
     ``Positive`` gives 1 and ``Negative`` 0; ``Indeterminate``, ``Equivocal``,
     empty, ``NA`` and any bracketed TCGA value (``[Not Available]``, ...) are
     unknown. HER2 without a call by IHC (equivocal, indeterminate or missing) is
-    settled by ``HER2_FISH_STATUS`` when that column holds Positive or Negative
+    settled by FISH when that column holds Positive or Negative
     (``strict_her2``: only an equivocal IHC is). Subtype: compared without a
     ``BRCA_`` prefix, case, spaces, hyphens, underscores and dots
     (:func:`subtype_key`): ``Basal``/``Basal-like`` give basal=1; LumA, LumB, Her2,
@@ -155,11 +160,27 @@ _FULL_BARCODE = re.compile(_BARCODE, re.IGNORECASE | re.ASCII)
 _EMBEDDED_BARCODE = re.compile(rf"(?<![A-Z0-9]){_BARCODE}(?![A-Z0-9])", re.IGNORECASE | re.ASCII)
 
 _PATIENT_COLUMNS = ("PATIENT_ID", "BCR_PATIENT_BARCODE")
-_SAMPLE_COLUMNS = ("SAMPLE_ID", "BCR_SAMPLE_BARCODE", "TUMOR_SAMPLE_BARCODE")
+_SAMPLE_COLUMNS = ("SAMPLE_ID", "BCR_SAMPLE_BARCODE", "TUMOR_SAMPLE_BARCODE", "SAMPLEID")
 _LABEL_SOURCE_COLUMNS: Mapping[str, tuple[str, ...]] = {
-    "er": ("ER_STATUS_BY_IHC", "ER_STATUS"),
-    "pr": ("PR_STATUS_BY_IHC", "PR_STATUS"),
-    "her2": ("HER2_STATUS_BY_IHC", "IHC_HER2", "HER2_STATUS"),
+    "er": (
+        "ER_STATUS_BY_IHC",
+        "ER_STATUS",
+        "BREAST_CARCINOMA_ESTROGEN_RECEPTOR_STATUS",
+        "ER_STATUS_NATURE2012",
+    ),
+    "pr": (
+        "PR_STATUS_BY_IHC",
+        "PR_STATUS",
+        "BREAST_CARCINOMA_PROGESTERONE_RECEPTOR_STATUS",
+        "PR_STATUS_NATURE2012",
+    ),
+    "her2": (
+        "HER2_STATUS_BY_IHC",
+        "IHC_HER2",
+        "HER2_STATUS",
+        "LAB_PROC_HER2_NEU_IMMUNOHISTOCHEMISTRY_RECEPTOR_STATUS",
+        "HER2_FINAL_STATUS_NATURE2012",
+    ),
     "basal": (
         "SUBTYPE",
         "PAM50_SUBTYPE",
@@ -172,7 +193,7 @@ _LABEL_SOURCE_COLUMNS: Mapping[str, tuple[str, ...]] = {
         "SUBTYPE_MRNA",
     ),
 }
-_HER2_FISH_COLUMN = "HER2_FISH_STATUS"
+_HER2_FISH_COLUMNS = ("HER2_FISH_STATUS", "LAB_PROCEDURE_HER2_NEU_IN_SITU_HYBRID_OUTCOME_TYPE")
 _MAF_COLUMNS = ("HUGO_SYMBOL", "TUMOR_SAMPLE_BARCODE", "VARIANT_CLASSIFICATION")
 _SCORE_COLUMNS = ("IMMUNE_SCORE", "IMMUNESCORE", "SCORE")
 _MISSING_VALUES = frozenset(
@@ -1021,7 +1042,7 @@ def read_clinical(
     wanted = {
         *_PATIENT_COLUMNS,
         *_SAMPLE_COLUMNS,
-        _HER2_FISH_COLUMN,
+        *_HER2_FISH_COLUMNS,
         *(column for columns in _LABEL_SOURCE_COLUMNS.values() for column in columns),
     }
     table = _read_table(path, what="clinical table", keep=wanted)
@@ -1033,7 +1054,7 @@ def read_clinical(
         label: tuple(column for column in columns if table.has(column))
         for label, columns in _LABEL_SOURCE_COLUMNS.items()
     }
-    fish_column = _HER2_FISH_COLUMN if table.has(_HER2_FISH_COLUMN) else None
+    fish_column = table.first_present(_HER2_FISH_COLUMNS)
 
     patients: dict[str, dict[str, Label]] = {}
     unrecognised: dict[str, Counter[str]] = {}

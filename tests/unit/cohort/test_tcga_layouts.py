@@ -67,13 +67,17 @@ def test_xena_spellings_do_not_make_every_known_subtype_basal(tmp_path: Path) ->
     patients = [f"TCGA-A1-A{i:03d}" for i in range(len(names))]
     path = tmp_path / "xena.tsv"
     rows = [f"{p}-01\t{n}" for p, n in zip(patients, names, strict=True)]
-    path.write_text("sampleID\tPAM50_mRNA_nature2012\n" + "\n".join(rows) + "\n")
-    with pytest.raises(InvalidInput, match="no patient or sample id column"):
-        read_clinical(path)  # Xena's own id header is not ours...
-    path.write_text("SAMPLE_ID\tPAM50_mRNA_nature2012\n" + "\n".join(rows) + "\n")
-    table = read_clinical(path)  # ...a sample id column is
+    # UCSC Xena's clinical matrix: its ``sampleID`` column and its receptor columns.
+    receptors = ["Positive", "Negative", "Positive", "Indeterminate", "Negative"]
+    path.write_text(
+        "sampleID\tPAM50_mRNA_nature2012\tbreast_carcinoma_estrogen_receptor_status\n"
+        + "\n".join(f"{r}\t{e}" for r, e in zip(rows, receptors, strict=True))
+        + "\n"
+    )
+    table = read_clinical(path)
     values = [table.patients[p]["basal"].value for p in patients]
     assert values == [0, 0, 0, 0, 1]
+    assert [table.patients[p].get("er") is not None for p in patients] == [1, 1, 1, 0, 1]
 
 
 def test_subtype_key_drops_prefix_case_and_separators() -> None:
