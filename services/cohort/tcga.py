@@ -1075,7 +1075,8 @@ def read_clinical(
             )
             if found is not None:
                 _merge_label(known, label, found, patient)
-    if not used:
+    if not used and not all(r.startswith("sample type") for r in ignored.counts):
+        # Ids that are not TCGA barcodes throughout: the wrong file, not a cohort.
         raise _nothing_left(table, ignored, "clinical table")
     if not allow_unknown_values:
         _check_unrecognised(table, unrecognised, used)

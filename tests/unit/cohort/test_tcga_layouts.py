@@ -219,3 +219,14 @@ def test_the_readable_summary_is_short(tmp_path: Path, capsys: pytest.CaptureFix
     assert "patients: 5 with slides, 395 named by a table without a slide" in out
     assert cli.main([*argv, str(tmp_path / "m2.csv"), "--json"]) == 0
     assert "TCGA-A1-A399" in capsys.readouterr().out  # every id is in --json
+
+
+def test_a_clinical_table_of_other_samples_only_is_a_warning(tmp_path: Path) -> None:
+    slides = _slides(tmp_path / "slides", A)
+    receptors = tmp_path / "receptors.tsv"
+    receptors.write_text(f"PATIENT_ID\tER_STATUS\n{A}\tPositive\n")
+    metastases = tmp_path / "metastases.tsv"
+    metastases.write_text(f"SAMPLE_ID\tPR_STATUS\n{A}-06\tNegative\n")
+    summary = import_cohort(slides, clinical=[receptors, metastases], out=tmp_path / "m.csv")
+    assert summary["labels"]["er"]["positive"] == 1 and summary["labels"]["pr"]["unknown"] == 1
+    assert "metastases.tsv: every row was left out" in summary["warnings"]
