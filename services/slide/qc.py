@@ -46,7 +46,7 @@ from services.slide.tissue import (
     TissueParams,
     check_finite_non_negative,
     mask_level_image,
-    segment_tissue,
+    masks_of_level,
 )
 
 #: Mask classes in the order they are drawn and listed, with their RGB colours.
@@ -244,7 +244,7 @@ def run_qc(
     # The tiling's own masks: a slide's level nearest the downsample (a plain image
     # has only its own).
     thumbnail, downsample = mask_level_image(reader, reader.name, mask_downsample)
-    masks = segment_tissue(thumbnail, downsample, float(reader.mpp[0]), params or TissueParams())
+    masks = masks_of_level(reader, thumbnail, downsample, params or TissueParams())
     summary = qc_summary(masks, thresholds)
     px_mm2 = (masks.mpp / 1000.0) ** 2
     classes = class_masks(masks)

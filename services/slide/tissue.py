@@ -86,6 +86,12 @@ Rules, in order (parameters in :class:`TissueParams`):
    tissue median (the slide's own focus), and which has enough contrast to judge
    (local grey std >= ``blur_min_std``, relative to glass), is blurred; the mask is
    cleaned with an opening and regions smaller than ``blur_min_area_um2`` dropped.
+   Defocus that matters to 20x patches is lost at the masks' few µm/px: a slide with
+   a level near :data:`SHARPNESS_UM` (1 µm/px) has its blur judged again there
+   (:func:`refine_blur`, through :func:`compute_masks`): the level is read in tiles
+   where there is tissue, each mask pixel's Laplacian energy and grey moments pooled
+   from its block of fine pixels, and the same rule applied with
+   ``blur_fine_fraction``.
 7. **Folds.** Tissue lying doubled absorbs about twice as much: OD smoothed over
    ``fold_smooth_um`` above ``p50 + fold_k_mad * 1.4826 * MAD`` of the tissue OD, and
    saturation above the tissue median, as regions of at least ``fold_min_area_um2``.
@@ -104,7 +110,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -216,6 +222,8 @@ class TissueParams:
         blur_fraction: Blurred below this fraction of the tissue median sharpness.
         blur_min_std: Least local grey standard deviation (glass = 1) to judge focus.
         blur_min_area_um2: Smallest blurred region, µm².
+        blur_fine_fraction: ``blur_fraction`` when blur is judged on a finer level
+            (:func:`refine_blur`): fine detail varies more from tissue to tissue there.
         fold_smooth_um: Gaussian sigma of the OD smoothing for folds, µm.
         fold_k_mad: Folds lie this many robust standard deviations above the median.
         fold_min_area_um2: Smallest fold region, µm².
@@ -270,6 +278,7 @@ class TissueParams:
     blur_fraction: float = 0.3
     blur_min_std: float = 0.02
     blur_min_area_um2: float = 5_000.0
+    blur_fine_fraction: float = 0.2
     fold_smooth_um: float = 16.0
     fold_k_mad: float = 3.0
     fold_min_area_um2: float = 5_000.0
@@ -282,8 +291,9 @@ class TissueParams:
             low, high = getattr(self, name)
             if not low < high <= 360:
                 raise InvalidInput(f"tissue parameter {name} must be (low, high) in 0-360")
-        if not 0 < self.blur_fraction < 1:
-            raise InvalidInput("tissue parameter blur_fraction must be in (0, 1)")
+        for name in ("blur_fraction", "blur_fine_fraction"):
+            if not 0 < getattr(self, name) < 1:
+                raise InvalidInput(f"tissue parameter {name} must be in (0, 1)")
 
 
 @dataclass
@@ -741,6 +751,19 @@ def _blur_mask(
         sharp = cv2.resize(sharp, (w, h), interpolation=cv2.INTER_AREA)
         std = cv2.resize(std, (w, h), interpolation=cv2.INTER_AREA)
         share = cv2.resize(share, (w, h), interpolation=cv2.INTER_AREA)
+    return _blur_from_sharpness(sharp, std, share, tissue, px_um, px_area_um2, params)
+
+
+def _blur_from_sharpness(
+    sharp: np.ndarray,
+    std: np.ndarray,
+    share: np.ndarray,
+    tissue: np.ndarray,
+    px_um: float,
+    px_area_um2: float,
+    params: TissueParams,
+) -> tuple[np.ndarray, float]:
+    """Blurred tissue: sharpness under ``blur_fraction`` of the slide's own median."""
     # Judged where the window holds enough tissue with enough contrast.
     judged = tissue & (std >= params.blur_min_std) & (share >= 0.5)
     if not judged.any():
@@ -961,6 +984,96 @@ def _mask_files(masks_pen: dict[str, Any]) -> dict[str, str]:
     return files
 
 
+#: Resolution blur is judged at when the slide has a level that fine, µm/px (10x):
+#: defocus that matters to 20x patches is visible there, and lost at the masks' own
+#: few µm/px.
+SHARPNESS_UM = 1.0
+#: Side of the tiles the sharpness level is read in, px of that level.
+SHARPNESS_TILE_PX = 2048
+
+
+def sharpness_level(reader: SlideReader, mask_downsample: float) -> int | None:
+    """The pyramid level blur is judged on: the one nearest :data:`SHARPNESS_UM`, if
+    it is finer than the masks' own (None otherwise)."""
+    mpp0 = float(reader.mpp[0])
+    level = reader.best_level_for_downsample(max(1.0, SHARPNESS_UM / mpp0))
+    if float(reader.level_downsamples[level]) * 1.5 > mask_downsample:
+        return None
+    return level
+
+
+def refine_blur(
+    masks: TissueMasks, reader: SlideReader, level: int, params: TissueParams
+) -> TissueMasks:
+    """The masks with blur judged again on a finer level of the slide.
+
+    The level is read in tiles of :data:`SHARPNESS_TILE_PX`, only where the mask
+    has tissue; each tile's Laplacian energy and grey moments (over tissue pixels,
+    the Laplacian away from the tissue's rim) are pooled into its mask pixels, then
+    windowed at mask resolution over ``blur_window_um`` and judged against the slide's
+    own median sharpness, as at the masks' resolution (module docstring, step 6).
+    """
+    h, w = masks.tissue.shape
+    level_ds = float(reader.level_downsamples[level])
+    factor = masks.downsample / level_ds  # level px per mask px
+    glass = np.array(
+        [masks.thresholds.get(f"glass_{c}", 255.0) for c in "rgb"], np.float32
+    ).reshape(1, 1, 3)
+    sums = {name: np.zeros((h, w), np.float32) for name in ("lap", "inner", "g", "g2", "w")}
+    step = max(1, int(SHARPNESS_TILE_PX // factor))  # mask px per tile
+    tissue_u8 = masks.tissue.astype(np.uint8)
+    for y0 in range(0, h, step):
+        for x0 in range(0, w, step):
+            block = tissue_u8[y0 : y0 + step, x0 : x0 + step]
+            if not block.any():
+                continue
+            bh, bw = block.shape
+            tw, th = max(1, round(bw * factor)), max(1, round(bh * factor))
+            rgb = reader.read_region(
+                round(x0 * masks.downsample), round(y0 * masks.downsample), level, tw, th
+            )
+            grey = (rgb.astype(np.float32) / glass).mean(axis=2)
+            weight = cv2.resize(block, (tw, th), interpolation=cv2.INTER_NEAREST)
+            lap = cv2.Laplacian(grey, cv2.CV_32F, ksize=3)
+            inner = cv2.erode(weight, np.ones((3, 3), np.uint8)).astype(np.float32)
+            tissue = weight.astype(np.float32)
+            pieces = {
+                "lap": lap * lap * inner,
+                "inner": inner,
+                "g": grey * tissue,
+                "g2": grey * grey * tissue,
+                "w": tissue,
+            }
+            for name, image in pieces.items():
+                pooled = cv2.resize(image, (bw, bh), interpolation=cv2.INTER_AREA)
+                sums[name][y0 : y0 + bh, x0 : x0 + bw] = pooled
+    sigma = params.blur_window_um / masks.mpp
+    smooth = {name: _smooth(image, sigma) for name, image in sums.items()}
+    share = smooth["w"]
+    norm = np.maximum(share, np.float32(1e-3))
+    energy = smooth["lap"] / np.maximum(smooth["inner"], np.float32(1e-3))
+    mean = smooth["g"] / norm
+    var = np.maximum(smooth["g2"] / norm - mean * mean, 0.0)
+    px_um = masks.mpp
+    fine = replace(params, blur_fraction=params.blur_fine_fraction)
+    blur, threshold = _blur_from_sharpness(
+        energy / (var + 1e-4), np.sqrt(var), share, masks.tissue, px_um, px_um * px_um, fine
+    )
+    pen_any = np.zeros_like(masks.tissue)
+    for mask in masks.pen.values():
+        pen_any |= mask
+    return replace(
+        masks,
+        blur=blur,
+        usable=masks.tissue & ~pen_any & ~blur & ~masks.fold,
+        thresholds={
+            **masks.thresholds,
+            "blur_sharpness": threshold,
+            "blur_level_um": level_ds * float(reader.mpp[0]),
+        },
+    )
+
+
 def mask_level_image(
     reader: SlideReader, slide_id: str, mask_downsample: float
 ) -> tuple[np.ndarray, float]:
@@ -983,9 +1096,22 @@ def mask_level_image(
 def compute_masks(
     reader: SlideReader, slide_id: str, params: TissueParams, mask_downsample: float
 ) -> TissueMasks:
-    """Tissue and artifact masks from the slide level nearest ``mask_downsample``."""
+    """Tissue and artifact masks from the slide level nearest ``mask_downsample``, with
+    blur judged on the level nearest :data:`SHARPNESS_UM` when that is finer."""
     thumbnail, downsample = mask_level_image(reader, slide_id, mask_downsample)
-    return segment_tissue(thumbnail, downsample, float(reader.mpp[0]), params)
+    return masks_of_level(reader, thumbnail, downsample, params)
+
+
+def masks_of_level(
+    reader: SlideReader, thumbnail: np.ndarray, downsample: float, params: TissueParams
+) -> TissueMasks:
+    """:func:`segment_tissue` of a slide's mask-level image, blur refined on a finer
+    level (:func:`sharpness_level`, :func:`refine_blur`) when the slide has one."""
+    masks = segment_tissue(thumbnail, downsample, float(reader.mpp[0]), params)
+    level = sharpness_level(reader, masks.downsample)
+    if level is None or not masks.tissue.any():
+        return masks
+    return refine_blur(masks, reader, level, params)
 
 
 def save_masks(masks: TissueMasks, folder: str | Path) -> Path:

@@ -306,7 +306,7 @@ def test_the_answer_is_the_same_bits_whatever_runs_concurrently(
 
 #: A blur rule eager enough to flag part of any slide: the test below is about the grid
 #: leaving out what tiling leaves out, not about how well blur is found.
-EAGER_BLUR = TissueParams(blur_fraction=0.9)
+EAGER_BLUR = TissueParams(blur_fraction=0.9, blur_fine_fraction=0.9)
 
 
 @pytest.fixture(scope="module")
