@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from services.cohort.importer import import_cohort
-from services.cohort.manifest import LABEL_COLUMNS
+from services.common.vocabulary import BIOMARKERS
 
 LAYOUTS: dict[str, tuple[list[str], str | None, dict[str, bool]]] = {
     "PanCancer patient + sample": (
@@ -94,8 +94,8 @@ def main() -> None:
         slides.mkdir()
         count = _slides(tcga, slides)
         print(f"{count} placeholder slides, one per patient of the PanCancer and legacy tables\n")
-        print("| inputs | " + " | ".join(LABEL_COLUMNS) + " | warnings |")
-        print("|---" * (len(LABEL_COLUMNS) + 2) + "|")
+        print("| inputs | " + " | ".join(BIOMARKERS) + " | warnings |")
+        print("|---" * (len(BIOMARKERS) + 2) + "|")
         for name, (clinical, maf, options) in LAYOUTS.items():
             summary = import_cohort(
                 slides,
@@ -105,7 +105,7 @@ def main() -> None:
                 overwrite=True,
                 **options,  # type: ignore[arg-type]
             )
-            cells = [_cell(summary["labels"][label]) for label in LABEL_COLUMNS]
+            cells = [_cell(summary["labels"][label]) for label in BIOMARKERS]
             warned = []
             if summary["labels_not_supplied"]:
                 warned.append(f"not supplied: {', '.join(summary['labels_not_supplied'])}")

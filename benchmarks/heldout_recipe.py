@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from services.common.vocabulary import model_name_of
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TASKS = ("tp53", "pik3ca", "er", "pr", "her2", "basal")
@@ -64,7 +66,7 @@ def retrain(out: Path, task: str, args: argparse.Namespace, folder: Path) -> Pat
     config = TrainConfig(
         backbone="small",
         input_px=128,
-        model_name=f"biomarker_{task}",
+        model_name=model_name_of(task),
         version="recipe",
         epochs=args.epochs,
         batch_size=32,
@@ -141,7 +143,7 @@ def main() -> None:
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="recipe-") as scratch:
         if args.task != "none":
-            name = f"biomarker_{args.task}"
+            name = model_name_of(args.task)
             bundles[name] = retrain(out, args.task, args, Path(scratch) / name)
         trained = time.perf_counter()
         aurocs = heldout_aurocs(out, bundles)

@@ -483,15 +483,14 @@ def _bundles(root: Path, backbone: str, input_px: int) -> dict[str, Path]:
     """The seven models with random weights (timing only)."""
     import torch
 
+    from services.common.vocabulary import BIOMARKERS, CANCER_DETECTOR, model_name_of
     from services.inference.backbones import build_backbone
     from services.inference.bundle import ModelConfig, save_bundle
     from services.inference.preprocess import PreprocessConfig
     from services.inference.tta import TRANSFORM_NAMES
-    from services.prediction.models import CANCER_DETECTOR
-    from services.synth.labels import BIOMARKERS
 
     bundles = {}
-    for seed, name in enumerate([CANCER_DETECTOR, *(f"biomarker_{b}" for b in BIOMARKERS)]):
+    for seed, name in enumerate([CANCER_DETECTOR, *(model_name_of(b) for b in BIOMARKERS)]):
         torch.manual_seed(seed)
         config = ModelConfig(
             name=name,

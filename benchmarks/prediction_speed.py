@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.common.objectstore import open_store
+from services.common.vocabulary import BIOMARKERS, CANCER_DETECTOR, model_name_of
 from services.demo import SYNTHETIC_MIN_USABLE_MM2
 from services.inference.archive import build_mar
 from services.inference.backbones import build_backbone
@@ -49,13 +50,12 @@ from services.inference.bundle import ModelConfig, save_bundle
 from services.inference.preprocess import PreprocessConfig
 from services.inference.registry import publish_bundle
 from services.inference.torchserve import TorchServe, TorchServeConfig
-from services.prediction.models import CANCER_DETECTOR, ModelRegistry, TorchServeScorer
+from services.prediction.models import ModelRegistry, TorchServeScorer
 from services.prediction.pipeline import PredictionParams, predict_slide
 from services.slide.qc import QcThresholds
 from services.slide.reader import open_slide
 from services.slide.stain import get_normalizer
 from services.synth.cohort import generate_cohort
-from services.synth.labels import BIOMARKERS
 
 CONFIGS = {
     "overlapped": {"reader_threads": 2, "read_ahead_batches": 4},
@@ -70,7 +70,7 @@ INSIDE = ("read_20x", "read_40x", "normalize", "cancer_requests", "biomarker_req
 
 def _bundles(root: Path, input_px: int, tta: tuple[str, ...], backbone: str) -> dict[str, Path]:
     bundles = {}
-    for seed, name in enumerate([CANCER_DETECTOR, *(f"biomarker_{b}" for b in BIOMARKERS)]):
+    for seed, name in enumerate([CANCER_DETECTOR, *(model_name_of(b) for b in BIOMARKERS)]):
         torch.manual_seed(seed)
         config = ModelConfig(
             name=name,

@@ -31,6 +31,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from services.common.vocabulary import CANCER_DETECTOR
 from services.inference.archive import build_mar
 from services.inference.backbones import build_backbone
 from services.inference.bundle import ModelConfig, load_bundle, save_bundle
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     config = ModelConfig(
-        name="cancer_detector",
+        name=CANCER_DETECTOR,
         version="1",
         backbone="resnet18",
         class_names=("normal", "cancer"),

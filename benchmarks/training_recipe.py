@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from services.common.vocabulary import model_name_of
+
 TASKS = ("tp53", "pik3ca", "er", "pr", "her2", "basal")
 CLASSES = ("negative", "positive")
 
@@ -155,7 +157,7 @@ def main() -> None:
         config = TrainConfig(
             backbone=args.backbone,
             input_px=args.input_px,
-            model_name=f"biomarker_{task}",
+            model_name=model_name_of(task),
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,

@@ -39,6 +39,7 @@ from flows.split import untrainable_reason
 from flows.training import LabelledSlide, patch_table, train_model
 from services.analysis.aggregate import patch_and_slide_metrics
 from services.common.objectstore import ObjectStore
+from services.common.vocabulary import model_name_of
 from services.inference.bundle import CONFIG_FILE, WEIGHTS_FILE, load_bundle
 from services.inference.dataset import PatchReader, ShardCache
 from services.inference.serving_io import patch_outputs, predict, to_batch
@@ -53,11 +54,6 @@ class BiomarkerRun(Record):
 
     results: tuple[BiomarkerResult, ...]
     skipped: tuple[SkippedBiomarker, ...]
-
-
-def model_name(biomarker: str) -> str:
-    """TorchServe name of a biomarker's model: ``biomarker_{name}``."""
-    return f"biomarker_{biomarker}"
 
 
 def biomarker_slides(
@@ -203,7 +199,9 @@ def train_biomarkers(
             skipped.append(SkippedBiomarker(biomarker=biomarker, reason=reason))
             continue
         own = training_of(biomarker, training, biomarker_epochs or {})
-        model = train_model(model_name(biomarker), BIOMARKER_CLASSES, own, slides, grid_overlap_px)
+        model = train_model(
+            model_name_of(biomarker), BIOMARKER_CLASSES, own, slides, grid_overlap_px
+        )
         pending.append(register_model.submit(model))
         results.append(
             evaluate_biomarker(biomarker, model, slides, selection.threshold, bootstrap, run_prefix)

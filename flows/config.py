@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pydantic import Field, model_validator
 
 from flows.records import Record
-from services.cohort.manifest import LABEL_COLUMNS
+from services.common.vocabulary import BIOMARKERS
 from services.inference.tta import TRANSFORM_NAMES
 
 
@@ -96,7 +96,7 @@ class PipelineConfig(Record):
     selection: Selection = Selection()
     analysis: Analysis = Analysis()
     #: The biomarkers to train, in the method's order.
-    biomarkers: tuple[str, ...] = LABEL_COLUMNS
+    biomarkers: tuple[str, ...] = BIOMARKERS
     #: Slides tiled (or scored) at once.
     max_concurrent_slides: int = Field(default=2, ge=1, le=64)
     #: (ours) Epochs of some biomarkers' models instead of ``biomarker.epochs``, e.g.
@@ -106,11 +106,10 @@ class PipelineConfig(Record):
 
     @model_validator(mode="after")
     def _known_epoch_overrides(self) -> PipelineConfig:
-        unknown = sorted(set(self.biomarker_epochs) - set(LABEL_COLUMNS))
+        unknown = sorted(set(self.biomarker_epochs) - set(BIOMARKERS))
         if unknown:
             raise ValueError(
-                f"biomarker_epochs names unknown biomarkers {unknown}; "
-                f"use {', '.join(LABEL_COLUMNS)}"
+                f"biomarker_epochs names unknown biomarkers {unknown}; use {', '.join(BIOMARKERS)}"
             )
         low = {name: n for name, n in self.biomarker_epochs.items() if n < 1}
         if low:

@@ -12,10 +12,10 @@ from flows.records import CohortRef, ModelRef, Record, Registration, TiledSlide
 from flows.serving import register_model
 from flows.split import CohortSplit, paper_split
 from flows.training import LabelledSlide, train_model
+from services.common.vocabulary import CANCER_DETECTOR
 
 #: The detector's classes, index order (the last is the positive class).
 DETECTOR_CLASSES = ("normal", "cancer")
-DETECTOR_NAME = "cancer_detector"
 
 
 class DetectorResult(Record):
@@ -66,7 +66,7 @@ def train_cancer_detector(
     """
     split = split_cohort(cohort, split_seed)
     model = train_model(
-        DETECTOR_NAME,
+        CANCER_DETECTOR,
         DETECTOR_CLASSES,
         training,
         detector_slides(cohort, split, tiled),

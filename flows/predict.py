@@ -44,7 +44,8 @@ from flows.settings import FlowSettings
 from services.common.errors import FailedPrecondition, HistomarkerError, InvalidInput
 from services.common.objectstore import ObjectInfo
 from services.common.qc_messages import qc_from_proto
-from services.prediction.client import BIOMARKER_ENUMS, PredictionClient, options_of
+from services.common.vocabulary import BIOMARKERS, CANCER_DETECTOR, model_name_of
+from services.prediction.client import PredictionClient, options_of
 from services.slide.slides import slide_id_for
 
 #: The PredictionService's output prefix (``services.prediction.pipeline.RUNS_PREFIX``).
@@ -69,7 +70,7 @@ class BatchOptions(Record):
     """What ``predict_batch`` asks PredictSlide for (part of each record's digest)."""
 
     #: The biomarkers, in the method's order; all six by default.
-    biomarkers: tuple[str, ...] = tuple(BIOMARKER_ENUMS)
+    biomarkers: tuple[str, ...] = BIOMARKERS
     #: Top patches per biomarker in each prediction.json.
     top_k: int = Field(default=0, ge=0, le=100)
     #: Leave the heatmap PNGs out.
@@ -275,7 +276,7 @@ def deployed_models(biomarkers: tuple[str, ...]) -> list[tuple[str, str]]:
     ) as client:
         # Unfiltered: a biomarker filter leaves the cancer detector out.
         deployed = {m.name: m.version for m in client.list_models()}
-    wanted = ["cancer_detector", *(f"biomarker_{b}" for b in biomarkers)]
+    wanted = [CANCER_DETECTOR, *(model_name_of(b) for b in biomarkers)]
     missing = [name for name in wanted if name not in deployed]
     if missing:
         raise FailedPrecondition(f"PredictionService has no model {', '.join(missing)} deployed")

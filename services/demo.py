@@ -41,9 +41,9 @@ from typing import Any
 import pandas as pd
 
 from flows.config import Analysis, ModelTraining, PipelineConfig, Selection, TilingConfig
-from services.cohort.manifest import LABEL_COLUMNS
 from services.common.errors import InvalidInput
 from services.common.processes import environment, interruptible
+from services.common.vocabulary import BIOMARKERS
 from services.synth.labels import RULES_VERSION
 
 #: Files of the output folder the demo writes (a rerun replaces them).
@@ -543,7 +543,7 @@ def run_demo(
             stages.say(f"stopped: {', '.join(stopped) or 'nothing'}")
     table = slide_table(heldout, answers)
     results = heldout_results(table, trained, chosen.cancer_target, chosen.biomarker_target)
-    skipped_rows = [name for name in LABEL_COLUMNS if name not in trained]
+    skipped_rows = [name for name in BIOMARKERS if name not in trained]
     document = _write_results(out, table, results, chosen, run, stages.seconds, full, skipped_rows)
     targets_met = document["targets_met"]
     answered = bool((table["status"] != "missing").all())

@@ -29,6 +29,7 @@ from services.common.refs import served_key
 from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
 from services.common.stubs.histomarker.v1 import analysis_pb2, analysis_pb2_grpc, common_pb2
+from services.common.vocabulary import BIOMARKER_ENUMS, biomarker_name
 
 SERVICE_NAME = "histomarker.v1.AnalysisService"
 
@@ -67,26 +68,6 @@ class AnalysisSettings(ServiceSettings):
     port: int = DEFAULT_PORTS["analysis"]
     #: The bucket this service serves (refs naming another bucket are refused).
     bucket: str = "histomarker"
-
-
-def biomarker_name(value: int, what: str = "biomarker", required: bool = True) -> str | None:
-    """``tp53`` for BIOMARKER_TP53; None for UNSPECIFIED when not required."""
-    if value == common_pb2.BIOMARKER_UNSPECIFIED:
-        if required:
-            raise InvalidInput(f"{what} is required")
-        return None
-    try:
-        name = common_pb2.Biomarker.Name(value)
-    except ValueError:
-        raise InvalidInput(f"{what}: unknown biomarker {value}") from None
-    return name.removeprefix("BIOMARKER_").lower()
-
-
-def _biomarker_enum(name: str) -> Any:
-    try:
-        return common_pb2.Biomarker.Value(f"BIOMARKER_{name.upper()}")
-    except ValueError:
-        return common_pb2.BIOMARKER_UNSPECIFIED
 
 
 def _choice(table: dict[Any, str], value: int, what: str) -> str:
@@ -327,7 +308,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     def _cell(row: dict[str, Any], confidence: float) -> analysis_pb2.AblationCell:
         patches = int(row["n_patches"])
         return analysis_pb2.AblationCell(
-            biomarker=_biomarker_enum(str(row["biomarker"])),
+            biomarker=BIOMARKER_ENUMS.get(str(row["biomarker"]), common_pb2.BIOMARKER_UNSPECIFIED),
             patch_set=_PATCH_SETS.get(str(row["patch_set"]), analysis_pb2.PATCH_SET_UNSPECIFIED),
             group=_GROUP_ENUMS.get(str(row["group"]), analysis_pb2.FEATURE_GROUP_UNSPECIFIED),
             feature_count=int(row["n_features"]),

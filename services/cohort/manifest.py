@@ -18,7 +18,7 @@ first columns are :data:`MANIFEST_COLUMNS`, in that order:
 ``split``
     Free text, usually empty: the training flow decides the split.
 ``tp53``, ``pik3ca``, ``er``, ``pr``, ``her2``, ``basal``
-    :data:`LABEL_COLUMNS`: ``1``, ``0`` or empty. Empty means unknown: that slide is
+    :data:`BIOMARKERS`: ``1``, ``0`` or empty. Empty means unknown: that slide is
     left out of that biomarker only.
 ``immune_score``
     A number, or empty.
@@ -52,6 +52,7 @@ from typing import Any
 import pandas as pd
 
 from services.common.errors import AlreadyExists, InvalidInput, NotFound
+from services.common.vocabulary import BIOMARKERS
 
 #: Required columns, in the order a written manifest has them.
 MANIFEST_COLUMNS: tuple[str, ...] = (
@@ -60,17 +61,10 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "kind",
     "site",
     "split",
-    "tp53",
-    "pik3ca",
-    "er",
-    "pr",
-    "her2",
-    "basal",
+    *BIOMARKERS,
     "immune_score",
     "slide_path",
 )
-#: The biomarker label columns: 1, 0 or empty (unknown).
-LABEL_COLUMNS: tuple[str, ...] = ("tp53", "pik3ca", "er", "pr", "her2", "basal")
 #: Values of the ``kind`` column.
 KINDS: tuple[str, ...] = ("cancer", "normal")
 
@@ -179,7 +173,7 @@ class Manifest:
         """The cancer slides whose ``biomarker`` label is known.
 
         Args:
-            biomarker: One of :data:`LABEL_COLUMNS`.
+            biomarker: One of :data:`BIOMARKERS`.
 
         Returns:
             Those rows of :attr:`table` (a copy).
@@ -187,9 +181,9 @@ class Manifest:
         Raises:
             InvalidInput: Unknown biomarker name.
         """
-        if biomarker not in LABEL_COLUMNS:
+        if biomarker not in BIOMARKERS:
             raise InvalidInput(
-                f"unknown biomarker {biomarker!r}; expected one of {', '.join(LABEL_COLUMNS)}"
+                f"unknown biomarker {biomarker!r}; expected one of {', '.join(BIOMARKERS)}"
             )
         keep = (self.table["kind"] == "cancer") & self.table[biomarker].notna()
         return self.table[keep].copy()
@@ -284,7 +278,7 @@ def _cell_text(value: Any, column: str) -> str:
         return ""
     if isinstance(value, float) and math.isnan(value):
         return ""
-    if column in LABEL_COLUMNS:
+    if column in BIOMARKERS:
         if isinstance(value, bool):
             return "1" if value else "0"
         if isinstance(value, int | float) or hasattr(value, "dtype"):
@@ -340,7 +334,7 @@ def _validate(
             columns[name].append(cells[name])
 
     table = pd.DataFrame({name: pd.Series(columns[name], dtype="str") for name in order})
-    for name in LABEL_COLUMNS:
+    for name in BIOMARKERS:
         table[name] = pd.array(
             [int(value) if value else None for value in columns[name]], dtype=_LABEL_DTYPE
         )
@@ -368,7 +362,7 @@ def _check_row(cells: dict[str, str], where: str) -> None:
         )
     if cells["kind"] not in KINDS:
         raise InvalidInput(f"{where}: kind {cells['kind']!r} is not one of {', '.join(KINDS)}")
-    for name in LABEL_COLUMNS:
+    for name in BIOMARKERS:
         if cells[name] not in ("", "0", "1"):
             raise InvalidInput(
                 f"{where}: {name} label {cells[name]!r} must be 1, 0 or empty (unknown)"

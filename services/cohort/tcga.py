@@ -117,8 +117,9 @@ from typing import IO, Any
 
 import pandas as pd
 
-from services.cohort.manifest import LABEL_COLUMNS, MANIFEST_COLUMNS, slide_path_text
+from services.cohort.manifest import MANIFEST_COLUMNS, slide_path_text
 from services.common.errors import InvalidInput, NotFound
+from services.common.vocabulary import BIOMARKERS
 
 #: File name endings (compared ignoring case) of whole-slide images.
 SLIDE_SUFFIXES: tuple[str, ...] = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".dcm")
@@ -1615,7 +1616,7 @@ def build_manifest(
                 else os.path.abspath(slide.path)
             ),
         }
-        for label in LABEL_COLUMNS:
+        for label in BIOMARKERS:
             row[label] = None
         if slide.kind == "cancer":
             known = clinical_patients.get(patient, {})
@@ -1630,7 +1631,7 @@ def build_manifest(
         rows.append(row)
 
     frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
-    for label in LABEL_COLUMNS:
+    for label in BIOMARKERS:
         frame[label] = pd.array(list(frame[label]), dtype="Int8")
     frame["immune_score"] = pd.array(list(frame["immune_score"]), dtype="Float64")
     for column in ("slide_id", "patient_id", "kind", "site", "split", "slide_path"):
@@ -1650,7 +1651,7 @@ def _summarize(
     cancer = frame[frame["kind"] == "cancer"]
     summary.cancer_slides = len(cancer)
     summary.normal_slides = len(frame) - len(cancer)
-    for label in LABEL_COLUMNS:
+    for label in BIOMARKERS:
         values = cancer[label]
         summary.labels[label] = {
             "positive": int((values == 1).sum()),
@@ -1708,7 +1709,7 @@ def _warn(
     if mutations is not None and mutations.report is not None:
         summary.inputs.append(mutations.report)
     supplied = {label for report in summary.inputs for label in report.labels}
-    summary.labels_not_supplied = [label for label in LABEL_COLUMNS if label not in supplied]
+    summary.labels_not_supplied = [label for label in BIOMARKERS if label not in supplied]
     missing = summary.labels_not_supplied
     if missing:
         hints = sorted({_LABEL_SOURCES_HINT[label] for label in missing})

@@ -24,7 +24,7 @@ CANCER_DETECTOR = "cancer_detector"
 #: TorchServe names of the biomarker models: this prefix and the biomarker.
 BIOMARKER_MODEL_PREFIX = "biomarker_"
 #: Biomarker name -> its ``histomarker.v1.Biomarker`` enum value.
-BIOMARKER_ENUMS: dict[str, int] = {
+BIOMARKER_ENUMS: dict[str, common_pb2.Biomarker] = {
     name: common_pb2.Biomarker.Value(f"BIOMARKER_{name.upper()}") for name in BIOMARKERS
 }
 #: ``histomarker.v1.Biomarker`` enum value -> biomarker name.

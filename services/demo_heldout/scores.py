@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from services.analysis.metrics import auroc
-from services.cohort.manifest import LABEL_COLUMNS
+from services.common.vocabulary import BIOMARKERS
 
 #: The row of the cancer-vs-normal task in the table.
 CANCER_TASK = "cancer"
@@ -83,7 +83,7 @@ def slide_table(
             "status": str(prediction.get("status", "missing")),
             "cancer_score": float(prediction.get("cancer_patch_fraction", math.nan)),
         }
-        for name in LABEL_COLUMNS:
+        for name in BIOMARKERS:
             value = getattr(row, name)
             out[name] = None if pd.isna(value) else int(value)
             out[f"{name}_probability"] = probabilities.get(name, math.nan)

@@ -25,18 +25,10 @@ from services.common import errors
 from services.common.errors import HistomarkerError, InvalidInput, NotFound
 from services.common.grpc_client import open_channel
 from services.common.stubs.histomarker.v1 import common_pb2, prediction_pb2, prediction_pb2_grpc
+from services.common.vocabulary import BIOMARKER_ENUMS
 
 #: Bytes per upload message (the proto recommends at most 1 MiB).
 CHUNK_BYTES = 1024 * 1024
-#: Biomarker names and their enum values.
-BIOMARKER_ENUMS = {
-    "tp53": common_pb2.BIOMARKER_TP53,
-    "pik3ca": common_pb2.BIOMARKER_PIK3CA,
-    "er": common_pb2.BIOMARKER_ER,
-    "pr": common_pb2.BIOMARKER_PR,
-    "her2": common_pb2.BIOMARKER_HER2,
-    "basal": common_pb2.BIOMARKER_BASAL,
-}
 _ERRORS: dict[str, type[HistomarkerError]] = {
     kind.status_name: kind
     for kind in vars(errors).values()

@@ -52,16 +52,17 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.objectstore import ObjectStore
+from services.common.vocabulary import (
+    BIOMARKERS,
+    CANCER_DETECTOR,
+    biomarker_of_model,
+    model_name_of,
+)
 from services.inference.bundle import CONFIG_FILE, METRICS_FILE, ModelConfig, load_bundle
 from services.inference.preprocess import shrink_to_input
 from services.inference.registry import MODELS_PREFIX, archive_key, model_prefix
 from services.inference.serving_io import encode_npy, patch_outputs, predict, to_batch
 from services.inference.torchserve import RestClient, TorchServeGrpcClient
-from services.synth.labels import BIOMARKERS
-
-CANCER_DETECTOR = "cancer_detector"
-#: Prefix of the biomarker models' names: ``biomarker_tp53`` ...
-BIOMARKER_PREFIX = "biomarker_"
 
 #: One patch's output as the handler returns it (``serving_io.patch_outputs``).
 PatchOutput = dict[str, Any]
@@ -70,13 +71,6 @@ PatchOutput = dict[str, Any]
 SCORE_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 log = logging.getLogger(__name__)
-
-
-def model_name_of(biomarker: str) -> str:
-    """TorchServe name of a biomarker's model (InvalidInput for an unknown biomarker)."""
-    if biomarker not in BIOMARKERS:
-        raise InvalidInput(f"unknown biomarker {biomarker!r}; use one of {', '.join(BIOMARKERS)}")
-    return f"{BIOMARKER_PREFIX}{biomarker}"
 
 
 @dataclass(frozen=True)
@@ -240,8 +234,7 @@ class LocalScorer:
 
 
 def _local_model(name: str, config: ModelConfig) -> DeployedModel:
-    biomarker = name.removeprefix(BIOMARKER_PREFIX) if name.startswith(BIOMARKER_PREFIX) else None
-    return DeployedModel(name, config.version, biomarker, config)
+    return DeployedModel(name, config.version, biomarker_of_model(name), config)
 
 
 def _deployment(models: Mapping[str, DeployedModel], biomarkers: Sequence[str]) -> Deployment:
@@ -355,7 +348,7 @@ class ModelRegistry:
             except ValueError:
                 metrics = {}
         archive = archive_key(name, version)
-        biomarker = name.removeprefix(BIOMARKER_PREFIX) if name != CANCER_DETECTOR else None
+        biomarker = biomarker_of_model(name)
         return DeployedModel(
             name=name,
             version=version,

@@ -67,6 +67,7 @@ import pandas as pd
 from services.common.cancellation import WorkBudget
 from services.common.errors import InvalidInput
 from services.common.objectstore import ObjectStore
+from services.common.vocabulary import BIOMARKERS
 from services.inference.serving_io import MAX_PATCHES_PER_REQUEST
 from services.prediction.models import DeployedModel, Deployment, PatchScorer
 from services.slide.grid import TissueRule, footprint_px, params_hash
@@ -74,7 +75,6 @@ from services.slide.highres import HighResSource, WindowClaims, choose_source, m
 from services.slide.prepare import PrepParams, SlideStains, prepare_slide, store_masks
 from services.slide.reader import SlideReader
 from services.slide.stain import StainMatrix
-from services.synth.labels import BIOMARKERS
 
 #: Bump when outputs or algorithms change (part of the hash).
 PIPELINE_VERSION = 3

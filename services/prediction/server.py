@@ -53,9 +53,14 @@ from services.common.refs import served_key
 from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
 from services.common.stubs.histomarker.v1 import common_pb2, prediction_pb2, prediction_pb2_grpc
+from services.common.vocabulary import (
+    BIOMARKER_ENUMS,
+    BIOMARKER_NAMES,
+    BIOMARKERS,
+    CANCER_DETECTOR,
+)
 from services.inference.torchserve import KeyFile, RestClient, Token, TorchServeGrpcClient
 from services.prediction.models import (
-    CANCER_DETECTOR,
     DeployedModel,
     ModelRegistry,
     PatchScorer,
@@ -73,21 +78,11 @@ from services.slide.qc import QcSettings, QcThresholds
 from services.slide.reader import open_slide
 from services.slide.slides import SlideCache, slide_id_for
 from services.slide.stain import StainMatrix, builtin_reference
-from services.synth.labels import BIOMARKERS
 
 SERVICE_NAME = "histomarker.v1.PredictionService"
 #: File extensions an uploaded slide may have (one file; DICOM and MRXS are folders).
 UPLOAD_EXTENSIONS = ("svs", "tif", "tiff", "ndpi", "scn", "svslide", "bif", "vms", "qptiff")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_BIOMARKERS = {
-    common_pb2.BIOMARKER_TP53: "tp53",
-    common_pb2.BIOMARKER_PIK3CA: "pik3ca",
-    common_pb2.BIOMARKER_ER: "er",
-    common_pb2.BIOMARKER_PR: "pr",
-    common_pb2.BIOMARKER_HER2: "her2",
-    common_pb2.BIOMARKER_BASAL: "basal",
-}
-_BIOMARKER_ENUMS = {name: value for value, name in _BIOMARKERS.items()}
 _POLICIES = {
     common_pb2.HIGH_RES_POLICY_NATIVE: "native",
     common_pb2.HIGH_RES_POLICY_UPSAMPLE: "upsample",
@@ -290,9 +285,9 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
     def _params(self, options: prediction_pb2.PredictionOptions) -> PredictionParams:
         biomarkers = []
         for value in options.biomarkers:
-            if value not in _BIOMARKERS:
+            if value not in BIOMARKER_NAMES:
                 raise InvalidInput(f"options.biomarkers: {value} is not a biomarker")
-            biomarkers.append(_BIOMARKERS[value])
+            biomarkers.append(BIOMARKER_NAMES[value])
         if not 0 <= options.top_k <= 64:
             raise InvalidInput(f"options.top_k must be within 0-64, got {options.top_k}")
         return PredictionParams(
@@ -435,7 +430,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         hi_mpp = 0.25
         for item in result.biomarkers:
             biomarker = prediction_pb2.BiomarkerPrediction(
-                biomarker=_BIOMARKER_ENUMS[item.biomarker],
+                biomarker=BIOMARKER_ENUMS[item.biomarker],
                 probability=item.probability,
                 call=prediction_pb2.BIOMARKER_CALL_POSITIVE
                 if item.positive
@@ -473,7 +468,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             kind=common_pb2.MODEL_KIND_CANCER_DETECTOR
             if detector
             else common_pb2.MODEL_KIND_BIOMARKER,
-            biomarker=_BIOMARKER_ENUMS.get(model.biomarker or "", 0),  # type: ignore[arg-type]
+            biomarker=BIOMARKER_ENUMS.get(model.biomarker or "", 0),  # type: ignore[arg-type]
             architecture=model.config.backbone,
             temperature=model.config.temperature,
             threshold=model.threshold,
@@ -619,9 +614,9 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
     def ListModels(self, request: Any, context: grpc.ServicerContext) -> Any:
         wanted = set()
         for value in request.biomarkers:
-            if value not in _BIOMARKERS:
+            if value not in BIOMARKER_NAMES:
                 raise InvalidInput(f"biomarkers: {value} is not a biomarker")
-            wanted.add(_BIOMARKERS[value])
+            wanted.add(BIOMARKER_NAMES[value])
         models, _ = self.registry.deployed()
         chosen = [
             m

@@ -151,9 +151,7 @@ import numpy as np
 
 from services.cohort.manifest import MANIFEST_COLUMNS as COHORT_MANIFEST_COLUMNS
 from services.common.errors import InvalidInput
-
-#: The six labels of a cancer slide, in manifest column order.
-BIOMARKERS: tuple[str, ...] = ("tp53", "pik3ca", "er", "pr", "her2", "basal")
+from services.common.vocabulary import BIOMARKERS
 
 #: Version of the label and morphology rules; bumped whenever a change makes the same
 #: seed give other slides (``histomarker demo`` regenerates a cohort of an older one).

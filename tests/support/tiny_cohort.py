@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from flows.split import MIN_PATIENTS_PER_CLASS, paper_split
-from services.cohort.manifest import LABEL_COLUMNS
+from services.common.vocabulary import BIOMARKERS
 from services.synth.labels import manifest_rows, sample_cohort
 
 
@@ -18,7 +18,7 @@ def learnable_seed(slides: int, split_seed: int = 0) -> int:
         biomarker = table[table["slide_id"].isin(paper_split(table, split_seed).biomarker)]
         counts = [
             (pd.to_numeric(biomarker[name]) == value).sum()
-            for name in LABEL_COLUMNS
+            for name in BIOMARKERS
             for value in (0, 1)
         ]
         if min(counts) >= MIN_PATIENTS_PER_CLASS:

@@ -21,14 +21,18 @@ import numpy as np
 import pandas as pd
 
 from services.common.objectstore import ObjectStore
-from services.synth.labels import BIOMARKERS
+from services.common.vocabulary import (
+    BIOMARKERS,
+    CANCER_DETECTOR,
+    biomarker_of_model,
+    model_name_of,
+)
 
 if TYPE_CHECKING:
     from services.prediction.models import LocalScorer
 
-CANCER_DETECTOR = "cancer_detector"
 #: Every model of the method: the detector and one per biomarker.
-ALL_MODELS = (CANCER_DETECTOR, *(f"biomarker_{b}" for b in BIOMARKERS))
+ALL_MODELS = (CANCER_DETECTOR, *(model_name_of(b) for b in BIOMARKERS))
 PATCH_PX = 48
 PATCHES_PER_SLIDE = 16
 
@@ -82,7 +86,7 @@ def train_tiny(
     from services.inference.training import TrainConfig, train
 
     detector = name == CANCER_DETECTOR
-    column = "kind" if detector else name.removeprefix("biomarker_")
+    column = "kind" if detector else biomarker_of_model(name)
     classes = ("normal", "cancer") if detector else ("negative", "positive")
     table = build_patch_table(store, manifest, column, classes)
     config = TrainConfig(
@@ -129,7 +133,7 @@ def untrained_scorer(folder: Path, input_px: int = 32, **config: Any) -> LocalSc
     from services.inference.backbones import build_backbone
     from services.inference.bundle import ModelConfig, save_bundle
     from services.inference.preprocess import PreprocessConfig
-    from services.prediction.models import CANCER_DETECTOR, LocalScorer, model_name_of
+    from services.prediction.models import LocalScorer
 
     bundles = {}
     for seed, name in enumerate([CANCER_DETECTOR, *(model_name_of(b) for b in BIOMARKERS)]):

@@ -17,7 +17,7 @@ import pytest
 from realdata import realdata
 
 from services.cohort.importer import import_cohort
-from services.cohort.manifest import LABEL_COLUMNS
+from services.common.vocabulary import BIOMARKERS
 
 #: Published TCGA-BRCA prevalences (% positive of the known), as the issue gives them.
 PUBLISHED = {"er": 77.2, "pr": 67.0, "her2": 20.7, "basal": 17.4, "tp53": 30.3, "pik3ca": 32.3}
@@ -78,7 +78,7 @@ LAYOUTS = {
             "legacy/data_clinical_patient.txt",
         ],
         "mutations/firehose_brca_maf.tsv.gz",
-        set(LABEL_COLUMNS),
+        set(BIOMARKERS),
     ),
     "pancan export + biotab + maf": (
         [
@@ -86,7 +86,7 @@ LAYOUTS = {
             "gdc/nationwidechildrens.org_clinical_patient_brca.txt",
         ],
         "mutations/firehose_brca_maf.tsv.gz",
-        set(LABEL_COLUMNS),
+        set(BIOMARKERS),
     ),
 }
 
@@ -103,11 +103,11 @@ def test_each_layout_imports_with_the_published_prevalences(
         mutations=tcga / maf if maf else None,
     )
     assert summary["slides"]["cancer"] == len(manifest) > 1000
-    assert set(summary["labels_not_supplied"]) == set(LABEL_COLUMNS) - supplied
+    assert set(summary["labels_not_supplied"]) == set(BIOMARKERS) - supplied
     for label in supplied:
         assert _prevalence(summary, label) == pytest.approx(PUBLISHED[label], abs=TOLERANCE)
         assert summary["labels"][label]["unknown"] < 0.15 * len(manifest), label
-    for label in set(LABEL_COLUMNS) - supplied:
+    for label in set(BIOMARKERS) - supplied:
         assert manifest[label].isna().all()
         assert any(label in line for line in summary["warnings"] if "no input supplies" in line)
 
@@ -152,7 +152,7 @@ def test_normal_slides_need_include_frozen(tcga: Path, slides: Path, tmp_path: P
     assert plain["slides"]["normal"] == 0 and frozen["slides"]["normal"] == 3
     assert any("3 normal-tissue slides are frozen" in line for line in plain["warnings"])
     assert not any("frozen" in line for line in frozen["warnings"])
-    assert manifest.loc[manifest["kind"] == "normal", list(LABEL_COLUMNS)].isna().all().all()
+    assert manifest.loc[manifest["kind"] == "normal", list(BIOMARKERS)].isna().all().all()
 
 
 def test_the_full_recipe_agrees_with_the_rules_patient_by_patient(
@@ -202,7 +202,7 @@ def test_the_full_recipe_agrees_with_the_rules_patient_by_patient(
 
     disagreements = []
     for patient, row in got[got["kind"] == "cancer"].iterrows():
-        for label in LABEL_COLUMNS:
+        for label in BIOMARKERS:
             want = expected.get(str(patient), {}).get(label)
             have = None if pd.isna(row[label]) else int(row[label])
             if want != have:

@@ -21,7 +21,7 @@ from prefect_harness import latest_artifacts
 from tiny_models import ALL_MODELS, publish_models, train_tiny, training_cohort
 
 from services.common.objectstore import ObjectStore, open_store
-from services.synth.labels import BIOMARKERS
+from services.common.vocabulary import BIOMARKERS
 
 pytestmark = [
     pytest.mark.slow,

@@ -23,8 +23,8 @@ from prefect_harness import latest_artifacts
 from tiny_cohort import learnable_seed
 
 from flows.config import Analysis, ModelTraining, PipelineConfig, Selection, TilingConfig
-from services.cohort.manifest import LABEL_COLUMNS
 from services.common.settings import ServiceSettings
+from services.common.vocabulary import BIOMARKERS
 
 pytestmark = [
     pytest.mark.slow,
@@ -144,7 +144,7 @@ def test_a_failed_run_resumes_from_its_cached_tasks_and_serves_every_model(
     monkeypatch.setenv("HISTOMARKER_NUCLEI_TARGET", stack["tiling"])
     state = train_pipeline(manifest, "tiny", CONFIG, return_state=True)
     assert state.is_failed()
-    model_tasks = ["train-cancer_detector", *(f"train-biomarker_{b}" for b in LABEL_COLUMNS)]
+    model_tasks = ["train-cancer_detector", *(f"train-biomarker_{b}" for b in BIOMARKERS)]
     states = _settled_states(model_tasks, "Completed")
     assert set(states.values()) == {"Completed"}, states
 
@@ -164,7 +164,7 @@ def test_a_failed_run_resumes_from_its_cached_tasks_and_serves_every_model(
     models = [result.detector.model, *(r.model for r in result.biomarkers.results)]
     assert {m.name for m in models} == {
         "cancer_detector",
-        *(f"biomarker_{b}" for b in LABEL_COLUMNS),
+        *(f"biomarker_{b}" for b in BIOMARKERS),
     }
     store = open_store(stack["store_url"])
     for model in models:
@@ -185,7 +185,7 @@ def test_a_failed_run_resumes_from_its_cached_tasks_and_serves_every_model(
     assert epochs == {
         "cancer_detector": 2,
         "biomarker_pik3ca": 2,
-        **{f"biomarker_{b}": 1 for b in LABEL_COLUMNS if b != "pik3ca"},
+        **{f"biomarker_{b}": 1 for b in BIOMARKERS if b != "pik3ca"},
     }
 
     # TTA metrics at patch and slide level, BD and CD feature tables, the report.
@@ -219,4 +219,4 @@ def test_a_failed_run_resumes_from_its_cached_tasks_and_serves_every_model(
         ("cancer_detector", result.detector.model.version)
     ]
     biomarker_rows = json.loads(artifacts["biomarker-models"])
-    assert sorted(r["biomarker"] for r in biomarker_rows) == sorted(LABEL_COLUMNS)
+    assert sorted(r["biomarker"] for r in biomarker_rows) == sorted(BIOMARKERS)

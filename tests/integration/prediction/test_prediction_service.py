@@ -35,6 +35,7 @@ from services.common.grpc_server import HistomarkerServer, ServiceBinding, creat
 from services.common.objectstore import ObjectStore, open_store
 from services.common.qc_messages import qc_from_proto
 from services.common.stubs.histomarker.v1 import common_pb2, prediction_pb2, prediction_pb2_grpc
+from services.common.vocabulary import BIOMARKERS
 from services.inference.torchserve import TorchServe, TorchServeConfig
 from services.prediction.client import PredictionClient, file_digest, options_of
 from services.prediction.models import CANCER_DETECTOR, LocalScorer
@@ -44,7 +45,6 @@ from services.slide.qc import ARTIFACTS, QcThresholds
 from services.slide.reader import open_slide
 from services.slide.stain import builtin_reference
 from services.synth.cohort import generate_cohort
-from services.synth.labels import BIOMARKERS
 
 pytestmark = [
     pytest.mark.slow,

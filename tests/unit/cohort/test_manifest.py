@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 
 from services.cohort.manifest import (
-    LABEL_COLUMNS,
     MANIFEST_COLUMNS,
     Manifest,
     slide_path_text,
 )
 from services.common.errors import AlreadyExists, InvalidInput, NotFound
+from services.common.vocabulary import BIOMARKERS
 
 HEADER = ",".join(MANIFEST_COLUMNS)
 
@@ -46,7 +46,7 @@ def _write(path: Path, *lines: str) -> Path:
 def test_columns_are_in_the_documented_order() -> None:
     assert MANIFEST_COLUMNS[0] == "slide_id"
     assert MANIFEST_COLUMNS[-1] == "slide_path"
-    assert set(LABEL_COLUMNS) <= set(MANIFEST_COLUMNS)
+    assert set(BIOMARKERS) <= set(MANIFEST_COLUMNS)
 
 
 def test_from_frame_types_the_columns() -> None:

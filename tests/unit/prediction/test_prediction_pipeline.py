@@ -24,6 +24,7 @@ from tiny_models import untrained_scorer
 from services.common.cancellation import WorkBudget
 from services.common.errors import Cancelled, FailedPrecondition, InvalidInput
 from services.common.objectstore import ObjectStore, open_store
+from services.common.vocabulary import BIOMARKERS
 from services.prediction.models import (
     DeployedModel,
     Deployment,
@@ -42,7 +43,6 @@ from services.slide.qc import QcThresholds
 from services.slide.reader import SlideReader, open_slide
 from services.slide.tissue import TissueParams, compute_masks
 from services.synth.cohort import generate_cohort
-from services.synth.labels import BIOMARKERS
 from services.tiling.pipeline import TileParams, tile_slide
 
 INPUT_PX = 32
