@@ -1,5 +1,5 @@
 """The training pipeline's parameters: what to compute, never where (that is
-:mod:`flows.settings`). Defaults are the method's (METHOD.md); tests and demos shrink
+:mod:`flows.settings`). Defaults are the method's (docs/method.md); tests and demos shrink
 them (a tiny backbone, small patches, few epochs)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The paper's split of a cohort (METHOD.md, stage 1), and which biomarkers a set of
+"""The paper's split of a cohort (docs/method.md, stage 1), and which biomarkers a set of
 slides can train.
 
 The cancer detector trains on every normal slide plus an equal number of cancer

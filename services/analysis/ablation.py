@@ -1,4 +1,4 @@
-"""Random-forest ablation over the nucleus feature groups (METHOD.md, stage 3).
+"""Random-forest ablation over the nucleus feature groups (docs/method.md, stage 3).
 
 For each biomarker and patch set (BD, CD), a random forest is trained on each of the
 seven feature groups and scored by AUPRC on out-of-fold probabilities of a

@@ -1,4 +1,4 @@
-"""One slide's biomarker prediction, stage by stage (METHOD.md, stages 1 and 2).
+"""One slide's biomarker prediction, stage by stage (docs/method.md, stages 1 and 2).
 
 Stages: ``tissue``, ``grid`` and ``stain`` are the slide preparation training's
 tiling uses too (:func:`services.slide.prepare.prepare_slide`: masks and their QC

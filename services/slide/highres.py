@@ -1,4 +1,4 @@
-"""From a 20x patch to its four 40x patches (METHOD.md, stage 1).
+"""From a 20x patch to its four 40x patches (docs/method.md, stage 1).
 
 Each cancer-discriminative 20x patch becomes four 40x patches of the same pixel size:
 read from the slide's native 40x level when it has one, otherwise the paper's way —
