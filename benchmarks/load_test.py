@@ -146,7 +146,7 @@ class ServiceProcess:
     """
 
     def __init__(self, name: str, service: str, env: dict[str, str], log_path: Path) -> None:
-        from services.inference.torchserve import free_ports
+        from services.common.processes import free_ports
 
         self.name = name
         self.service = service

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,18 +20,11 @@ from pathlib import Path
 from types import TracebackType
 
 from services.common.errors import Unavailable
-from services.common.processes import stop_group
+from services.common.processes import free_ports, stop_group
 
 LOOPBACK = "127.0.0.1"
 #: Telemetry switches, for the server and every process that talks to it.
 TELEMETRY_OFF = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def api_healthy(api_url: str, timeout_s: float = 2.0) -> bool:
@@ -60,7 +52,7 @@ class EmbeddedPrefectServer:
 
         self.home = Path(home) if home is not None else Path(PREFECT_HOME.value())
         self.log_path = log_path or self.home / "embedded-server.log"
-        self.port = port or free_port()
+        self.port = port or free_ports(1, LOOPBACK)[0]
         self.process: subprocess.Popen[bytes] | None = None
 
     @property

@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -45,7 +44,7 @@ from services.common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from services.common.processes import group_members, stop_group
+from services.common.processes import free_ports, group_members, stop_group
 
 log = logging.getLogger(__name__)
 
@@ -155,20 +154,6 @@ class TorchServeConfig:
     @property
     def config_path(self) -> Path:
         return self.work_dir / "config.properties"
-
-
-def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
-    """``count`` distinct ports free on ``host`` (bound at once, then released)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((host, 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def config_properties(config: TorchServeConfig) -> dict[str, str]:

@@ -142,7 +142,7 @@ def plan_ports(free: bool) -> StackPorts:
             dict(DEFAULT_TORCHSERVE_PORTS),
             {name: DEFAULT_PORTS[name] for name in GRPC_SERVICES},
         )
-    from services.inference.torchserve import free_ports
+    from services.common.processes import free_ports
 
     ports = free_ports(1 + len(DEFAULT_TORCHSERVE_PORTS) + len(GRPC_SERVICES), LOOPBACK)
     torchserve = dict(zip(DEFAULT_TORCHSERVE_PORTS, ports[1:6], strict=True))

@@ -21,7 +21,7 @@ from service_process import ServiceProcess
 
 from flows.config import TilingConfig
 from services.common.objectstore import open_store
-from services.inference.torchserve import free_ports
+from services.common.processes import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
