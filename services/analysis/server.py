@@ -10,8 +10,6 @@ from the object store and results are written back to it.
 from __future__ import annotations
 
 import math
-import queue
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,6 +26,7 @@ from services.common.objectstore import ObjectInfo
 from services.common.refs import served_key
 from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
+from services.common.streaming import run_streaming
 from services.common.stubs.histomarker.v1 import analysis_pb2, analysis_pb2_grpc, common_pb2
 from services.common.vocabulary import BIOMARKER_ENUMS, biomarker_name
 
@@ -110,33 +109,6 @@ def metric_set(report: MetricReport) -> analysis_pb2.MetricSet:
         ece=report.ece,
         bootstrap_used=report.bootstrap.used,
     )
-
-
-def _stream_progress(
-    work: Callable[[Callable[[int, int], None]], Any], name: str
-) -> Iterator[tuple[str, Any]]:
-    """Run ``work(progress)`` on a worker thread; yield ``("progress", (done, total))``
-    as it reports and ``("result", value)`` at the end (its error is raised here, on
-    the RPC's thread, for the interceptor to map)."""
-    events: queue.Queue[Any] = queue.Queue()
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = work(lambda done, total: events.put((done, total)))
-        except BaseException as exc:  # handed to the RPC thread below
-            outcome["error"] = exc
-        finally:
-            events.put(None)
-
-    worker = threading.Thread(target=run, name=name, daemon=True)
-    worker.start()
-    while (event := events.get()) is not None:
-        yield "progress", event
-    worker.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    yield "result", outcome["result"]
 
 
 def _progress(stage: str, done: int, total: int, unit: str) -> common_pb2.Progress:
@@ -292,7 +264,9 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                 budget=budget,
             )
 
-        for kind, value in _stream_progress(work, "feature-ablation"):
+        for kind, value in run_streaming(
+            lambda report: work(lambda d, t: report((d, t))), "feature-ablation"
+        ):
             if kind == "progress":
                 yield analysis_pb2.RunFeatureAblationResponse(
                     progress=_progress("ablation", value[0], value[1], "cells")
@@ -393,7 +367,9 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         def work(progress: Callable[[int, int], None]) -> Any:
             return logic.write_report(self.store, prefix, inputs, progress=progress, budget=budget)
 
-        for kind, value in _stream_progress(work, "build-report"):
+        for kind, value in run_streaming(
+            lambda report: work(lambda d, t: report((d, t))), "build-report"
+        ):
             if kind == "progress":
                 yield analysis_pb2.BuildReportResponse(
                     progress=_progress("figures", value[0], value[1], "figures")

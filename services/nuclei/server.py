@@ -7,8 +7,6 @@ The logic lives beside this file without any gRPC import (``segment``, ``feature
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,6 +19,7 @@ from services.common.grpc_server import HistomarkerServer, ServiceBinding, creat
 from services.common.refs import served_key
 from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
+from services.common.streaming import run_streaming
 from services.common.stubs.histomarker.v1 import common_pb2, nuclei_pb2, nuclei_pb2_grpc
 from services.nuclei.features import FEATURE_NAMES, NUCLEUS_COLUMNS, PatchFeatures
 from services.nuclei.pipeline import (
@@ -103,36 +102,6 @@ def _analyze(
         return analyze_patch(rgb, resolve_mpp(mpp, image.mpp), params)
     except InvalidInput as exc:
         raise InvalidInput(f"{what}: {exc}") from None
-
-
-def _stream_progress(
-    work: Callable[[Callable[[str, int, int], None]], Any],
-) -> Iterator[tuple[str, Any]]:
-    """Run ``work(progress)`` on a worker thread; yield ``("progress", (stage, done,
-    total))`` as it reports and ``("result", value)`` at the end (its error is
-    raised here, on the RPC's thread, for the interceptor to map)."""
-    events: queue.Queue[Any] = queue.Queue()
-    outcome: dict[str, Any] = {}
-
-    def progress(stage: str, done: int, total: int) -> None:
-        events.put((stage, done, total))
-
-    def run() -> None:
-        try:
-            outcome["result"] = work(progress)
-        except BaseException as exc:  # handed to the RPC thread below
-            outcome["error"] = exc
-        finally:
-            events.put(None)
-
-    worker = threading.Thread(target=run, name="nuclei-shards", daemon=True)
-    worker.start()
-    while (event := events.get()) is not None:
-        yield "progress", event
-    worker.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    yield "result", outcome["result"]
 
 
 class NucleiServicer(nuclei_pb2_grpc.NucleiServiceServicer):
@@ -219,7 +188,7 @@ class NucleiServicer(nuclei_pb2_grpc.NucleiServiceServicer):
             )
 
         last: dict[str, float] = {}
-        for kind, value in _stream_progress(work):
+        for kind, value in run_streaming(work, "nuclei-shards"):
             if kind == "progress":
                 stage, done, total = value
                 # Downloads are the first tenth of the work, features the rest.

@@ -22,7 +22,6 @@ once checked. An upload takes its admission slot before its bytes are read.
 from __future__ import annotations
 
 import hashlib
-import queue
 import re
 import shutil
 import tempfile
@@ -52,6 +51,7 @@ from services.common.qc_messages import qc_to_proto
 from services.common.refs import served_key
 from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
+from services.common.streaming import Report, run_streaming
 from services.common.stubs.histomarker.v1 import common_pb2, prediction_pb2, prediction_pb2_grpc
 from services.common.vocabulary import (
     BIOMARKER_ENUMS,
@@ -504,23 +504,13 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         return prediction_pb2.PredictSlideResponse(prediction=prediction)
 
     def PredictSlideStream(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        events: queue.Queue[Any] = queue.Queue()
-        outcome: dict[str, Any] = {}
+        def work(report: Report) -> Any:
+            return self._predict_stored(request, context, report)
 
-        def work() -> None:
-            try:
-                outcome["result"] = self._predict_stored(request, context, events.put)
-            except BaseException as exc:  # handed to the RPC thread below
-                outcome["error"] = exc
-            finally:
-                events.put(None)
-
-        worker = threading.Thread(target=work, name="predict-stream", daemon=True)
-        worker.start()
-        while True:
-            event = events.get()
-            if event is None:
-                break
+        for kind, event in run_streaming(work, "predict-stream"):
+            if kind == "result":
+                yield prediction_pb2.PredictSlideStreamResponse(result=event)
+                continue
             yield prediction_pb2.PredictSlideStreamResponse(
                 progress=common_pb2.Progress(
                     stage=event.stage,
@@ -530,10 +520,6 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
                     message=event.message,
                 )
             )
-        worker.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        yield prediction_pb2.PredictSlideStreamResponse(result=outcome["result"])
 
     def UploadAndPredict(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
         messages = iter(requests)

@@ -8,10 +8,8 @@ stain, pipeline, highres); this module converts messages and binds it to
 from __future__ import annotations
 
 import json
-import queue
 import re
 import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +27,7 @@ from services.common.qc_messages import qc_to_proto
 from services.common.refs import served_key
 from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
+from services.common.streaming import Report, run_streaming
 from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2, tiling_pb2_grpc
 from services.slide.grid import GridParams, params_hash
 from services.slide.highres import HighResSource, extract_40x
@@ -362,27 +361,14 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
         )
 
     def TileSlide(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        events: queue.Queue[Any] = queue.Queue()
-        outcome: dict[str, Any] = {}
+        def work(report: Report) -> Any:
+            return self._run_tiling(request, context, report)
 
-        def progress(done: int, total: int) -> None:
-            events.put((done, total))
-
-        def work() -> None:
-            try:
-                outcome["result"] = self._run_tiling(request, context, progress)
-            except BaseException as exc:  # handed to the RPC thread below
-                outcome["error"] = exc
-            finally:
-                events.put(None)
-
-        worker = threading.Thread(target=work, name="tile-slide", daemon=True)
-        worker.start()
         last = -1.0
-        while True:
-            event = events.get()
-            if event is None:
-                break
+        for kind, event in run_streaming(work, "tile-slide"):
+            if kind == "result":
+                yield tiling_pb2.TileSlideResponse(result=event)
+                continue
             done, total = event
             fraction = done / max(total, 1)
             if fraction - last >= 0.01 or done == total:
@@ -392,10 +378,6 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
                         stage="patches", done=done, total=total, fraction=fraction
                     )
                 )
-        worker.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        yield tiling_pb2.TileSlideResponse(result=outcome["result"])
 
     def FitStainReference(self, request: Any, context: grpc.ServicerContext) -> Any:
         if not request.images:
