@@ -24,7 +24,6 @@ from services.common.errors import InvalidInput
 from services.common.grpc_server import HistomarkerServer, ServiceBinding, create_server, serve
 from services.common.objectstore import ObjectInfo
 from services.common.refs import served_key
-from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
 from services.common.streaming import run_streaming
 from services.common.stubs.histomarker.v1 import analysis_pb2, analysis_pb2_grpc, common_pb2
@@ -453,9 +452,6 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                 "nothing to report: give predictions, ablation, statistics, montages or heatmaps"
             )
         return inputs
-
-
-complete_servicer(AnalysisServicer, analysis_pb2.DESCRIPTOR.services_by_name["AnalysisService"], 8)
 
 
 def bindings(settings: AnalysisSettings | None = None) -> list[ServiceBinding]:

@@ -61,8 +61,8 @@ class Unauthenticated(HistomarkerError):
     status_name = "UNAUTHENTICATED"
 
 
-class NotImplementedYet(HistomarkerError):
-    """A declared part of the interface whose implementation has not landed yet."""
+class Unimplemented(HistomarkerError):
+    """The server does not implement the RPC called (a server older than its client)."""
 
     status_name = "UNIMPLEMENTED"
 

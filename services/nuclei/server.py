@@ -17,7 +17,6 @@ from services.common.cancellation import WorkBudget
 from services.common.errors import InvalidInput
 from services.common.grpc_server import HistomarkerServer, ServiceBinding, create_server, serve
 from services.common.refs import served_key
-from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
 from services.common.streaming import run_streaming
 from services.common.stubs.histomarker.v1 import common_pb2, nuclei_pb2, nuclei_pb2_grpc
@@ -215,9 +214,6 @@ class NucleiServicer(nuclei_pb2_grpc.NucleiServiceServicer):
                     few_nuclei_count=value.few_nuclei_count,
                 )
             )
-
-
-complete_servicer(NucleiServicer, nuclei_pb2.DESCRIPTOR.services_by_name["NucleiService"], 7)
 
 
 def bindings(settings: NucleiSettings | None = None) -> list[ServiceBinding]:

@@ -49,7 +49,6 @@ from services.common.grpc_server import HistomarkerServer, ServiceBinding, creat
 from services.common.objectstore import ObjectStore
 from services.common.qc_messages import qc_to_proto
 from services.common.refs import served_key
-from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
 from services.common.streaming import Report, run_streaming
 from services.common.stubs.histomarker.v1 import common_pb2, prediction_pb2, prediction_pb2_grpc
@@ -612,11 +611,6 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         return prediction_pb2.ListModelsResponse(
             models=[self._model_info(m) for m in ordered(chosen)]
         )
-
-
-complete_servicer(
-    PredictionServicer, prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"], 9
-)
 
 
 def bindings(settings: PredictionSettings | None = None) -> list[ServiceBinding]:

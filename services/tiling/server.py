@@ -25,7 +25,6 @@ from services.common.grpc_server import HistomarkerServer, ServiceBinding, creat
 from services.common.images import decode_rgb
 from services.common.qc_messages import qc_to_proto
 from services.common.refs import served_key
-from services.common.servicer import complete_servicer
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
 from services.common.streaming import Report, run_streaming
 from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2, tiling_pb2_grpc
@@ -513,9 +512,6 @@ def _check_same_settings(first: Any, later: Any, number: int) -> None:
         which != first.WhichOneof("reference") or getattr(later, which) != getattr(first, which)
     ):
         raise InvalidInput(f"message {number}: reference differs from the first message's")
-
-
-complete_servicer(TilingServicer, tiling_pb2.DESCRIPTOR.services_by_name["TilingService"], 5)
 
 
 def bindings(settings: TilingSettings | None = None) -> list[ServiceBinding]:

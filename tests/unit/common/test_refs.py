@@ -2,13 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.errors import InvalidInput, NotImplementedYet
+from services.common.errors import InvalidInput
 from services.common.refs import validate_bucket, validate_refs
-from services.common.servicer import complete_servicer
 from services.common.stubs.histomarker.v1 import (
     common_pb2,
     nuclei_pb2,
-    nuclei_pb2_grpc,
 )
 
 
@@ -46,21 +44,3 @@ def test_good_buckets(bucket: str) -> None:
 def test_bad_buckets(bucket: str) -> None:
     with pytest.raises(InvalidInput, match="bucket"):
         validate_bucket(bucket)
-
-
-def test_complete_servicer_keeps_implemented_rpcs_and_plans_the_rest() -> None:
-    class Servicer(nuclei_pb2_grpc.NucleiServiceServicer):
-        def SegmentNuclei(self, request, context):
-            return nuclei_pb2.SegmentNucleiResponse()
-
-    service = nuclei_pb2.DESCRIPTOR.services_by_name["NucleiService"]
-    complete_servicer(Servicer, service, issue=7)
-    servicer = Servicer()
-    assert isinstance(servicer.SegmentNuclei(None, None), nuclei_pb2.SegmentNucleiResponse)
-    with pytest.raises(NotImplementedYet, match=r"NucleiService.ExtractFeaturesForShards .*#7"):
-        servicer.ExtractFeaturesForShards(_request("a/b.tar"), None)
-    # The planned RPC still checks references first.
-    with pytest.raises(InvalidInput):
-        servicer.ExtractFeaturesForShards(_request("../b.tar"), None)
-    with pytest.raises(NotImplementedYet):
-        servicer.ExtractFeatures(iter([]), None)

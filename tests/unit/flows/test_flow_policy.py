@@ -95,7 +95,7 @@ def test_tasks_carry_the_policy() -> None:
 
 def test_failed_calls_become_typed_errors_that_keep_their_retry_decision() -> None:
     from flows.clients import service_errors
-    from services.common.errors import NotImplementedYet
+    from services.common.errors import Unimplemented
 
     with (
         pytest.raises(Unavailable, match="TilingService answered UNAVAILABLE") as caught,
@@ -103,6 +103,6 @@ def test_failed_calls_become_typed_errors_that_keep_their_retry_decision() -> No
     ):
         raise _RpcError(grpc.StatusCode.UNAVAILABLE)
     assert is_retryable(caught.value)
-    with pytest.raises(NotImplementedYet) as unimplemented, service_errors("NucleiService"):
+    with pytest.raises(Unimplemented) as unimplemented, service_errors("NucleiService"):
         raise _RpcError(grpc.StatusCode.UNIMPLEMENTED)
     assert not is_retryable(unimplemented.value)
