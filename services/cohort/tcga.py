@@ -831,6 +831,27 @@ class _Ignored:
         if len(shown) < _EXAMPLES and example not in shown:
             shown.append(example)
 
+    def report(
+        self,
+        table: _Table,
+        kind: str,
+        patients: int,
+        labels: tuple[str, ...],
+        notes: tuple[str, ...] = (),
+    ) -> InputReport:
+        """What ``table`` gave, with these rows left out."""
+        return InputReport(
+            path=str(table.path),
+            kind=kind,
+            rows=len(table.rows),
+            used_rows=len(table.rows) - sum(self.counts.values()),
+            patients=patients,
+            labels=labels,
+            ignored_rows=dict(self.counts),
+            ignored_examples={k: tuple(v) for k, v in self.examples.items()},
+            notes=notes,
+        )
+
 
 def _id_column(table: _Table, candidates: Sequence[str]) -> str | None:
     """The first of ``candidates`` whose values are TCGA barcodes (judged on the first
@@ -1084,16 +1105,8 @@ def read_clinical(
     columns_used = {label: columns for label, columns in sources.items() if columns}
     if fish_column is not None:
         columns_used["her2"] = (*columns_used.get("her2", ()), fish_column)
-    report = InputReport(
-        path=str(table.path),
-        kind="clinical",
-        rows=len(table.rows),
-        used_rows=used,
-        patients=len(patients),
-        labels=tuple(label for label in CLINICAL_LABELS if label in columns_used),
-        ignored_rows=dict(ignored.counts),
-        ignored_examples={k: tuple(v) for k, v in ignored.examples.items()},
-    )
+    labels = tuple(label for label in CLINICAL_LABELS if label in columns_used)
+    report = ignored.report(table, "clinical", len(patients), labels)
     return ClinicalTable(
         sources=(table.path,),
         patients=patients,
@@ -1302,23 +1315,14 @@ def read_mutations(path: str | os.PathLike[str]) -> MutationTable:
             f"{patient_level} rows name a patient, not a sample (12-character barcodes, "
             "as maftools writes them): taken as the patient's primary tumour"
         )
-    used = len(table.rows) - sum(ignored.counts.values())
     return MutationTable(
         source=table.path,
         sequenced=frozenset(sequenced),
         mutated={label: frozenset(patients) for label, patients in mutated.items()},
         rows=len(table.rows),
         ignored_rows=dict(ignored.counts),
-        report=InputReport(
-            path=str(table.path),
-            kind="mutations",
-            rows=len(table.rows),
-            used_rows=used,
-            patients=len(sequenced),
-            labels=tuple(MUTATION_GENES),
-            ignored_rows=dict(ignored.counts),
-            ignored_examples={k: tuple(v) for k, v in ignored.examples.items()},
-            notes=tuple(notes),
+        report=ignored.report(
+            table, "mutations", len(sequenced), tuple(MUTATION_GENES), tuple(notes)
         ),
     )
 

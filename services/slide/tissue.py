@@ -110,6 +110,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -329,10 +330,7 @@ class TissueMasks:
 
     def pen_any(self) -> np.ndarray:
         """Union of the pen masks of every colour."""
-        out = np.zeros(self.tissue.shape, dtype=bool)
-        for mask in self.pen.values():
-            out |= mask
-        return out
+        return union_of(self.pen.values(), self.tissue.shape)
 
     def summary(self) -> dict[str, Any]:
         """JSON-able areas (mm²), fractions of the tissue area and thresholds."""
@@ -420,6 +418,14 @@ def _fill_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
     fill = inner & (stats[:, cv2.CC_STAT_AREA] < max_px)
     fill[0] = False  # label 0 is the tissue itself
     return mask | fill[labels]
+
+
+def union_of(masks: Iterable[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """The union of boolean masks of ``shape`` (all False when there are none)."""
+    out = np.zeros(shape, dtype=bool)
+    for mask in masks:
+        out |= mask
+    return out
 
 
 def _smooth(image: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -861,9 +867,7 @@ def segment_tissue(
     pen, edge, grey = _pen_masks(
         hue, sat_s, val_s, balanced_s, balanced_fine, px_area_um2, px_um, params
     )
-    pen_any = edge.copy()
-    for mask in pen.values():
-        pen_any |= mask
+    pen_any = union_of([edge, *pen.values()], edge.shape)
     # Ink is far darker and more saturated than tissue: left in, it would pull Otsu's
     # threshold between tissue and ink instead of between glass and tissue.
     sample = ~(pen_any | grey)
@@ -1059,13 +1063,10 @@ def refine_blur(
     blur, threshold = _blur_from_sharpness(
         energy / (var + 1e-4), np.sqrt(var), share, masks.tissue, px_um, px_um * px_um, fine
     )
-    pen_any = np.zeros_like(masks.tissue)
-    for mask in masks.pen.values():
-        pen_any |= mask
     return replace(
         masks,
         blur=blur,
-        usable=masks.tissue & ~pen_any & ~blur & ~masks.fold,
+        usable=masks.tissue & ~masks.pen_any() & ~blur & ~masks.fold,
         thresholds={
             **masks.thresholds,
             "blur_sharpness": threshold,
@@ -1180,9 +1181,7 @@ def load_masks(folder: str | Path) -> TissueMasks:
     tissue, blur, fold = loaded["tissue"], loaded["blur"], loaded["fold"]
     # Folders written before edges were found have none.
     edge = loaded.get("edge", np.zeros(tissue.shape, dtype=bool))
-    pen_any = np.zeros(tissue.shape, dtype=bool)
-    for mask in pen.values():
-        pen_any |= mask
+    pen_any = union_of(pen.values(), tissue.shape)
     return TissueMasks(
         tissue=tissue,
         pen=pen,
