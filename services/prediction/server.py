@@ -66,12 +66,8 @@ from services.prediction.models import (
     TorchServeScorer,
     ordered,
 )
-from services.prediction.pipeline import (
-    PredictionParams,
-    ProgressEvent,
-    SlidePredictionResult,
-    predict_slide,
-)
+from services.prediction.pipeline import PredictionParams, predict_slide
+from services.prediction.results import ProgressEvent, SlidePredictionResult
 from services.slide.grid import GridParams
 from services.slide.qc import QcSettings, QcThresholds
 from services.slide.reader import open_slide

@@ -30,13 +30,9 @@ from services.prediction.models import (
     Deployment,
     LocalScorer,
 )
-from services.prediction.pipeline import (
-    BusyMeter,
-    PredictionParams,
-    ProgressEvent,
-    predict_slide,
-    prediction_digest,
-)
+from services.prediction.pipeline import PredictionParams, predict_slide, prediction_digest
+from services.prediction.progress import BusyMeter
+from services.prediction.results import ProgressEvent
 from services.slide.grid import GridParams, TissueRule, footprint_px, patch_grid
 from services.slide.highres import quadrant_origins
 from services.slide.qc import QcThresholds
