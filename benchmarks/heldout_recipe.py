@@ -91,19 +91,19 @@ def heldout_aurocs(out: Path, bundles: dict[str, Path]) -> dict[str, float]:
     from sklearn.metrics import roc_auc_score
 
     from services.common.objectstore import open_store
-    from services.demo import SYNTHETIC_MIN_USABLE_MM2
     from services.prediction.models import LocalScorer
     from services.prediction.pipeline import PredictionParams, predict_slide
     from services.slide.grid import GridParams
     from services.slide.qc import QcThresholds
     from services.slide.reader import open_slide
     from services.slide.stain import builtin_reference
+    from services.synth.slide import QC_MIN_USABLE_MM2
 
     scorer = LocalScorer(bundles)
     deployment = scorer.deployment()
     overlap = int(deployment.cancer.config.grid_overlap_px)
     # The demo's QC floor for its small synthetic slides, as its services use.
-    qc = QcThresholds(min_usable_mm2=SYNTHETIC_MIN_USABLE_MM2)
+    qc = QcThresholds(min_usable_mm2=QC_MIN_USABLE_MM2)
     params = PredictionParams(grid=GridParams(overlap_px=overlap), heatmaps=False, qc=qc)
     reference = builtin_reference(params.stain_method)
     manifest = pd.read_csv(out / "cohort" / "manifest.csv")

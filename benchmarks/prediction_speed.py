@@ -43,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.common.objectstore import open_store
 from services.common.vocabulary import BIOMARKERS, CANCER_DETECTOR, model_name_of
-from services.demo import SYNTHETIC_MIN_USABLE_MM2
 from services.inference.archive import build_mar
 from services.inference.backbones import build_backbone
 from services.inference.bundle import ModelConfig, save_bundle
@@ -56,6 +55,7 @@ from services.slide.qc import QcThresholds
 from services.slide.reader import open_slide
 from services.slide.stain import get_normalizer
 from services.synth.cohort import generate_cohort
+from services.synth.slide import QC_MIN_USABLE_MM2
 
 CONFIGS = {
     "overlapped": {"reader_threads": 2, "read_ahead_batches": 4},
@@ -131,7 +131,7 @@ def main() -> None:
                 }
                 base = PredictionParams(
                     # Synthetic slides are small: the demo's QC floor, not a real slide's.
-                    qc=QcThresholds(min_usable_mm2=SYNTHETIC_MIN_USABLE_MM2),
+                    qc=QcThresholds(min_usable_mm2=QC_MIN_USABLE_MM2),
                     cancer_confidence=args.cancer_confidence,
                     batch_size=args.batch,
                     max_in_flight=args.in_flight,

@@ -45,6 +45,7 @@ from services.common.errors import InvalidInput
 from services.common.processes import environment, interruptible
 from services.common.vocabulary import BIOMARKERS
 from services.synth.labels import RULES_VERSION
+from services.synth.slide import QC_MIN_USABLE_MM2
 
 #: Files of the output folder the demo writes (a rerun replaces them).
 RESULTS_MD = "results.md"
@@ -58,10 +59,6 @@ COHORT_NAME = "demo"
 #: Cancer confidence of a second prediction for slides where no 20x patch passed the
 #: detector's own threshold (0.9): biomarker probabilities need cancer patches.
 FALLBACK_CANCER_CONFIDENCE = 0.5
-
-#: Least usable tissue for QC on the demo's synthetic slides, mm² (a real slide's
-#: default is ``QcThresholds.min_usable_mm2``, 0.5 mm²).
-SYNTHETIC_MIN_USABLE_MM2 = 0.05
 
 
 @dataclass(frozen=True)
@@ -523,7 +520,7 @@ def run_demo(
     stack = LocalStack(options, report=stages.say)
     # The synthetic slides are small (the tiny preset is 1.0 x 0.77 mm), under the
     # usable tissue QC asks of a real slide: the demo's services take a floor for them.
-    qc_floor = {"HISTOMARKER_QC_MIN_USABLE_MM2": str(SYNTHETIC_MIN_USABLE_MM2)}
+    qc_floor = {"HISTOMARKER_QC_MIN_USABLE_MM2": str(QC_MIN_USABLE_MM2)}
     with interruptible(), environment(qc_floor):
         try:
             with stages.stage("local stack up"):

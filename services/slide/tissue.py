@@ -77,7 +77,6 @@ Rules, in order (parameters in :class:`TissueParams`):
    class, removed from the tissue and from black ink.
 6. **Blur.** Local sharpness = local mean of the squared Laplacian of the grey image
    divided by the local grey variance (both Gaussian-weighted over ``blur_window_um``),
-   on ``sharpness_rgb`` (a higher-resolution read of the same area) when given, else
    on the image itself. Normalising by the local variance makes pale and dense tissue
    comparable; defocus removes fine detail (Laplacian) much faster than contrast.
    Both are computed over tissue pixels only (the window weighted by the tissue
@@ -725,38 +724,53 @@ def _sharpness(
     edge would otherwise see the glass-tissue step as a large variance with little
     fine detail, and call sharp tissue edges blurred.
     """
+    pieces = _focus_pieces(grey, weight)
+    return _sharpness_of({name: _smooth(image, sigma_px) for name, image in pieces.items()})
+
+
+def _grey_over_glass(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
+    """Mean of the three channels as a share of the glass colour (glass = 1)."""
+    return (rgb.astype(np.float32) / glass.astype(np.float32).reshape(1, 1, 3)).mean(axis=2)
+
+
+def _focus_pieces(grey: np.ndarray, weight: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-pixel terms of :func:`_sharpness`, to be windowed (summed) before they
+    are combined: squared Laplacian away from the tissue's rim and that rim-free
+    weight, grey and squared grey over tissue, and the tissue weight."""
     lap = cv2.Laplacian(grey, cv2.CV_32F, ksize=3)
     inner = cv2.erode(weight, np.ones((3, 3), np.uint8)).astype(np.float32)
     tissue = weight.astype(np.float32)
-    share = _smooth(tissue, sigma_px)
-    inner_share = np.maximum(_smooth(inner, sigma_px), np.float32(1e-3))
-    energy = _smooth(lap * lap * inner, sigma_px) / inner_share
+    return {
+        "lap": lap * lap * inner,
+        "inner": inner,
+        "g": grey * tissue,
+        "g2": grey * grey * tissue,
+        "w": tissue,
+    }
+
+
+def _sharpness_of(windowed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sharpness, local standard deviation and tissue share from windowed
+    :func:`_focus_pieces`."""
+    share = windowed["w"]
     norm = np.maximum(share, np.float32(1e-3))
-    mean = _smooth(grey * tissue, sigma_px) / norm
-    var = np.maximum(_smooth(grey * grey * tissue, sigma_px) / norm - mean * mean, 0.0)
+    energy = windowed["lap"] / np.maximum(windowed["inner"], np.float32(1e-3))
+    mean = windowed["g"] / norm
+    var = np.maximum(windowed["g2"] / norm - mean * mean, 0.0)
     return energy / (var + 1e-4), np.sqrt(var), share
 
 
 def _blur_mask(
-    sharp_source: np.ndarray,
+    rgb: np.ndarray,
     glass: np.ndarray,
     tissue: np.ndarray,
     px_um: float,
     px_area_um2: float,
     params: TissueParams,
 ) -> tuple[np.ndarray, float]:
-    h, w = tissue.shape
-    scale = sharp_source.shape[1] / w  # source px per mask px
-    grey = (sharp_source.astype(np.float32) / glass.astype(np.float32)).mean(axis=2)
-    weight = tissue.astype(np.uint8)
-    if grey.shape != tissue.shape:
-        size = (grey.shape[1], grey.shape[0])
-        weight = np.asarray(cv2.resize(weight, size, interpolation=cv2.INTER_NEAREST), np.uint8)
-    sharp, std, share = _sharpness(grey, params.blur_window_um / (px_um / scale), weight)
-    if sharp.shape != tissue.shape:
-        sharp = cv2.resize(sharp, (w, h), interpolation=cv2.INTER_AREA)
-        std = cv2.resize(std, (w, h), interpolation=cv2.INTER_AREA)
-        share = cv2.resize(share, (w, h), interpolation=cv2.INTER_AREA)
+    """Blur judged on the mask image itself (:func:`refine_blur` judges it finer)."""
+    grey = _grey_over_glass(rgb, glass)
+    sharp, std, share = _sharpness(grey, params.blur_window_um / px_um, tissue.astype(np.uint8))
     return _blur_from_sharpness(sharp, std, share, tissue, px_um, px_area_um2, params)
 
 
@@ -819,7 +833,6 @@ def segment_tissue(
     downsample: float,
     mpp0: float,
     params: TissueParams = TissueParams(),
-    sharpness_rgb: np.ndarray | None = None,
 ) -> TissueMasks:
     """Tissue, pen, blur and fold masks of a low-resolution slide image.
 
@@ -829,8 +842,6 @@ def segment_tissue(
         downsample: Level-0 px per image px.
         mpp0: Level-0 resolution, µm/px.
         params: Segmentation parameters (µm / µm²).
-        sharpness_rgb: Optional higher-resolution ``uint8`` RGB image of the same
-            area, used only to judge focus (its size sets its scale).
 
     Returns:
         The masks at the image's resolution (``mpp = mpp0 * downsample``) and the
@@ -840,8 +851,6 @@ def segment_tissue(
         InvalidInput: Bad image, downsample or resolution.
     """
     _check_rgb("rgb", rgb)
-    if sharpness_rgb is not None:
-        _check_rgb("sharpness_rgb", sharpness_rgb)
     for name, value in (("downsample", downsample), ("mpp0", mpp0)):
         if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
             raise InvalidInput(f"{name} must be a positive number, got {value!r}")
@@ -849,7 +858,7 @@ def segment_tissue(
     if px_um < 0.9 * FINEST_MASK_UM and min(rgb.shape[:2]) * px_um >= 16 * FINEST_MASK_UM:
         # Masks need no sub-µm detail; a crop at 40x is segmented at FINEST_MASK_UM
         # (its µm-sized windows would cost hundreds of pixels each) and brought back.
-        return _segment_finer(rgb, float(downsample), float(mpp0), params, sharpness_rgb)
+        return _segment_finer(rgb, float(downsample), float(mpp0), params)
     px_area_um2 = px_um * px_um
 
     glass, glass_found = find_glass(rgb, params)
@@ -912,8 +921,7 @@ def segment_tissue(
     # Pen often cuts tissue into slivers along its edges; drop those again.
     tissue = _remove_small(tissue, min_object_px)
 
-    source = sharpness_rgb if sharpness_rgb is not None else rgb
-    blur, t_blur = _blur_mask(source, glass, tissue, px_um, px_area_um2, params)
+    blur, t_blur = _blur_mask(rgb, glass, tissue, px_um, px_area_um2, params)
     fold, t_fold = _fold_mask(od, sat_s, tissue, px_um, px_area_um2, params)
     usable = tissue & ~pen_any & ~blur & ~fold
     thresholds = {
@@ -944,7 +952,6 @@ def _segment_finer(
     downsample: float,
     mpp0: float,
     params: TissueParams,
-    sharpness_rgb: np.ndarray | None,
 ) -> TissueMasks:
     """:func:`segment_tissue` of a fine image at :data:`FINEST_MASK_UM`, the masks
     brought back to the image's size (nearest neighbour)."""
@@ -952,9 +959,7 @@ def _segment_finer(
     factor = FINEST_MASK_UM / (mpp0 * downsample)
     size = (max(2, round(width / factor)), max(2, round(height / factor)))
     small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-    coarse = segment_tissue(
-        small, downsample * width / size[0], mpp0, params, sharpness_rgb=sharpness_rgb
-    )
+    coarse = segment_tissue(small, downsample * width / size[0], mpp0, params)
 
     def back(mask: np.ndarray) -> np.ndarray:
         up = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
@@ -1020,9 +1025,7 @@ def refine_blur(
     h, w = masks.tissue.shape
     level_ds = float(reader.level_downsamples[level])
     factor = masks.downsample / level_ds  # level px per mask px
-    glass = np.array(
-        [masks.thresholds.get(f"glass_{c}", 255.0) for c in "rgb"], np.float32
-    ).reshape(1, 1, 3)
+    glass = np.array([masks.thresholds.get(f"glass_{c}", 255.0) for c in "rgb"], np.float32)
     sums = {name: np.zeros((h, w), np.float32) for name in ("lap", "inner", "g", "g2", "w")}
     step = max(1, int(SHARPNESS_TILE_PX // factor))  # mask px per tile
     tissue_u8 = masks.tissue.astype(np.uint8)
@@ -1036,32 +1039,17 @@ def refine_blur(
             rgb = reader.read_region(
                 round(x0 * masks.downsample), round(y0 * masks.downsample), level, tw, th
             )
-            grey = (rgb.astype(np.float32) / glass).mean(axis=2)
             weight = cv2.resize(block, (tw, th), interpolation=cv2.INTER_NEAREST)
-            lap = cv2.Laplacian(grey, cv2.CV_32F, ksize=3)
-            inner = cv2.erode(weight, np.ones((3, 3), np.uint8)).astype(np.float32)
-            tissue = weight.astype(np.float32)
-            pieces = {
-                "lap": lap * lap * inner,
-                "inner": inner,
-                "g": grey * tissue,
-                "g2": grey * grey * tissue,
-                "w": tissue,
-            }
+            pieces = _focus_pieces(_grey_over_glass(rgb, glass), weight)
             for name, image in pieces.items():
                 pooled = cv2.resize(image, (bw, bh), interpolation=cv2.INTER_AREA)
                 sums[name][y0 : y0 + bh, x0 : x0 + bw] = pooled
     sigma = params.blur_window_um / masks.mpp
-    smooth = {name: _smooth(image, sigma) for name, image in sums.items()}
-    share = smooth["w"]
-    norm = np.maximum(share, np.float32(1e-3))
-    energy = smooth["lap"] / np.maximum(smooth["inner"], np.float32(1e-3))
-    mean = smooth["g"] / norm
-    var = np.maximum(smooth["g2"] / norm - mean * mean, 0.0)
+    sharp, std, share = _sharpness_of({k: _smooth(v, sigma) for k, v in sums.items()})
     px_um = masks.mpp
     fine = replace(params, blur_fraction=params.blur_fine_fraction)
     blur, threshold = _blur_from_sharpness(
-        energy / (var + 1e-4), np.sqrt(var), share, masks.tissue, px_um, px_um * px_um, fine
+        sharp, std, share, masks.tissue, px_um, px_um * px_um, fine
     )
     return replace(
         masks,

@@ -53,6 +53,10 @@ PRESETS: dict[str, tuple[int, int]] = {
 }
 #: Level-0 resolution of every synthetic slide, µm/px (40x).
 MPP = 0.25
+#: Least usable tissue, mm², for QC of the synthetic slides (``HISTOMARKER_QC_MIN_USABLE_MM2``
+#: of the demo's and the tests' services): a ``tiny`` slide (1.0 x 0.77 mm) holds 0.3-0.4
+#: mm² of tissue, under a real slide's floor (``QcThresholds.min_usable_mm2``, 0.5).
+QC_MIN_USABLE_MM2 = 0.05
 #: Level-0 px per layout (ground-truth mask) px.
 LAYOUT_DOWNSAMPLE = 32
 #: Side of rendered tiles and TIFF tiles, px.

@@ -39,6 +39,7 @@ from services.slide.qc import QcThresholds
 from services.slide.reader import SlideReader, open_slide
 from services.slide.tissue import TissueParams, compute_masks
 from services.synth.cohort import generate_cohort
+from services.synth.slide import QC_MIN_USABLE_MM2
 from services.tiling.pipeline import TileParams, tile_slide
 
 INPUT_PX = 32
@@ -67,7 +68,7 @@ def store(tmp_path: Path) -> ObjectStore:
 
 
 #: The tiny synthetic slides hold 0.3-0.4 mm² of tissue: under a real slide's QC floor.
-SYNTHETIC_QC = QcThresholds(min_usable_mm2=0.05)
+SYNTHETIC_QC = QcThresholds(min_usable_mm2=QC_MIN_USABLE_MM2)
 
 
 def _params(**changes: object) -> PredictionParams:
