@@ -482,7 +482,7 @@ def run_demo(
             target is reported in the table, ``results.md`` and ``results.json``,
             and the run is still ``ok``.
         cohort_seed: Another seed for the synthetic cohort than the scale's (the
-            spread of the table over cohorts: ``benchmarks/demo_seeds.py``).
+            spread of the table over cohorts: ``benchmarks/recipes/demo_seeds.py``).
 
     Returns:
         ``ok`` (the pipeline ran to the end and every held-out slide was answered;

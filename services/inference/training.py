@@ -129,7 +129,7 @@ class TrainConfig:
             float16 with a GradScaler on CUDA. ``auto`` turns it on for CUDA, and on
             CPU only where the CPU multiplies bfloat16 matrices in hardware (AMX):
             elsewhere bfloat16 on CPU is 2-4x slower than float32
-            (benchmarks/train_speed.py).
+            (benchmarks/speed/train_speed.py).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         weights_path: Local ImageNet weights for the body (never downloaded).
         checkpoint_dir: Where the epoch checkpoint goes; None for

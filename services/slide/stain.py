@@ -21,7 +21,7 @@ How it is used on a slide (sklearn-style, as TIAToolbox):
    matrix pseudo-inverse applied to OD, clipped at 0. That is one 3x2 matrix product
    per pixel, where staintools 2.1.2 re-estimates the stain matrix by dictionary
    learning *and* solves a lasso per pixel (``spams.lasso``) for every patch; hence
-   the >= 100x speed-up per patch (``benchmarks/stain_speed.py``).
+   the >= 100x speed-up per patch (``benchmarks/speed/stain_speed.py``).
 
 Choices (ours):
 

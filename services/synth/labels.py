@@ -113,7 +113,7 @@ nucleus size fell from 1.5 to 0.8 µm, so that the ER and PR effects of -1 µm e
 show. (With rules version 2 the demo's PIK3CA model ranked held-out slides against
 their label, among non-Basal slides too: bare fragment clusters at 1 µm per pixel
 resemble lymphocytes, which follow TP53.) How much of each rule a small patch
-classifier learns from a cohort is measured by ``benchmarks/learnability.py`` and
+classifier learns from a cohort is measured by ``benchmarks/recipes/learnability.py`` and
 ``histomarker demo``.
 
 Normal slides have no tumour: every ``tumour_*`` field, ``gland_fraction``,

@@ -1,4 +1,4 @@
-"""benchmarks/load_test.py and benchmarks/reliability.py run end to end with tiny counts.
+"""benchmarks/speed/load_test.py and benchmarks/quality/reliability.py run end to end with tiny counts.
 
 The figures are the benchmark's business (docs/RELIABILITY.md); this only proves the
 scripts work: servers start and stop, every level is reported, nothing is left
@@ -27,7 +27,7 @@ def test_load_test_reports_every_level_and_stops_its_servers(tmp_path: Path) -> 
     out = tmp_path / "load.json"
     command = [
         sys.executable,
-        "benchmarks/load_test.py",
+        "benchmarks/speed/load_test.py",
         "--levels",
         "1,2",
         "--predict-requests",
@@ -74,7 +74,7 @@ def test_reliability_writes_the_document_without_running_anything(tmp_path: Path
     doc = tmp_path / "RELIABILITY.md"
     command = [
         sys.executable,
-        "benchmarks/reliability.py",
+        "benchmarks/quality/reliability.py",
         "--skip-tests",
         "--skip-load",
         "--out",
@@ -83,6 +83,6 @@ def test_reliability_writes_the_document_without_running_anything(tmp_path: Path
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     text = doc.read_text()
-    assert "benchmarks/reliability.py --skip-tests --skip-load" in text
+    assert "benchmarks/quality/reliability.py --skip-tests --skip-load" in text
     assert "## 1. Bad inputs and fuzzing" in text and "## 2. Faults" in text
     assert "## 3. Load" in text and "Not run (`--skip-load`)" in text

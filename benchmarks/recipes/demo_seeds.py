@@ -5,7 +5,7 @@ same demo, settings unchanged, on the cohorts of other seeds, one after the othe
 (each in a process of its own, outputs in ``OUT/seed-N/``), and prints the held-out
 slide AUROC of every task per seed, with the mean, the lowest and the highest:
 
-    .venv/bin/python benchmarks/demo_seeds.py --out demo-seeds --seeds 0 1 2
+    .venv/bin/python benchmarks/recipes/demo_seeds.py --out demo-seeds --seeds 0 1 2
 
 A seed whose ``results.json`` is already in ``OUT/seed-N/`` is read, not run again
 (``--rerun`` runs it anyway), so the seeds can be run in several sittings. About 22
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TASKS = ("cancer", "tp53", "pik3ca", "er", "pr", "her2", "basal")
 
 

@@ -13,7 +13,7 @@ the truth grid (downsample 32) by area averaging, > 0.5 = set, as in
   colour, as a fraction of the truth tissue, pooled (and the worst slide);
 - ms per slide of ``segment_tissue`` (median).
 
-    .venv/bin/python benchmarks/tissue_quality.py [--seeds 0 1 2 3 4 5] [--slides 6]
+    .venv/bin/python benchmarks/quality/tissue_quality.py [--seeds 0 1 2 3 4 5] [--slides 6]
         [--cache /tmp/tissue_quality] [--per-slide]
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from services.slide.tissue import PEN_COLOURS, segment_tissue
 from services.synth.cohort import MANIFEST_NAME, generate_cohort

@@ -7,7 +7,7 @@ exp. staintools' ``StainNormalizer.transform`` re-estimates the stain matrix by
 dictionary learning and solves a lasso per pixel for every patch. The process is
 pinned to one CPU core. Run:
 
-    .venv/bin/python benchmarks/stain_speed.py [--ours 20] [--theirs 3] [--core 0]
+    .venv/bin/python benchmarks/speed/stain_speed.py [--ours 20] [--theirs 3] [--core 0]
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Separate venv with TIAToolbox's TIFF reader for benchmarks/read_speed.py.
+# Separate venv with TIAToolbox's TIFF reader for benchmarks/speed/read_speed.py.
 #
 # TIAToolbox 2.1.3 pins torch<2.13 and ~40 heavy dependencies (jupyterlab,
 # transformers, timm, ...), which must not land in the project's venv. Here it is
@@ -15,10 +15,10 @@
 # also works (local files too) but brings ~6 GB of nvidia-* wheels; it is the
 # fallback. torch is never used by the reader itself.
 #
-# Usage: bash benchmarks/tiatoolbox_venv.sh [VENV]   (default .venv-tiatoolbox)
+# Usage: bash benchmarks/speed/tiatoolbox_venv.sh [VENV]   (default .venv-tiatoolbox)
 set -euo pipefail
 
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 venv="${1:-$root/.venv-tiatoolbox}"
 tia_version=2.1.3
 

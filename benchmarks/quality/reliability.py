@@ -5,13 +5,13 @@ One command gathers the figures of issue 12's items 1-3:
 1. bad inputs and fuzzing: ``tests/integration/test_bad_inputs.py`` and
    ``tests/integration/*/test_*_fuzz.py``;
 2. faults: every ``test_*.py`` under ``tests/integration/faults/``;
-3. load: ``benchmarks/load_test.py`` (its own processes on 127.0.0.1).
+3. load: ``benchmarks/speed/load_test.py`` (its own processes on 127.0.0.1).
 
 The tests run through pytest with a JUnit XML report and are tabulated per file
 (cases, passed, failed, skipped, seconds); a group whose files are absent is written
 as "not yet present". The document records the command, the date and the machine.
 
-Run ``.venv/bin/python benchmarks/reliability.py`` (``--help`` for options; the
+Run ``.venv/bin/python benchmarks/quality/reliability.py`` (``--help`` for options; the
 load test's own options go after ``--``, e.g. ``-- --levels 1,2 --predict-requests 4``).
 """
 
@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "RELIABILITY.md"
-COMMAND = ".venv/bin/python benchmarks/reliability.py"
+COMMAND = ".venv/bin/python benchmarks/quality/reliability.py"
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def run_group(group: TestGroup, scratch: Path, pytest_args: list[str]) -> dict[s
 def run_load(scratch: Path, load_args: list[str]) -> dict[str, Any]:
     """Run the load test; its JSON figures (with its exit code)."""
     out = scratch / "load.json"
-    command = [sys.executable, "benchmarks/load_test.py", "--json", str(out), *load_args]
+    command = [sys.executable, "benchmarks/speed/load_test.py", "--json", str(out), *load_args]
     log(f"load test: {shlex.join(command[1:])}")
     code = subprocess.call(command, cwd=ROOT, stdout=sys.stderr)
     figures: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {"levels": []}
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.load_json is not None:
             load = json.loads(args.load_json.read_text())
             load.setdefault("exit_code", 0)
-            load.setdefault("command", ".venv/bin/python benchmarks/load_test.py")
+            load.setdefault("command", ".venv/bin/python benchmarks/speed/load_test.py")
         elif not args.skip_load:
             load = run_load(Path(scratch), load_args)
     write_doc(args.out, command, started, host, groups, load)

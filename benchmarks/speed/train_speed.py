@@ -9,7 +9,7 @@ whole step ("end to end") and of the model part alone (forward + backward + Adam
 JPEG decoding (~1-2 ms per patch) is left out. Each row is the median of
 ``--steps`` timed steps after one warm-up step. Run:
 
-    .venv/bin/python benchmarks/train_speed.py [--steps 3] [--batch 8]
+    .venv/bin/python benchmarks/speed/train_speed.py [--steps 3] [--batch 8]
         [--backbone tiny --backbone resnet18 --backbone inception_v3]
 """
 

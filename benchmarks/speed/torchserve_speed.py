@@ -11,7 +11,7 @@ The same ResNet-18 bundle (224 px input) and the same PNG patches go through:
 - TorchServe REST with ``--batch`` patches in one request (a ``.npy`` array).
 
 Overhead is the relative loss of patches/s against the in-process model. Run
-``.venv/bin/python benchmarks/torchserve_speed.py`` (``--help`` for options).
+``.venv/bin/python benchmarks/speed/torchserve_speed.py`` (``--help`` for options).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from services.common.vocabulary import CANCER_DETECTOR
 from services.inference.archive import build_mar

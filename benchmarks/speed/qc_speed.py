@@ -6,7 +6,7 @@ torch on one thread, the command's work runs end to end: open the slide, read th
 mask level, segment tissue and artifacts, judge, and write thumbnail, masks, overlay,
 GeoJSON and ``qc.json``. Target: under 20 s. Best of ``--repeat`` runs.
 
-    .venv/bin/python benchmarks/qc_speed.py [--cache /tmp/qc_speed] [--repeat 3] [--core 0]
+    .venv/bin/python benchmarks/speed/qc_speed.py [--cache /tmp/qc_speed] [--repeat 3] [--core 0]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 MAKE = r"""
 import sys

@@ -16,7 +16,7 @@ Then patches/s on one core (torch and OpenCV limited to one thread, the process
 pinned to one CPU): segmentation plus the 75 features of 512 x 512 px 40x crops of the
 MoNuSeg images. Run:
 
-    .venv/bin/python benchmarks/nuclei_real.py --folds /tmp/nuc [--core 0] [--json out.json]
+    .venv/bin/python benchmarks/quality/nuclei_real.py --folds /tmp/nuc [--core 0] [--json out.json]
 
 where ``/tmp/nuc`` holds ``fold-a.pt`` and ``fold-b.pt``.
 """
@@ -35,7 +35,7 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REALDATA = Path(os.environ.get("HISTOMARKER_REALDATA", REPO.parent / "shared" / "realdata"))
 DATASETS = ("monuseg-train", "cpm15")
 

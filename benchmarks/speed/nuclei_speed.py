@@ -16,7 +16,7 @@ generator's nucleus ground-truth crops), pinned to one CPU core:
 It also reports detection F1 (IoU > 0.5) and Dice of matched nuclei of both against
 the ground truth, outside pen, blur and fold masks. Run:
 
-    .venv/bin/python benchmarks/nuclei_speed.py [--seeds 7 11 21] [--core 0] [--repeat 3]
+    .venv/bin/python benchmarks/speed/nuclei_speed.py [--seeds 7 11 21] [--core 0] [--repeat 3]
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ templates 1-2 and the first 15 MoNuSeg tiles in name order, all clean); the ink 
 edge examples, templates 3-4 and the last 15 MoNuSeg tiles are held out, and the
 table marks which rows are which.
 
-    .venv/bin/python benchmarks/qc_real.py [--realdata ../shared/realdata]
+    .venv/bin/python benchmarks/quality/qc_real.py [--realdata ../shared/realdata]
         [--pen-mpp 16] [--json OUT.json]
 """
 
@@ -35,12 +35,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from services.slide.reader import open_slide
 from services.slide.tissue import TissueMasks, segment_tissue
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INKS = ("green", "red", "black")
 CMU_DOWNSAMPLE = 16
 TEMPLATE_MPP = 0.5

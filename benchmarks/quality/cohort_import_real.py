@@ -3,7 +3,7 @@ layout alone and merged, over one placeholder slide file per patient (the import
 names only). Prints a markdown table of the positive share of each label (% of the
 known, with the known count) and what each import warned of.
 
-    .venv/bin/python benchmarks/cohort_import_real.py [--realdata ../shared/realdata]
+    .venv/bin/python benchmarks/quality/cohort_import_real.py [--realdata ../shared/realdata]
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _cell(counts: dict[str, int]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+    default = Path(__file__).resolve().parents[3] / "shared" / "realdata"
     parser.add_argument("--realdata", type=Path, default=default)
     args = parser.parse_args()
     tcga = args.realdata / "tcga"

@@ -11,9 +11,9 @@ biomarker. ``--task none`` scores the run's own models only (the baseline, which
 should repeat the demo's table). Compare recipes one after the other on a quiet
 machine:
 
-    .venv/bin/python benchmarks/heldout_recipe.py --out demo-out --task none
-    .venv/bin/python benchmarks/heldout_recipe.py --out demo-out --task pik3ca --epochs 24
-    .venv/bin/python benchmarks/heldout_recipe.py --out demo-out --task pik3ca --epochs 24 \\
+    .venv/bin/python benchmarks/recipes/heldout_recipe.py --out demo-out --task none
+    .venv/bin/python benchmarks/recipes/heldout_recipe.py --out demo-out --task pik3ca --epochs 24
+    .venv/bin/python benchmarks/recipes/heldout_recipe.py --out demo-out --task pik3ca --epochs 24 \\
         --val-fraction 0.1
 
 The models' settings besides those given are the demo's (``small`` at 128 px, batch
@@ -34,7 +34,7 @@ import pandas as pd
 
 from services.common.vocabulary import model_name_of
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 TASKS = ("tp53", "pik3ca", "er", "pr", "her2", "basal")
 

@@ -9,8 +9,8 @@ in process: slide score = mean patch probability. It prints one row per biomarke
 the held-out slide and patch AUROC, and the validation AUROC of every epoch (how
 steadily the recipe learns). Compare recipes in one run of the machine:
 
-    .venv/bin/python benchmarks/training_recipe.py --out demo-out --epochs 7 --lr 3e-3
-    .venv/bin/python benchmarks/training_recipe.py --out demo-out --epochs 14 --lr 1e-3
+    .venv/bin/python benchmarks/recipes/training_recipe.py --out demo-out --epochs 7 --lr 3e-3
+    .venv/bin/python benchmarks/recipes/training_recipe.py --out demo-out --epochs 14 --lr 1e-3
 
 With ``--tissue-rule`` the stored 40x windows are first reduced to those the
 grid's tissue rule keeps (for stores written before 40x windows followed it).

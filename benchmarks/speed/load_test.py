@@ -27,8 +27,8 @@ TorchServe's (all its processes summed).
   built-in reference inline and the slide's stain matrix as source (the
   TileSlide-then-normalize use), PNG out.
 
-Run ``.venv/bin/python benchmarks/load_test.py`` (``--help`` for options; ``--json
-OUT`` also writes the figures for ``benchmarks/reliability.py``).
+Run ``.venv/bin/python benchmarks/speed/load_test.py`` (``--help`` for options; ``--json
+OUT`` also writes the figures for ``benchmarks/quality/reliability.py``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ import grpc
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from services.common.grpc_client import open_channel
 from services.common.processes import start_ticks, stop_group
@@ -66,7 +66,7 @@ from services.common.stubs.histomarker.v1 import (
     tiling_pb2_grpc,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ("predict", "normalize")
 REFUSED = "RESOURCE_EXHAUSTED"
 PATCH_PX = 512

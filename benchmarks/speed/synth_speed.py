@@ -4,7 +4,7 @@ Each slide is generated in a child process pinned to one CPU core (the target is
 "a standard slide in under 2 minutes on one core"), and the table gives wall time,
 CPU time, peak resident memory and throughput. Run:
 
-    .venv/bin/python benchmarks/synth_speed.py [--presets tiny small standard]
+    .venv/bin/python benchmarks/speed/synth_speed.py [--presets tiny small standard]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["tiny", "small", "standard"])
     parser.add_argument("--core", type=int, default=0, help="CPU core to pin the child to")
     args = parser.parse_args()
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     rows = []
     for preset in args.presets:
         with tempfile.TemporaryDirectory() as out:

@@ -8,8 +8,8 @@ biomarker in k-fold cross-validation by slide. The slide score is the mean patch
 probability; it prints the pooled slide-level AUROC of each biomarker. Run it at
 two cohort sizes to see what more slides buy:
 
-    .venv/bin/python benchmarks/learnability.py --slides 240 --preset tiny
-    .venv/bin/python benchmarks/learnability.py --slides 40 --preset demo
+    .venv/bin/python benchmarks/recipes/learnability.py --slides 240 --preset tiny
+    .venv/bin/python benchmarks/recipes/learnability.py --slides 40 --preset demo
 
 With ``--store demo-out/store --cohort demo-out/cohort`` it trains on the patches a
 ``histomarker demo`` run chose instead (its detector's BD patches).

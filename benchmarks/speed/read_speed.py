@@ -9,7 +9,7 @@ three readers, each on one CPU core, and prints patches per second side by side:
   to ``--core``;
 - ``tiatoolbox``: ``tiatoolbox.wsicore.wsireader.TIFFWSIReader`` in a child process
   run by the Python of a separate venv (TIAToolbox pins an older torch; make it
-  with ``bash benchmarks/tiatoolbox_venv.sh``), pinned to the same core, once as
+  with ``bash benchmarks/speed/tiatoolbox_venv.sh``), pinned to the same core, once as
   shipped (with its decoded-tile cache) and once with that cache bypassed. Without
   that venv these rows are skipped with a one-line note.
 
@@ -18,7 +18,7 @@ patches are kept and compared with ours pixel by pixel), then is timed over
 ``--repeats`` more passes, where readers with a decoded-tile cache (ours, and
 TIAToolbox as shipped) decode nothing again. Run:
 
-    .venv/bin/python benchmarks/read_speed.py [--patches 300] [--slide PATH]
+    .venv/bin/python benchmarks/speed/read_speed.py [--patches 300] [--slide PATH]
 
 TIAToolbox's ``TIFFWSIReader`` only opens SVS, OME, BigTIFF or single-page tiled
 TIFFs, and the synthetic generator writes classic TIFF below 2 GiB of raw pixels,
@@ -39,11 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 PATCH_PX = 512
 LEVEL = 1
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TIA_PYTHON = ROOT / ".venv-tiatoolbox" / "bin" / "python"
 
 
@@ -166,7 +166,7 @@ def time_tiatoolbox(
     """{variant: (cold patches/s, repeat patches/s, first-pass patches)} and version
     from the child, or why not."""
     if not python.exists():
-        return f"no TIAToolbox venv at {python} (make it: bash benchmarks/tiatoolbox_venv.sh)"
+        return f"no TIAToolbox venv at {python} (make it: bash benchmarks/speed/tiatoolbox_venv.sh)"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         np.save(work / "positions.npy", np.asarray(positions, dtype=np.int64))

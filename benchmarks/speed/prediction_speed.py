@@ -23,7 +23,7 @@ small --input-px 128 --tta 2`` are the demo's biomarker models.
 The table gives wall seconds per stage, the summed thread seconds inside scoring,
 and TorchServe's busy fraction: the share of the inference window (first request to
 last answer) with at least one request in flight. Run
-``.venv/bin/python benchmarks/prediction_speed.py`` (``--help`` for options).
+``.venv/bin/python benchmarks/speed/prediction_speed.py`` (``--help`` for options).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from services.common.objectstore import open_store
 from services.common.vocabulary import BIOMARKERS, CANCER_DETECTOR, model_name_of

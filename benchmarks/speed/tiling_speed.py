@@ -6,7 +6,7 @@ For a slide it measures, in child processes pinned to one core:
   normalization to a reference, JPEG encoding, shards, grid table) on the same slide;
 and reports patches/s of both, their ratio (target >= 50%) and each child's peak RSS.
 
-    .venv/bin/python benchmarks/tiling_speed.py [--preset small] [--preset standard]
+    .venv/bin/python benchmarks/speed/tiling_speed.py [--preset small] [--preset standard]
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--preset", action="append", default=None)
     args = parser.parse_args()
     presets = args.preset or ["small"]
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     sys.path.insert(0, str(root))
     from services.common.objectstore import open_store
     from services.slide.reader import open_slide
