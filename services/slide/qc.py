@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +180,18 @@ class QcSummary:
         out["reasons"] = list(self.reasons)
         return out
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> QcSummary:
+        """The summary of :meth:`as_dict`'s values."""
+        return cls(
+            verdict=str(values["verdict"]),
+            reasons=tuple(values["reasons"]),
+            tissue_area_mm2=float(values["tissue_area_mm2"]),
+            usable_area_mm2=float(values["usable_area_mm2"]),
+            usable_fraction=float(values["usable_fraction"]),
+            artifact_fractions={k: float(v) for k, v in values["artifact_fractions"].items()},
+        )
+
 
 def qc_summary(masks: TissueMasks, thresholds: QcThresholds) -> QcSummary:
     """Areas, shares and the verdict of one slide's masks (see the module docstring)."""
@@ -194,10 +206,25 @@ def qc_summary(masks: TissueMasks, thresholds: QcThresholds) -> QcSummary:
         # i.e. the area they cover next to and over it.
         covered = mask if name.startswith("pen_") or name == "edge" else mask & masks.tissue
         shares[name] = round(float(covered.sum()) / tissue_px, 6) if tissue_px else 0.0
-    usable_share = usable_px / tissue_px if tissue_px else 0.0
-    usable_mm2 = usable_px * px_mm2
+    measured = QcSummary(
+        verdict="pass",
+        reasons=(),
+        tissue_area_mm2=round(tissue_px * px_mm2, 6),
+        usable_area_mm2=round(usable_px * px_mm2, 6),
+        usable_fraction=round(usable_px / tissue_px if tissue_px else 0.0, 6),
+        artifact_fractions=shares,
+    )
+    return judged(measured, thresholds)
+
+
+def judged(summary: QcSummary, thresholds: QcThresholds) -> QcSummary:
+    """The summary's verdict and reasons under ``thresholds``, from its areas and
+    shares alone: a stored summary judged again under other thresholds needs no
+    masks."""
+    usable_mm2 = summary.usable_area_mm2
+    usable_share = summary.usable_fraction
     failures, warnings = [], []
-    if tissue_px == 0:
+    if summary.tissue_area_mm2 <= 0:
         failures.append("no tissue found")
     else:
         if usable_mm2 < thresholds.min_usable_mm2:
@@ -211,20 +238,13 @@ def qc_summary(masks: TissueMasks, thresholds: QcThresholds) -> QcSummary:
             )
         elif usable_share < thresholds.warn_usable_fraction:
             warnings.append(f"only {usable_share:.0%} of the tissue is usable")
-        for name, share in shares.items():
+        for name, share in summary.artifact_fractions.items():
             if share > thresholds.warn_artifact_fraction:
                 warnings.append(
                     f"{QUPATH_NAMES[name].lower()} covers {share:.0%} of the tissue area"
                 )
     status = "fail" if failures else "warn" if warnings else "pass"
-    return QcSummary(
-        verdict=status,
-        reasons=tuple(failures + warnings),
-        tissue_area_mm2=round(tissue_px * px_mm2, 6),
-        usable_area_mm2=round(usable_mm2, 6),
-        usable_fraction=round(usable_share, 6),
-        artifact_fractions=shares,
-    )
+    return replace(summary, verdict=status, reasons=tuple(failures + warnings))
 
 
 def verdict(masks: TissueMasks, thresholds: QcThresholds) -> tuple[str, list[str]]:

@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import cv2
@@ -35,6 +35,7 @@ from services.common.errors import InvalidInput
 from services.common.objectstore import ObjectStore
 from services.slide.grid import GridParams, TissueRule, grid_shape, params_hash
 from services.slide.prepare import PrepParams, allowed_area, prepare_slide, store_masks
+from services.slide.qc import QcSummary, QcThresholds, judged
 from services.slide.reader import SlideReader
 from services.slide.shards import ShardWriter
 from services.slide.stain import LabStats, Normalizer, StainMatrix, get_normalizer
@@ -177,9 +178,18 @@ def load_tissue_rule(store: ObjectStore, prefix: str) -> TissueRule | None:
 
 
 def tiling_digest(params: TileParams, reference: StainMatrix | LabStats | None) -> str:
-    """The hash naming a tiling result: parameters, reference stains and version."""
+    """The hash naming a tiling result: parameters, reference stains and version.
+
+    The QC thresholds are not part of it: they judge the slide, they change nothing
+    tiling writes (a failing slide is tiled too), so a tiling is reused under other
+    thresholds and judged again (hashed as the defaults, so a digest is what it was
+    before the thresholds were parameters).
+    """
     reference_id = None if reference is None else reference.to_json()
-    return params_hash(params, {"reference": reference_id, "version": PIPELINE_VERSION})
+    return params_hash(
+        replace(params, qc=QcThresholds()),
+        {"reference": reference_id, "version": PIPELINE_VERSION},
+    )
 
 
 def tile_slide(
@@ -213,6 +223,8 @@ def tile_slide(
     digest = tiling_digest(params, reference)
     found = _existing(store, prefix, digest)
     if found is not None:
+        if found.qc:  # judged again under this request's thresholds
+            found.qc = judged(QcSummary.from_dict(found.qc), params.qc).as_dict()
         return found
     written: list[str] = []
     try:

@@ -148,3 +148,26 @@ def test_a_failed_run_leaves_nothing_that_looks_finished(slide: Path, tmp_path: 
     with open_slide(slide) as reader, pytest.raises(RuntimeError):
         tile_slide(reader, "s1", store, "tiles/s1/x", TileParams(), progress=fail_after_two)
     assert [info.key for info in store.list("tiles/")] == []
+
+
+def test_a_reused_tiling_is_judged_again_under_other_qc_thresholds(
+    slide: Path, tmp_path: Path
+) -> None:
+    # QC thresholds judge a slide; they change nothing tiling writes, so other
+    # thresholds reuse the tiling (same folder, nothing recomputed) with a new verdict.
+    from services.slide.qc import QcThresholds
+
+    strict, lenient = QcThresholds(min_usable_mm2=0.5), QcThresholds(min_usable_mm2=0.01)
+    with open_store(f"file://{tmp_path / 'store'}") as store, open_slide(slide) as reader:
+        first = tile_slide(reader, "s", store, "tiles/s", TileParams(qc=strict))
+        tile_json = store.get_bytes("tiles/s/tile.json")
+        again = tile_slide(reader, "s", store, "tiles/s", TileParams(qc=lenient))
+        assert store.get_bytes("tiles/s/tile.json") == tile_json  # nothing rewritten
+    assert again.reused and again.params_hash == first.params_hash
+    assert first.qc["verdict"] == "fail"
+    assert any("under 0.5 mm²" in reason for reason in first.qc["reasons"])
+    assert again.qc["verdict"] in ("pass", "warn")
+    assert not any("mm²" in reason for reason in again.qc["reasons"])
+    # The measurements are the stored ones; only the judgement changed.
+    for key in ("tissue_area_mm2", "usable_area_mm2", "usable_fraction", "artifact_fractions"):
+        assert again.qc[key] == first.qc[key]
