@@ -23,8 +23,8 @@ from services.prediction.results import BiomarkerResult, TopPatch
 from services.prediction.schedule import Scores, ScoringSchedule, WindowWork
 from services.slide.grid import TissueRule
 from services.slide.highres import HighResSource, WindowClaims, make_windows
-from services.slide.prepare import SlideStains
 from services.slide.reader import SlideReader
+from services.slide.stain import SlideStains
 
 if TYPE_CHECKING:
     from services.prediction.pipeline import PredictionParams

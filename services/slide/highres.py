@@ -15,7 +15,6 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import partial
 
 import cv2
 import numpy as np
@@ -26,7 +25,7 @@ from services.common.objectstore import ObjectStore
 from services.slide.grid import TissueRule
 from services.slide.reader import SlideReader
 from services.slide.shards import ShardWriter
-from services.slide.stain import LabStats, Normalizer, StainMatrix
+from services.slide.stain import SlideStains
 
 
 class HighResSource(StrEnum):
@@ -182,11 +181,6 @@ def make_windows(
     return [by_origin[window] for window in windows]
 
 
-def _normalized(rgb: np.ndarray, stain: tuple[Normalizer, StainMatrix | LabStats]) -> np.ndarray:
-    normalizer, source = stain
-    return normalizer.transform(rgb, source)  # type: ignore[arg-type]
-
-
 def extract_40x(
     reader: SlideReader,
     store: ObjectStore,
@@ -197,7 +191,7 @@ def extract_40x(
     patch_px: int = 512,
     low_mpp: float = 0.5,
     patches_per_shard: int = 1000,
-    stain: tuple[Normalizer, StainMatrix | LabStats] | None = None,
+    stain: SlideStains | None = None,
     tissue: TissueRule | None = None,
 ) -> HighResResult:
     """Make the four 40x patches of each 20x patch and store them as shards.
@@ -216,8 +210,8 @@ def extract_40x(
         patch_px: Patch side, px (the same at 20x and 40x).
         low_mpp: Resolution of the 20x patches, µm/px.
         patches_per_shard: Members per shard.
-        stain: The normalizer and slide stains of the tiling the 20x patches came
-            from (``pipeline.load_slide_stain``): native quadrants are normalized
+        stain: The slide's stains as the tiling the 20x patches came from
+            normalized them (``pipeline.load_slide_stain``): native quadrants are normalized
             like the 20x patches were, and an upsampled one comes from the normalized
             20x patch, as in the PredictionService. None keeps the slide's colours.
         tissue: The tiling's tissue rule (``pipeline.load_tissue_rule``); None keeps
@@ -227,7 +221,7 @@ def extract_40x(
         Where the 40x patches are and how they were made.
     """
     source = choose_source(reader, policy, low_mpp / 2)
-    normalized = None if stain is None else json.loads(stain[1].to_json())
+    normalized = None if stain is None else json.loads(stain.source.to_json())
     rule = (
         None
         if tissue is None
@@ -239,7 +233,7 @@ def extract_40x(
     writer = ShardWriter(store, prefix, name, patches_per_shard=patches_per_shard)
     rows = []
     claims = WindowClaims(tissue)
-    normalize = None if stain is None else partial(_normalized, stain=stain)
+    normalize = None if stain is None else stain.transform
     try:
         for x, y, footprint in patches:
             fresh = claims.claim(x, y, footprint)

@@ -34,7 +34,7 @@ from services.common.objectstore import ObjectStore
 from services.slide.grid import GridParams, TissueRule, patch_grid
 from services.slide.qc import QcSummary, QcThresholds, qc_summary
 from services.slide.reader import SlideReader
-from services.slide.stain import LabStats, Normalizer, StainMatrix, get_normalizer
+from services.slide.stain import LabStats, SlideStains, StainMatrix, get_normalizer
 from services.slide.tissue import TissueMasks, TissueParams, compute_masks, save_masks
 
 
@@ -74,30 +74,6 @@ class PrepParams:
             )
         if not self.mask_downsample >= 1.0:
             raise InvalidInput(f"mask_downsample must be >= 1, got {self.mask_downsample}")
-
-
-@dataclass
-class SlideStains:
-    """A slide's stains and the normalizer that maps them onto the reference.
-
-    Attributes:
-        method: Normalization method (``vahadane``, ``macenko``, ``reinhard``).
-        normalizer: Loaded with the reference as its target.
-        source: The slide's own stains (or the fallback; see ``estimate``).
-        reference: The target stains.
-        estimate: ``ok``, or ``fallback: <why>`` when the slide's stains could not
-            be estimated and the reference's own were used (colours kept, glass mapped).
-    """
-
-    method: str
-    normalizer: Normalizer
-    source: StainMatrix | LabStats
-    reference: StainMatrix | LabStats
-    estimate: str
-
-    def transform(self, rgb: np.ndarray) -> np.ndarray:
-        """A patch of this slide in the reference's colours."""
-        return self.normalizer.transform(rgb, self.source)  # type: ignore[arg-type]
 
 
 @dataclass

@@ -635,3 +635,27 @@ def normalize_image(
     except InvalidInput:
         source = None  # too little tissue: transform maps the glass colour only
     return normalizer.transform(image, source)
+
+
+@dataclass
+class SlideStains:
+    """A slide's stains and the normalizer that maps them onto the reference.
+
+    Attributes:
+        method: Normalization method (``vahadane``, ``macenko``, ``reinhard``).
+        normalizer: Loaded with the reference as its target.
+        source: The slide's own stains (or the fallback; see ``estimate``).
+        reference: The target stains.
+        estimate: ``ok``, or ``fallback: <why>`` when the slide's stains could not
+            be estimated and the reference's own were used (colours kept, glass mapped).
+    """
+
+    method: str
+    normalizer: Normalizer
+    source: StainMatrix | LabStats
+    reference: StainMatrix | LabStats
+    estimate: str
+
+    def transform(self, rgb: np.ndarray) -> np.ndarray:
+        """A patch of this slide in the reference's colours."""
+        return self.normalizer.transform(rgb, self.source)  # type: ignore[arg-type]

@@ -38,7 +38,7 @@ from services.slide.prepare import PrepParams, allowed_area, prepare_slide, stor
 from services.slide.qc import QcSummary, QcThresholds, judged
 from services.slide.reader import SlideReader
 from services.slide.shards import ShardWriter
-from services.slide.stain import LabStats, Normalizer, StainMatrix, get_normalizer
+from services.slide.stain import LabStats, SlideStains, StainMatrix, get_normalizer
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +109,8 @@ def _existing(store: ObjectStore, prefix: str, digest: str) -> TileResult | None
     return result
 
 
-def load_slide_stain(
-    store: ObjectStore, prefix: str
-) -> tuple[Normalizer, StainMatrix | LabStats] | None:
-    """The normalizer a tiling used and its slide's stains, from its ``stain.json``.
+def load_slide_stain(store: ObjectStore, prefix: str) -> SlideStains | None:
+    """The stains a tiling normalized its slide with, from its ``stain.json``.
 
     Anything cut from the slide later (its 40x patches) goes through the same
     transform as its 20x patches. None when the tiling did not normalize.
@@ -134,7 +132,13 @@ def load_slide_stain(
     method = stain.get("method") or ("reinhard" if reinhard else reference.method)  # type: ignore[union-attr]
     normalizer = get_normalizer(str(method))
     normalizer.load_target(reference)  # type: ignore[arg-type]
-    return normalizer, LabStats.from_json(slide) if reinhard else StainMatrix.from_json(slide)
+    return SlideStains(
+        method=str(method),
+        normalizer=normalizer,
+        source=LabStats.from_json(slide) if reinhard else StainMatrix.from_json(slide),
+        reference=reference,
+        estimate=str(stain.get("slide_estimate", "ok")),
+    )
 
 
 #: The stored masks that decide where the grid may take patches.

@@ -271,7 +271,7 @@ def test_upsample_to_40x_native_and_upsampled(stack) -> None:
         # to the 40x patches it scores): never the slide's own colours.
         stain = load_slide_stain(store, f"tiles/{tiled.slide_id}/{tiled.params_hash}")
         assert stain is not None
-        expected = stain[0].transform(native, stain[1])
+        expected = stain.transform(native)
         error = np.abs(quad.astype(int) - expected).mean()
         # Native quadrants are the 40x pixels; upsampled ones only approximate them.
         assert error < (3 if source == common_pb2.HIGH_RES_SOURCE_NATIVE else 25)
