@@ -5,32 +5,30 @@ set, one ``ExtractFeaturesForShards`` call per slide (``{run}/features/``). Per
 biomarker the patches are joined with the model's scores: the CD set is every
 patch of the labelled slides, the BD set its biomarker-discriminative patches;
 patches with fewer than three nuclei are left out (their spatial features are
-meaningless). Then the random-forest ablation over the seven feature groups, the
-Mann-Whitney U tests of the features between classes (BD patches) and of the immune
-score by TP53 status (slides), and the HTML report.
-
-The ablation, statistics and report run here with the analysis logic
-(``services.analysis``), the same modules the AnalysisService serves; calling the
-service instead is a change of this module only.
+meaningless). The AnalysisService then runs the random-forest ablation over the
+seven feature groups (``RunFeatureAblation``), the Mann-Whitney U tests of the
+features between classes on the BD patches (``CompareGroups``) and of the immune
+score by TP53 status on the slides (``CompareGroups`` of the manifest's covariate,
+which also joins the run's tests into one table), and draws the HTML report
+(``BuildReport``). Every analysis runs in the service; this module names the keys,
+joins the biomarkers' stored ablation tables into the run's, and shows Table 2 as a
+Prefect artifact through the report's own ``ablation.table2``.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from flows.clients import nuclei_stub, service_errors
+from flows.clients import analysis_stub, nuclei_stub, service_errors
 from flows.config import Analysis
 from flows.discriminative import read_parquet, write_parquet
 from flows.fanout import submit_bounded
-from flows.ingest import read_cohort
 from flows.policy import pipeline_task
 from flows.records import (
     AnalysisResult,
@@ -41,20 +39,34 @@ from flows.records import (
     SkippedBiomarker,
 )
 from flows.settings import FlowSettings
-from services.analysis.ablation import run_ablation, table2
-from services.analysis.aggregate import aggregate_slides
-from services.analysis.figures import CurveSet, ReliabilitySet
-from services.analysis.metrics import auprc, auroc, mcc_f1, pr_curve, roc_curve
-from services.analysis.report import build_report
-from services.analysis.statistics import compare_covariate, compare_groups
-from services.common.errors import InvalidInput, Unavailable
-from services.common.objectstore import ObjectStore
-from services.common.stubs.histomarker.v1 import common_pb2, nuclei_pb2
+from services.analysis.ablation import table2
+from services.common.errors import Unavailable
+from services.common.stubs.histomarker.v1 import analysis_pb2, common_pb2, nuclei_pb2
+from services.common.vocabulary import BIOMARKER_ENUMS
 from services.nuclei.features import FEATURE_NAMES
 
 #: Resolution of the 40x patches, µm/px.
 MPP_40X = 0.25
 _JOIN = ["shard", "member"]
+#: The patch sets whose features are tested between classes, in order of preference.
+_TESTED_SETS = (
+    analysis_pb2.PATCH_SET_BIOMARKER_DISCRIMINATIVE,
+    analysis_pb2.PATCH_SET_CANCER_DISCRIMINATIVE,
+)
+#: Name of the biomarker models' probabilities in the reliability diagrams.
+_PROBABILITIES_NAME = "calibrated, TTA"
+
+
+def _ref(key: str) -> common_pb2.ObjectRef:
+    return common_pb2.ObjectRef(key=key)
+
+
+def _streamed_result(responses: Iterable[Any], what: str) -> Any:
+    """The result of a streamed call (its progress messages skipped)."""
+    for response in responses:
+        if response.HasField("result"):
+            return response.result
+    raise Unavailable(f"{what} ended without a result")
 
 
 @pipeline_task(task_run_name="nuclei-{slide.slide_id}")
@@ -67,15 +79,13 @@ def extract_slide_features(slide: CdSlide, run_prefix: str) -> FeatureTableRef:
         mpp=MPP_40X,
     )
     with service_errors("NucleiService"), nuclei_stub(settings) as stub:
-        for response in stub.ExtractFeaturesForShards(request, timeout=settings.rpc_timeout_s):
-            if response.HasField("result"):
-                table = response.result
-                return FeatureTableRef(
-                    slide_id=slide.slide_id,
-                    table_key=table.table.key,
-                    patch_count=int(table.patch_count),
-                )
-    raise Unavailable(f"ExtractFeaturesForShards of {slide.slide_id} ended without a result")
+        table = _streamed_result(
+            stub.ExtractFeaturesForShards(request, timeout=settings.rpc_timeout_s),
+            f"ExtractFeaturesForShards of {slide.slide_id}",
+        )
+    return FeatureTableRef(
+        slide_id=slide.slide_id, table_key=table.table.key, patch_count=int(table.patch_count)
+    )
 
 
 def patch_sets(scores: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
@@ -89,38 +99,48 @@ def patch_sets(scores: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
 
 
 def ablation_of(
-    table: pd.DataFrame, biomarker: str, analysis: Analysis
-) -> tuple[pd.DataFrame, list[str]]:
-    """The ablation of each patch set that has enough patients; notes for the others."""
-    results, notes = [], []
-    for name in ("BD", "CD"):
-        rows = table[table["patch_set"] == name]
-        try:
-            results.append(
-                run_ablation(
-                    rows,
-                    "label",
-                    biomarker=biomarker,
-                    folds=analysis.folds,
-                    seed=analysis.seed,
-                    n_estimators=analysis.n_estimators,
-                    bootstrap=analysis.bootstrap,
-                )
-            )
-        except InvalidInput as exc:
-            notes.append(f"{biomarker} {name}: {exc}")
-    return (pd.concat(results, ignore_index=True) if results else pd.DataFrame()), notes
+    settings: FlowSettings, biomarker: str, patch_sets_key: str, analysis: Analysis, output: str
+) -> list[str]:
+    """The ablation of each patch set that has enough patients, stored at ``output``
+    by the AnalysisService; notes for the sets it skipped."""
+    request = analysis_pb2.RunFeatureAblationRequest(
+        biomarker=BIOMARKER_ENUMS[biomarker],
+        patch_sets=_ref(patch_sets_key),
+        label_column="label",
+        skip_unusable_sets=True,
+        tree_count=analysis.n_estimators,
+        folds=analysis.folds,
+        bootstrap_samples=analysis.bootstrap,
+        seed=analysis.seed,
+        output=_ref(output),
+    )
+    with service_errors("AnalysisService"), analysis_stub(settings) as stub:
+        result = _streamed_result(
+            stub.RunFeatureAblation(request, timeout=settings.rpc_timeout_s),
+            f"RunFeatureAblation of {biomarker}",
+        )
+    return list(result.notes)
 
 
-def statistics_of(table: pd.DataFrame, biomarker: str) -> tuple[pd.DataFrame, list[str]]:
+def statistics_of(
+    settings: FlowSettings, biomarker: str, patch_sets_key: str, output: str
+) -> list[str]:
     """Mann-Whitney U of the 75 features between classes on the BD patches (the CD
-    patches when the BD set holds one class)."""
-    for name in ("BD", "CD"):
-        rows = table[table["patch_set"] == name]
-        if rows["label"].nunique() == 2:
-            result = compare_groups(rows, "label", list(FEATURE_NAMES))
-            return result.assign(biomarker=biomarker, patch_set=name), []
-    return pd.DataFrame(), [f"{biomarker}: no patch set holds both classes"]
+    patches when the BD set holds one class), stored at ``output`` by the
+    AnalysisService; a note when neither set holds both classes."""
+    request = analysis_pb2.CompareGroupsRequest(
+        table=analysis_pb2.GroupTable(
+            table=_ref(patch_sets_key),
+            group_column="label",
+            value_columns=list(FEATURE_NAMES),
+            patch_sets=_TESTED_SETS,
+        ),
+        biomarker=BIOMARKER_ENUMS[biomarker],
+        output=_ref(output),
+    )
+    with service_errors("AnalysisService"), analysis_stub(settings) as stub:
+        response = stub.CompareGroups(request, timeout=settings.rpc_timeout_s)
+    return [response.note] if response.note else []
 
 
 @pipeline_task(task_run_name="analyse-{result.biomarker}")
@@ -133,64 +153,83 @@ def analyze_biomarker(
         Keys of the stored patch sets, ablation and statistics tables, and notes on
         what could not be computed.
     """
+    settings = FlowSettings()
     folder = f"{run_prefix}/analysis/{result.biomarker}"
-    with FlowSettings().open_store() as store:
+    with settings.open_store() as store:
         scores = read_parquet(store, result.scores_key)
         table = patch_sets(scores, pd.concat([read_parquet(store, f.table_key) for f in features]))
-        ablation, notes = ablation_of(table, result.biomarker, analysis)
-        statistics, more = statistics_of(table, result.biomarker)
-        keys = {
-            "patch_sets": write_parquet(store, f"{folder}/patch_sets.parquet", table),
-            "ablation": write_parquet(store, f"{folder}/ablation.parquet", ablation),
-            "statistics": write_parquet(store, f"{folder}/statistics.parquet", statistics),
-        }
+        keys = {"patch_sets": write_parquet(store, f"{folder}/patch_sets.parquet", table)}
+    keys["ablation"] = f"{folder}/ablation.parquet"
+    notes = ablation_of(settings, result.biomarker, keys["patch_sets"], analysis, keys["ablation"])
+    keys["statistics"] = f"{folder}/statistics.parquet"
+    notes += statistics_of(settings, result.biomarker, keys["patch_sets"], keys["statistics"])
     counts = table["patch_set"].value_counts()
     return {
         **keys,
         "biomarker": result.biomarker,
         "bd_patches": int(counts.get("BD", 0)),
         "cd_patches": int(counts.get("CD", 0)),
-        "notes": notes + more,
+        "notes": notes,
     }
 
 
-def curves_of(biomarker: str, scores: pd.DataFrame) -> list[CurveSet]:
-    """Patch- and slide-level curves of the validation patients' scores."""
-    validation = scores[scores["split"] == "validation"]
-    out = []
-    for level, frame in (("patch", validation), ("slide", aggregate_slides(validation))):
-        labels, probabilities = frame["label"].to_numpy(), frame["probability"].to_numpy()
-        roc, pr = roc_curve(labels, probabilities), pr_curve(labels, probabilities)
-        summary = mcc_f1(labels, probabilities)
-        out.append(
-            CurveSet(
-                name=biomarker.upper(),
-                level=level,  # type: ignore[arg-type]
-                fpr=roc.fpr,
-                tpr=roc.tpr,
-                precision=pr.precision,
-                recall=pr.recall,
-                mcc_f1_points=np.column_stack([summary.curve.f1, summary.curve.normalized_mcc]),
-                auroc=auroc(labels, probabilities),
-                auprc=auprc(labels, probabilities),
-                mcc_f1=summary.metric,
-                prevalence=float(labels.mean()),
-            )
-        )
-    return out
-
-
-def immune_statistics(store: ObjectStore, cohort: CohortRef, slide_ids: list[str]) -> pd.DataFrame:
-    """The paper's covariate test: immune score by TP53 status on these slides."""
-    table = read_cohort(cohort)
-    rows = table[table["slide_id"].isin(slide_ids) & table["tp53"].notna()]
-    rows = rows[rows["immune_score"].notna()]
-    if rows["tp53"].nunique() < 2:
-        return pd.DataFrame()
-    frame = pd.DataFrame(
-        {"tp53": rows["tp53"].astype(int), "immune_score": rows["immune_score"].astype(float)}
+def immune_statistics(
+    settings: FlowSettings,
+    cohort: CohortRef,
+    slide_ids: list[str],
+    earlier_keys: list[str],
+    output: str,
+) -> None:
+    """The paper's covariate test, immune score by TP53 status on these slides, after
+    the tests stored at ``earlier_keys``: the AnalysisService stores them all, joined,
+    at ``output`` (the earlier ones alone when the slides hold one TP53 class)."""
+    request = analysis_pb2.CompareGroupsRequest(
+        covariate=analysis_pb2.CovariateTable(
+            manifest=_ref(cohort.manifest_key), covariate="immune_score", slide_ids=slide_ids
+        ),
+        biomarker=BIOMARKER_ENUMS["tp53"],
+        earlier_results=[_ref(key) for key in earlier_keys],
+        output=_ref(output),
     )
-    return compare_covariate(frame).assign(biomarker="tp53", patch_set="slides")
+    with service_errors("AnalysisService"), analysis_stub(settings) as stub:
+        stub.CompareGroups(request, timeout=settings.rpc_timeout_s)
+
+
+def build_report(
+    settings: FlowSettings,
+    title: str,
+    summary: dict[str, Any],
+    results: list[BiomarkerResult],
+    ablation_key: str | None,
+    statistics_key: str | None,
+    output_prefix: str,
+) -> str:
+    """The run's report drawn by the AnalysisService under ``output_prefix``: patch-
+    and slide-level curves and a reliability diagram of each biomarker's validation
+    patients, Table 2 and the statistics when there are any. Returns its key."""
+    request = analysis_pb2.BuildReportRequest(
+        title=title,
+        output_prefix=output_prefix,
+        summary=[analysis_pb2.SummaryItem(name=k, value=str(v)) for k, v in summary.items()],
+        scores=[
+            analysis_pb2.ReportScores(
+                biomarker=BIOMARKER_ENUMS[r.biomarker],
+                table=_ref(r.scores_key),
+                split="validation",
+                probabilities_name=_PROBABILITIES_NAME,
+            )
+            for r in results
+        ],
+    )
+    if ablation_key is not None:
+        request.ablation.CopyFrom(_ref(ablation_key))
+    if statistics_key is not None:
+        request.statistics.CopyFrom(_ref(statistics_key))
+    with service_errors("AnalysisService"), analysis_stub(settings) as stub:
+        built = _streamed_result(
+            stub.BuildReport(request, timeout=settings.rpc_timeout_s), "BuildReport"
+        )
+    return str(built.report.key)
 
 
 @pipeline_task()
@@ -202,59 +241,41 @@ def write_report(
     slide_ids: list[str],
     run_prefix: str,
 ) -> AnalysisResult:
-    """Build ``report.html`` with its figures and store them under ``{run}/report/``."""
-    with FlowSettings().open_store() as store:
-        curves, reliability = [], []
-        for result in results:
-            scores = read_parquet(store, result.scores_key)
-            curves += curves_of(result.biomarker, scores)
-            validation = scores[scores["split"] == "validation"]
-            p = validation["probability"].to_numpy()
-            reliability.append(
-                ReliabilitySet(
-                    name=result.biomarker.upper(),
-                    probabilities_by_name={"calibrated, TTA": np.column_stack([1 - p, p])},
-                    labels=validation["label"].to_numpy(),
-                )
-            )
+    """Join the biomarkers' tables under ``{run}/analysis/``, have the report drawn
+    under ``{run}/report/``, and write ``summary.json`` last."""
+    settings = FlowSettings()
+    ablation_key = f"{run_prefix}/analysis/ablation.parquet"
+    statistics_key = f"{run_prefix}/analysis/statistics.parquet"
+    with settings.open_store() as store:
         ablations = [read_parquet(store, a["ablation"]) for a in analyses]
         ablation = pd.concat([a for a in ablations if not a.empty] or [pd.DataFrame()])
-        statistics = pd.concat(
-            [read_parquet(store, a["statistics"]) for a in analyses]
-            + [immune_statistics(store, cohort, slide_ids)],
-            ignore_index=True,
-        )
-        notes = [n for a in analyses for n in a["notes"]] + [
-            f"{s.biomarker} not trained: {s.reason}" for s in skipped
-        ]
-        summary = {
-            "cohort": cohort.name,
-            "biomarker slides": len(slide_ids),
-            "models": ", ".join(f"{r.model.name} {r.model.version}" for r in results),
-            "BD patches": ", ".join(f"{a['biomarker']} {a['bd_patches']}" for a in analyses),
-            "notes": "; ".join(notes) or "none",
-        }
-        with tempfile.TemporaryDirectory(prefix="histomarker-report-") as scratch:
-            out = Path(scratch)
-            path = build_report(
-                out,
-                f"histomarker training run {run_prefix.rsplit('/', 1)[-1]}",
-                summary=summary,
-                curves=curves,
-                reliability=reliability,
-                ablation=ablation if not ablation.empty else None,
-                statistics=statistics if not statistics.empty else None,
-            )
-            folder = f"{run_prefix}/report"
-            for figure in sorted((out / "figures").glob("*.png")):
-                store.put_file(f"{folder}/figures/{figure.name}", figure, content_type="image/png")
-            report_key = f"{folder}/report.html"
-            store.put_file(report_key, path, content_type="text/html")
-        ablation_key = write_parquet(store, f"{run_prefix}/analysis/ablation.parquet", ablation)
-        statistics_key = write_parquet(
-            store, f"{run_prefix}/analysis/statistics.parquet", statistics
-        )
-        summary_key = f"{run_prefix}/analysis/summary.json"
+        write_parquet(store, ablation_key, ablation)
+    immune_statistics(
+        settings, cohort, slide_ids, [a["statistics"] for a in analyses], statistics_key
+    )
+    with settings.open_store() as store:
+        statistics_empty = read_parquet(store, statistics_key).empty
+    notes = [n for a in analyses for n in a["notes"]] + [
+        f"{s.biomarker} not trained: {s.reason}" for s in skipped
+    ]
+    summary = {
+        "cohort": cohort.name,
+        "biomarker slides": len(slide_ids),
+        "models": ", ".join(f"{r.model.name} {r.model.version}" for r in results),
+        "BD patches": ", ".join(f"{a['biomarker']} {a['bd_patches']}" for a in analyses),
+        "notes": "; ".join(notes) or "none",
+    }
+    report_key = build_report(
+        settings,
+        f"histomarker training run {run_prefix.rsplit('/', 1)[-1]}",
+        summary,
+        results,
+        None if ablation.empty else ablation_key,
+        None if statistics_empty else statistics_key,
+        f"{run_prefix}/report",
+    )
+    summary_key = f"{run_prefix}/analysis/summary.json"
+    with settings.open_store() as store:
         store.put_bytes(summary_key, json.dumps(summary, indent=2).encode())
     return AnalysisResult(
         report_key=report_key,

@@ -11,7 +11,11 @@ import grpc
 from flows.settings import FlowSettings
 from services.common import errors
 from services.common.grpc_client import open_channel
-from services.common.stubs.histomarker.v1 import nuclei_pb2_grpc, tiling_pb2_grpc
+from services.common.stubs.histomarker.v1 import (
+    analysis_pb2_grpc,
+    nuclei_pb2_grpc,
+    tiling_pb2_grpc,
+)
 from services.inference.torchserve import RestClient, TorchServeGrpcClient
 
 #: Typed errors by the gRPC status name they map to.
@@ -59,6 +63,11 @@ def tiling_stub(settings: FlowSettings) -> Any:
 def nuclei_stub(settings: FlowSettings) -> Any:
     """A NucleiService stub over a channel closed on exit (a context manager)."""
     return _stub(settings, settings.nuclei_target, nuclei_pb2_grpc.NucleiServiceStub)
+
+
+def analysis_stub(settings: FlowSettings) -> Any:
+    """An AnalysisService stub over a channel closed on exit (a context manager)."""
+    return _stub(settings, settings.analysis_target, analysis_pb2_grpc.AnalysisServiceStub)
 
 
 def torchserve_management(settings: FlowSettings) -> RestClient:

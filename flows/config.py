@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pydantic import Field, model_validator
 
 from flows.records import Record
+from services.analysis.tables import MAX_BOOTSTRAP, MAX_FOLDS, MAX_SEED, MAX_TREES, MIN_FOLDS
 from services.common.vocabulary import BIOMARKERS
 from services.inference.tta import TRANSFORM_NAMES
 
@@ -77,12 +78,14 @@ class Selection(Record):
 
 
 class Analysis(Record):
-    """The feature analysis: random-forest ablation and statistics."""
+    """The feature analysis: random-forest ablation and statistics, run by the
+    AnalysisService; the bounds are the service's, so a run asking for more is refused
+    before it trains, not after."""
 
-    folds: int = Field(default=5, ge=2)
-    n_estimators: int = Field(default=200, ge=1)
-    bootstrap: int = Field(default=1000, ge=0)
-    seed: int = 0
+    folds: int = Field(default=5, ge=MIN_FOLDS, le=MAX_FOLDS)
+    n_estimators: int = Field(default=200, ge=1, le=MAX_TREES)
+    bootstrap: int = Field(default=1000, ge=0, le=MAX_BOOTSTRAP)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
 
 class PipelineConfig(Record):

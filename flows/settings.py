@@ -31,6 +31,8 @@ class FlowSettings(ServingSettings):
     tiling_target: str = f"127.0.0.1:{DEFAULT_PORTS['tiling']}"
     #: NucleiService address, ``host:port``.
     nuclei_target: str = f"127.0.0.1:{DEFAULT_PORTS['nuclei']}"
+    #: AnalysisService address, ``host:port``.
+    analysis_target: str = f"127.0.0.1:{DEFAULT_PORTS['analysis']}"
     #: TorchServe's gRPC inference API, ``host:port``.
     torchserve_grpc_target: str = "127.0.0.1:7070"
     #: Key of TorchServe's inference API (its ``key_file.json``); None when token
@@ -38,7 +40,8 @@ class FlowSettings(ServingSettings):
     torchserve_inference_token: SecretStr | None = None
     #: Local scratch folder: shard caches, training checkpoints, bundles before upload.
     work_dir: Path = Path.home() / ".histomarker" / "flows"
-    #: Seconds one gRPC call to a service may take (tiling a slide, nuclei of a slide).
+    #: Seconds one gRPC call to a service may take (tiling a slide, nuclei of a slide,
+    #: an ablation).
     rpc_timeout_s: float = Field(default=3600.0, gt=0)
     #: PredictionService address, ``host:port`` (``predict_batch``).
     prediction_target: str = f"127.0.0.1:{DEFAULT_PORTS['prediction']}"

@@ -295,6 +295,7 @@ def _flow_environment(stack: Any, out: Path) -> dict[str, str]:
         "HISTOMARKER_STORE_URL": stack.options.store_url,
         "HISTOMARKER_TILING_TARGET": f"127.0.0.1:{ports.services['tiling']}",
         "HISTOMARKER_NUCLEI_TARGET": f"127.0.0.1:{ports.services['nuclei']}",
+        "HISTOMARKER_ANALYSIS_TARGET": f"127.0.0.1:{ports.services['analysis']}",
         "HISTOMARKER_PREDICTION_TARGET": f"127.0.0.1:{ports.services['prediction']}",
         "HISTOMARKER_TORCHSERVE_GRPC_TARGET": (
             f"127.0.0.1:{ports.torchserve['grpc_inference_port']}"

@@ -13,8 +13,8 @@ machine:
 
     .venv/bin/python benchmarks/recipes/heldout_recipe.py --out demo-out --task none
     .venv/bin/python benchmarks/recipes/heldout_recipe.py --out demo-out --task pik3ca --epochs 24
-    .venv/bin/python benchmarks/recipes/heldout_recipe.py --out demo-out --task pik3ca --epochs 24 \\
-        --val-fraction 0.1
+    .venv/bin/python benchmarks/recipes/heldout_recipe.py --out demo-out --task pik3ca \\
+        --epochs 24 --val-fraction 0.1
 
 The models' settings besides those given are the demo's (``small`` at 128 px, batch
 32, at most 1000 patches an epoch, two test-time views).

@@ -133,7 +133,9 @@ def _ablation_html(results: pd.DataFrame) -> str:
     each column in bold, and a last row with the prevalence (AUPRC by chance)."""
     wide = table2(results)
     columns = list(wide.columns)
-    scored = results.dropna(subset=["auprc"])
+    # Numbered afresh: idxmax gives index labels, and a table joined from several
+    # (labels repeated) would bold every row that shares the best one's label.
+    scored = results.dropna(subset=["auprc"]).reset_index(drop=True)
     best = scored.loc[scored.groupby(["biomarker", "patch_set"])["auprc"].idxmax()]
     best_cells = {
         (row.biomarker, row.patch_set, f"{row.group} ({row.n_features})")

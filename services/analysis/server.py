@@ -1,9 +1,11 @@
 """gRPC adapter of the AnalysisService: `histomarker serve analysis`.
 
-The logic lives beside this file without any gRPC import (``metrics``,
-``aggregate``, ``ablation``, ``statistics``, ``report``, and the table glue in
-``service_logic``); this module converts messages and binds it to
-``histomarker.v1.AnalysisService``. References in, references out: tables are read
+The logic lives beside this file without any gRPC import: the pure ``metrics``,
+``aggregate``, ``ablation``, ``statistics``, ``figures`` and ``report``, and what
+each RPC makes of the caller's data in ``tables`` (store keys, reading, writing,
+checks), ``curves`` (metrics, slide scores, curve sets), ``feature_ablation``,
+``group_tests`` and ``report_assembly``. This module converts messages and binds it
+to ``histomarker.v1.AnalysisService``. References in, references out: tables are read
 from the object store and results are written back to it.
 """
 
@@ -16,7 +18,7 @@ from typing import Any
 import grpc
 import pandas as pd
 
-from services.analysis import service_logic as logic
+from services.analysis import curves, feature_ablation, group_tests, report_assembly, tables
 from services.analysis.aggregate import TOP_K, LevelMetrics
 from services.analysis.metrics import BOOTSTRAP_RESAMPLES, CONFIDENCE, MetricReport
 from services.common.cancellation import WorkBudget
@@ -57,6 +59,7 @@ _PATCH_SETS = {
     "BD": analysis_pb2.PATCH_SET_BIOMARKER_DISCRIMINATIVE,
     "CD": analysis_pb2.PATCH_SET_CANCER_DISCRIMINATIVE,
 }
+_PATCH_SET_NAMES = {number: name for name, number in _PATCH_SETS.items()}
 
 
 class AnalysisSettings(ServiceSettings):
@@ -140,11 +143,11 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         )
 
     def _table(self, ref: common_pb2.ObjectRef, what: str) -> pd.DataFrame:
-        return logic.load_table(self.store, self._key(ref, what), what)
+        return tables.load_table(self.store, self._key(ref, what), what)
 
     def _output(self, request: Any, name: str) -> str | None:
         given = self._key(request.output, "output") if request.HasField("output") else ""
-        return logic.output_key(given, request.run_id, name)
+        return tables.output_key(given, request.run_id, name)
 
     def _patches(self, request: Any) -> pd.DataFrame:
         which = request.WhichOneof("input")
@@ -152,7 +155,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             return self._table(request.table, "table")
         if which == "scores":
             scores = request.scores
-            return logic.inline_patches(
+            return curves.inline_patches(
                 list(scores.slide_ids),
                 list(scores.probabilities),
                 list(scores.labels),
@@ -168,18 +171,21 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     def ComputeMetrics(self, request: Any, context: grpc.ServicerContext) -> Any:
         biomarker = biomarker_name(request.biomarker, required=False)
         method = _choice(_AGGREGATIONS, request.aggregation, "aggregation")
-        top_k = logic.check_count(request.top_k, "top_k", TOP_K, 2**31 - 1, low=1)
-        resamples = logic.check_count(
-            request.bootstrap_samples, "bootstrap_samples", BOOTSTRAP_RESAMPLES, logic.MAX_BOOTSTRAP
+        top_k = tables.check_count(request.top_k, "top_k", TOP_K, 2**31 - 1, low=1)
+        resamples = tables.check_count(
+            request.bootstrap_samples,
+            "bootstrap_samples",
+            BOOTSTRAP_RESAMPLES,
+            tables.MAX_BOOTSTRAP,
         )
-        seed = logic.check_seed(request.seed)
+        seed = tables.check_seed(request.seed)
         output = self._output(request, f"metrics-{biomarker or 'scores'}.json")
         if request.WhichOneof("input") == "scores" and not request.scores.labels:
             raise InvalidInput("scores: labels are required to compute metrics")
-        table = logic.select_biomarker(self._patches(request), biomarker, "table")
+        table = curves.select_biomarker(self._patches(request), biomarker, "table")
         budget = self._budget(context)
         budget.check()
-        result: LevelMetrics = logic.level_metrics(
+        result: LevelMetrics = curves.level_metrics(
             table,
             method,
             top_k,
@@ -194,17 +200,17 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             patient_count=result.patient_count,
         )
         if output is not None:
-            info = logic.store_json(self.store, output, logic.metrics_json(result, biomarker))
+            info = tables.store_json(self.store, output, curves.metrics_json(result, biomarker))
             response.report.CopyFrom(self._ref(info))
         return response
 
     def AggregateSlides(self, request: Any, context: grpc.ServicerContext) -> Any:
         method = _choice(_AGGREGATIONS, request.aggregation, "aggregation")
-        top_k = logic.check_count(request.top_k, "top_k", TOP_K, 2**31 - 1, low=1)
+        top_k = tables.check_count(request.top_k, "top_k", TOP_K, 2**31 - 1, low=1)
         output = self._output(request, "slides.parquet")
         if output is not None:
-            logic.table_format(output)
-        slides = logic.slide_scores(self._patches(request), method, top_k)
+            tables.table_format(output)
+        slides = curves.slide_scores(self._patches(request), method, top_k)
         response = analysis_pb2.AggregateSlidesResponse()
         for row in slides.to_dict("records"):
             score = analysis_pb2.SlideScore(
@@ -217,48 +223,51 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                 score.label = bool(row["label"])
             response.slides.append(score)
         if output is not None:
-            response.table.CopyFrom(self._ref(logic.store_table(self.store, output, slides)))
+            response.table.CopyFrom(self._ref(tables.store_table(self.store, output, slides)))
         return response
 
     def RunFeatureAblation(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         biomarker = biomarker_name(request.biomarker)
         assert biomarker is not None
         groups = [_choice(_GROUPS, value, "groups") for value in request.groups]
-        trees = logic.check_count(request.tree_count, "tree_count", 200, logic.MAX_TREES)
-        folds = logic.check_count(request.folds, "folds", 5, logic.MAX_FOLDS, low=logic.MIN_FOLDS)
-        bootstrap = logic.check_count(
-            request.bootstrap_samples, "bootstrap_samples", 0, logic.MAX_BOOTSTRAP
+        trees = tables.check_count(request.tree_count, "tree_count", 200, tables.MAX_TREES)
+        folds = tables.check_count(
+            request.folds, "folds", 5, tables.MAX_FOLDS, low=tables.MIN_FOLDS
         )
-        seed = logic.check_seed(request.seed)
+        bootstrap = tables.check_count(
+            request.bootstrap_samples, "bootstrap_samples", 0, tables.MAX_BOOTSTRAP
+        )
+        seed = tables.check_seed(request.seed)
         output = self._output(request, f"ablation-{biomarker}.parquet")
         if output is not None:
-            logic.table_format(output)
+            tables.table_format(output)
         confidence = _confidence(request.confidence)
         if not 0 < confidence < 1:
             raise InvalidInput(f"confidence must be strictly between 0 and 1, got {confidence}")
-        sets = {
-            name: self._table(getattr(request, field), field)
-            for name, field in (("BD", "bd_features"), ("CD", "cd_features"))
-            if request.HasField(field)
-        }
         manifest = (
             self._table(request.manifest, "manifest") if request.HasField("manifest") else None
         )
-        prepared = logic.ablation_sets(
-            sets, manifest, biomarker, include_few_nuclei=request.include_few_nuclei
+        prepared = feature_ablation.ablation_sets(
+            self._ablation_inputs(request),
+            manifest,
+            biomarker,
+            include_few_nuclei=request.include_few_nuclei,
+            allow_empty=request.skip_unusable_sets,
         )
         budget = self._budget(context)
 
-        def work(progress: Callable[[int, int], None]) -> pd.DataFrame:
-            return logic.ablation(
+        def work(progress: Callable[[int, int], None]) -> tuple[pd.DataFrame, list[str]]:
+            return feature_ablation.ablation(
                 prepared,
                 biomarker,
                 groups,
+                label_column=request.label_column,
                 folds=folds,
                 trees=trees,
                 bootstrap=bootstrap,
                 confidence=confidence,
                 seed=seed,
+                skip_unusable=request.skip_unusable_sets,
                 progress=progress,
                 budget=budget,
             )
@@ -271,11 +280,26 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                     progress=_progress("ablation", value[0], value[1], "cells")
                 )
                 continue
-            cells = [self._cell(row, confidence) for row in value.to_dict("records")]
-            result = analysis_pb2.FeatureAblationResult(cells=cells)
+            table, notes = value
+            cells = [self._cell(row, confidence) for row in table.to_dict("records")]
+            result = analysis_pb2.FeatureAblationResult(cells=cells, notes=notes)
             if output is not None:
-                result.table.CopyFrom(self._ref(logic.store_table(self.store, output, value)))
+                result.table.CopyFrom(self._ref(tables.store_table(self.store, output, table)))
             yield analysis_pb2.RunFeatureAblationResponse(result=result)
+
+    def _ablation_inputs(self, request: Any) -> dict[str, pd.DataFrame]:
+        """The patch sets' feature tables: BD and CD given apart, or one table of both."""
+        if request.HasField("patch_sets"):
+            if request.HasField("bd_features") or request.HasField("cd_features"):
+                raise InvalidInput("give patch_sets or bd_features/cd_features, not both")
+            return feature_ablation.split_patch_sets(
+                self._table(request.patch_sets, "patch_sets"), "patch_sets"
+            )
+        return {
+            name: self._table(getattr(request, field), field)
+            for name, field in (("BD", "bd_features"), ("CD", "cd_features"))
+            if request.HasField(field)
+        }
 
     @staticmethod
     def _cell(row: dict[str, Any], confidence: float) -> analysis_pb2.AblationCell:
@@ -305,30 +329,18 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         fdr = 0.05 if request.fdr == 0 else request.fdr
         output = self._output(request, "statistics.parquet")
         if output is not None:
-            logic.table_format(output)
-        which = request.WhichOneof("input")
-        if which == "table":
-            spec = request.table
-            if not spec.HasField("table"):
-                raise InvalidInput("table.table: the table's object reference is required")
-            result = logic.compare_table(
-                self._table(spec.table, "table.table"),
-                spec.group_column,
-                spec.group_a,
-                list(spec.value_columns),
-                alternative=alternative,
-                fdr=fdr,
-            )
-        elif which == "variables":
-            result = logic.compare_inline(
-                [(v.name, list(v.group_a), list(v.group_b)) for v in request.variables.variables],
-                alternative=alternative,
-                fdr=fdr,
-            )
-        else:
-            raise InvalidInput("input: give a table or inline variables")
+            tables.table_format(output)
+        biomarker = biomarker_name(request.biomarker, required=False) or ""
+        earlier = [
+            self._table(ref, f"earlier_results[{i}]")
+            for i, ref in enumerate(request.earlier_results)
+        ]
+        comparison = self._comparison(request, biomarker, alternative=alternative, fdr=fdr)
+        result = comparison.table
         response = analysis_pb2.CompareGroupsResponse(
-            group_a=str(result.attrs["group_a"]), group_b=str(result.attrs["group_b"])
+            group_a=str(result.attrs.get("group_a", "")),
+            group_b=str(result.attrs.get("group_b", "")),
+            note=comparison.note,
         )
         for row in result.to_dict("records"):
             response.comparisons.append(
@@ -347,24 +359,81 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                 )
             )
         if output is not None:
-            response.table.CopyFrom(self._ref(logic.store_table(self.store, output, result)))
+            stored = tables.joined(earlier, result)
+            response.table.CopyFrom(self._ref(tables.store_table(self.store, output, stored)))
         return response
 
+    def _comparison(
+        self, request: Any, biomarker: str, *, alternative: str, fdr: float
+    ) -> group_tests.Comparison:
+        """The tests of CompareGroups' input: a table, inline variables or a covariate."""
+        which = request.WhichOneof("input")
+        if which == "table":
+            spec = request.table
+            if not spec.HasField("table"):
+                raise InvalidInput("table.table: the table's object reference is required")
+            return group_tests.compare_table(
+                self._table(spec.table, "table.table"),
+                spec.group_column,
+                spec.group_a,
+                list(spec.value_columns),
+                alternative=alternative,
+                fdr=fdr,
+                patch_sets=[
+                    _choice(_PATCH_SET_NAMES, value, "table.patch_sets")
+                    for value in spec.patch_sets
+                ],
+                biomarker=biomarker,
+            )
+        if which == "variables":
+            return group_tests.compare_inline(
+                [(v.name, list(v.group_a), list(v.group_b)) for v in request.variables.variables],
+                alternative=alternative,
+                fdr=fdr,
+                biomarker=biomarker,
+            )
+        if which == "covariate":
+            spec = request.covariate
+            if not biomarker:
+                raise InvalidInput(
+                    "biomarker is required with covariate: its classes are the groups"
+                )
+            if not spec.HasField("manifest"):
+                raise InvalidInput(
+                    "covariate.manifest: the manifest's object reference is required"
+                )
+            manifest = tables.load_manifest(
+                self.store, self._key(spec.manifest, "covariate.manifest"), "covariate.manifest"
+            )
+            return group_tests.compare_slide_covariate(
+                manifest,
+                biomarker,
+                spec.covariate,
+                list(spec.slide_ids),
+                alternative=alternative,
+                fdr=fdr,
+            )
+        raise InvalidInput("input: give a table, inline variables or a covariate")
+
     def BuildReport(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        prefix = logic.report_prefix(request.output_prefix, request.run_id)
-        resamples = logic.check_count(
-            request.bootstrap_samples, "bootstrap_samples", 0, logic.MAX_BOOTSTRAP
+        prefix = report_assembly.report_prefix(request.output_prefix, request.run_id)
+        resamples = tables.check_count(
+            request.bootstrap_samples, "bootstrap_samples", 0, tables.MAX_BOOTSTRAP
         )
-        seed = logic.check_seed(request.seed)
-        if len(request.heatmaps) > logic.MAX_HEATMAPS:
-            raise InvalidInput(f"heatmaps: at most {logic.MAX_HEATMAPS} per report")
-        if sum(len(m.patches) for m in request.montages) > logic.MAX_MONTAGE_PATCHES:
-            raise InvalidInput(f"montages: at most {logic.MAX_MONTAGE_PATCHES} patches in all")
+        seed = tables.check_seed(request.seed)
+        if len(request.heatmaps) > report_assembly.MAX_HEATMAPS:
+            raise InvalidInput(f"heatmaps: at most {report_assembly.MAX_HEATMAPS} per report")
+        if sum(len(m.patches) for m in request.montages) > report_assembly.MAX_MONTAGE_PATCHES:
+            raise InvalidInput(
+                f"montages: at most {report_assembly.MAX_MONTAGE_PATCHES} patches in all"
+            )
         budget = self._budget(context)
         inputs = self._report_inputs(request, resamples, seed)
 
         def work(progress: Callable[[int, int], None]) -> Any:
-            return logic.write_report(self.store, prefix, inputs, progress=progress, budget=budget)
+            return report_assembly.write_report(
+                self.store, prefix, inputs, progress=progress, budget=budget
+            )
 
         for kind, value in run_streaming(
             lambda report: work(lambda d, t: report((d, t))), "build-report"
@@ -381,13 +450,20 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                 )
             )
 
-    def _report_inputs(self, request: Any, resamples: int, seed: int) -> logic.ReportInputs:
+    def _report_inputs(
+        self, request: Any, resamples: int, seed: int
+    ) -> report_assembly.ReportInputs:
         title = request.title.strip() or (
             f"histomarker run {request.run_id}" if request.run_id else "histomarker report"
         )
-        inputs = logic.ReportInputs(title=title[:200])
+        inputs = report_assembly.ReportInputs(
+            title=title[: report_assembly.MAX_TITLE_CHARS],
+            summary=report_assembly.summary_lines([(i.name, i.value) for i in request.summary]),
+        )
         if request.description:
-            inputs.summary["description"] = request.description[:2000]
+            inputs.summary["description"] = request.description[
+                : report_assembly.MAX_DESCRIPTION_CHARS
+            ]
         for i, model in enumerate(request.models):
             inputs.summary[f"model {i + 1}"] = (
                 f"{model.name} {model.version} ({model.architecture or '?'}, "
@@ -396,11 +472,27 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         if request.HasField("predictions"):
             key = self._key(request.predictions, "predictions")
             inputs.summary["predictions"] = key
-            inputs.curves, inputs.reliability = logic.prediction_curves(
-                logic.load_table(self.store, key, "predictions"), resamples=resamples, seed=seed
+            inputs.curves, inputs.reliability = curves.prediction_curves(
+                tables.load_table(self.store, key, "predictions"), resamples=resamples, seed=seed
             )
+        for i, item in enumerate(request.scores):
+            what = f"scores[{i}]"
+            name = biomarker_name(item.biomarker, f"{what}.biomarker")
+            assert name is not None
+            sets, reliability = curves.biomarker_curves(
+                name,
+                self._table(item.table, f"{what}.table"),
+                split=item.split,
+                probabilities_name=item.probabilities_name,
+                resamples=resamples,
+                seed=seed,
+            )
+            inputs.curves += sets
+            inputs.reliability.append(reliability)
         if request.HasField("ablation"):
-            inputs.ablation = logic.ablation_for_report(self._table(request.ablation, "ablation"))
+            inputs.ablation = report_assembly.ablation_for_report(
+                self._table(request.ablation, "ablation")
+            )
         if request.HasField("statistics"):
             inputs.statistics = self._table(request.statistics, "statistics")
         shards: dict[str, bytes] = {}
@@ -415,41 +507,40 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                     raise InvalidInput(f"{where}.patch.member is required")
                 if shard not in shards:
                     shards[shard] = self.store.get_bytes(shard)
-                data = logic.shard_member(shards[shard], item.patch.member, shard)
-                image = logic.decode_checked_image(data, f"{where} ({item.patch.member[:80]})")
+                data = report_assembly.shard_member(shards[shard], item.patch.member, shard)
+                image = report_assembly.decode_checked_image(
+                    data, f"{where} ({item.patch.member[:80]})"
+                )
                 caption = f"{item.patch.slide_id} p={item.probability:.2f}".strip()
                 patches.append((item.class_name, image, caption))
             if patches:
-                inputs.montages.append(logic.montage(str(name).upper(), patches))
-        tables: dict[str, pd.DataFrame] = {}
+                inputs.montages.append(report_assembly.montage(str(name).upper(), patches))
+        patch_tables: dict[str, pd.DataFrame] = {}
         for i, item in enumerate(request.heatmaps):
             what = f"heatmaps[{i}]"
             name = biomarker_name(item.biomarker, f"{what}.biomarker")
             assert name is not None
             patches_key = self._key(item.patches, f"{what}.patches")
-            if patches_key not in tables:
-                tables[patches_key] = logic.load_table(self.store, patches_key, f"{what}.patches")
-            rows = logic.heatmap_patches(
-                tables[patches_key], item.slide_id, name, item.downsample, what
+            if patches_key not in patch_tables:
+                patch_tables[patches_key] = tables.load_table(
+                    self.store, patches_key, f"{what}.patches"
+                )
+            rows = report_assembly.heatmap_patches(
+                patch_tables[patches_key], item.slide_id, name, item.downsample, what
             )
-            thumbnail = logic.decode_checked_image(
+            thumbnail = report_assembly.decode_checked_image(
                 self.store.get_bytes(self._key(item.thumbnail, f"{what}.thumbnail")),
                 f"{what}.thumbnail",
             )
             inputs.heatmaps.append(
-                logic.heatmap(
+                report_assembly.heatmap(
                     item.slide_id, name.upper(), thumbnail, item.downsample, rows, item.label
                 )
             )
-        if not (
-            inputs.curves
-            or inputs.ablation is not None
-            or inputs.statistics is not None
-            or inputs.montages
-            or inputs.heatmaps
-        ):
+        if inputs.is_empty() and not request.summary:
             raise InvalidInput(
-                "nothing to report: give predictions, ablation, statistics, montages or heatmaps"
+                "nothing to report: give predictions, scores, ablation, statistics, montages, "
+                "heatmaps or summary lines"
             )
         return inputs
 

@@ -194,6 +194,7 @@ def compare_covariate(
     *,
     group_a: Any | None = None,
     alternative: str = "two-sided",
+    fdr: float = 0.05,
 ) -> pd.DataFrame:
     """Mann-Whitney U of one slide- or patient-level covariate between the two status
     groups (by default the immune score by TP53 status); one row, q = p.
@@ -201,4 +202,6 @@ def compare_covariate(
     Raises:
         InvalidInput: As ``compare_groups``.
     """
-    return compare_groups(table, status, [covariate], group_a=group_a, alternative=alternative)
+    return compare_groups(
+        table, status, [covariate], group_a=group_a, alternative=alternative, fdr=fdr
+    )

@@ -492,6 +492,7 @@ class LocalStack:
             "HISTOMARKER_STORE_URL": self.options.store_url,
             "HISTOMARKER_TILING_TARGET": f"{LOOPBACK}:{self.ports.services['tiling']}",
             "HISTOMARKER_NUCLEI_TARGET": f"{LOOPBACK}:{self.ports.services['nuclei']}",
+            "HISTOMARKER_ANALYSIS_TARGET": f"{LOOPBACK}:{self.ports.services['analysis']}",
             "HISTOMARKER_PREDICTION_TARGET": f"{LOOPBACK}:{self.ports.services['prediction']}",
             "HISTOMARKER_TORCHSERVE_MODEL_STORE": str(self.options.model_store),
             "HISTOMARKER_WORK_DIR": str(self.directory / "flows"),

@@ -1,4 +1,5 @@
-"""benchmarks/speed/load_test.py and benchmarks/quality/reliability.py run end to end with tiny counts.
+"""benchmarks/speed/load_test.py and benchmarks/quality/reliability.py run end to end with
+tiny counts.
 
 The figures are the benchmark's business (docs/RELIABILITY.md); this only proves the
 scripts work: servers start and stop, every level is reported, nothing is left

@@ -461,6 +461,155 @@ def test_compare_groups_from_a_table_and_inline(service) -> None:
     assert "exactly two groups" in details
 
 
+def _patch_sets(rng: np.random.Generator) -> pd.DataFrame:
+    """A training flow's patch sets: BD rows of the positive slides only, CD of all."""
+    slides = [f"S{s:02d}" for s in range(8)]
+    labels = {slide: i % 2 for i, slide in enumerate(slides)}
+    cd = _features(rng, slides, labels).assign(
+        patient_id=lambda t: t["slide_id"].str.replace("S", "P"),
+        label=lambda t: t["slide_id"].map(labels),
+    )
+    bd = cd[cd["label"] == 1]
+    return pd.concat([bd.assign(patch_set="BD"), cd.assign(patch_set="CD")], ignore_index=True)
+
+
+def test_run_feature_ablation_of_one_patch_sets_table_skips_unusable_sets(service) -> None:
+    stub, _, store = service
+    _put_table(store, "runs/r4/analysis/tp53/patch_sets.parquet", _patch_sets(_rng(4)))
+    _, result = _ablation(
+        stub,
+        patch_sets=_ref("runs/r4/analysis/tp53/patch_sets.parquet"),
+        label_column="label",
+        skip_unusable_sets=True,
+        output=_ref("runs/r4/analysis/tp53/ablation.parquet"),
+    )
+    assert list(result.notes) == ["tp53 BD: patch set 'BD': only one class (1) present"]
+    assert {c.patch_set for c in result.cells} == {analysis_pb2.PATCH_SET_CANCER_DISCRIMINATIVE}
+    assert [c.patch_count for c in result.cells] == [31, 31]  # one with few nuclei left out
+    stored = pd.read_parquet(io.BytesIO(store.get_bytes(result.table.key)))
+    assert stored["patch_set"].tolist() == ["CD", "CD"]
+    # Without skipping, the one-class set refuses the call; both inputs at once too.
+    details = _refused(
+        stub.RunFeatureAblation,
+        analysis_pb2.RunFeatureAblationRequest(
+            biomarker=common_pb2.BIOMARKER_TP53,
+            patch_sets=_ref("runs/r4/analysis/tp53/patch_sets.parquet"),
+            label_column="label",
+        ),
+    )
+    assert "only one class" in details
+    details = _refused(
+        stub.RunFeatureAblation,
+        analysis_pb2.RunFeatureAblationRequest(
+            biomarker=common_pb2.BIOMARKER_TP53,
+            patch_sets=_ref("runs/r4/analysis/tp53/patch_sets.parquet"),
+            bd_features=_ref("runs/r1/features/bd.parquet"),
+        ),
+    )
+    assert "not both" in details
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def test_compare_groups_of_patch_sets_and_a_covariate_joined_into_one_table(service) -> None:
+    stub, channel, store = service
+    _put_table(store, "runs/r5/analysis/er/patch_sets.parquet", _patch_sets(_rng(5)))
+    reply = stub.CompareGroups(
+        analysis_pb2.CompareGroupsRequest(
+            table=analysis_pb2.GroupTable(
+                table=_ref("runs/r5/analysis/er/patch_sets.parquet"),
+                group_column="label",
+                value_columns=list(FEATURE_NAMES[:3]),
+                patch_sets=[
+                    analysis_pb2.PATCH_SET_BIOMARKER_DISCRIMINATIVE,
+                    analysis_pb2.PATCH_SET_CANCER_DISCRIMINATIVE,
+                ],
+            ),
+            biomarker=common_pb2.BIOMARKER_ER,
+            output=_ref("runs/r5/analysis/er/statistics.parquet"),
+        ),
+        timeout=30,
+    )
+    assert reply.note == "" and len(reply.comparisons) == 3
+    per_biomarker = pd.read_parquet(io.BytesIO(store.get_bytes(reply.table.key)))
+    assert set(per_biomarker["patch_set"]) == {"CD"} and set(per_biomarker["biomarker"]) == {"er"}
+    header = (
+        "slide_id,patient_id,kind,site,split,tp53,pik3ca,er,pr,her2,basal,immune_score,slide_path"
+    )
+    rows = [
+        f"S{i},P{i},cancer,A,,{i % 2},,,,,,{0.5 * i - (i % 2)},slides/S{i}.svs" for i in range(8)
+    ]
+    store.put_bytes("cohorts/c5/manifest.csv", "\n".join([header, *rows]).encode())
+    covariate = analysis_pb2.CompareGroupsRequest(
+        covariate=analysis_pb2.CovariateTable(
+            manifest=_ref("cohorts/c5/manifest.csv"), slide_ids=[f"S{i}" for i in range(6)]
+        ),
+        biomarker=common_pb2.BIOMARKER_TP53,
+        earlier_results=[reply.table],
+        output=_ref("runs/r5/analysis/statistics.parquet"),
+    )
+    joined = stub.CompareGroups(covariate, timeout=30)
+    (immune,) = joined.comparisons
+    assert immune.variable == "immune_score" and (immune.count_a, immune.count_b) == (3, 3)
+    stored = pd.read_parquet(io.BytesIO(store.get_bytes(joined.table.key)))
+    assert stored["biomarker"].tolist() == ["er"] * 3 + ["tp53"]
+    assert stored["patch_set"].tolist() == ["CD"] * 3 + ["slides"]
+    # One class among the slides: a note, and the earlier tests alone are stored.
+    del covariate.covariate.slide_ids[:]
+    covariate.covariate.slide_ids.extend(["S1", "S3"])
+    alone = stub.CompareGroups(covariate, timeout=30)
+    assert alone.note and not alone.comparisons
+    stored = pd.read_parquet(io.BytesIO(store.get_bytes(alone.table.key)))
+    assert len(stored) == 3
+    details = _refused(
+        stub.CompareGroups,
+        analysis_pb2.CompareGroupsRequest(
+            covariate=analysis_pb2.CovariateTable(manifest=_ref("cohorts/c5/manifest.csv"))
+        ),
+    )
+    assert "biomarker is required with covariate" in details
+    _assert_serving(channel)
+
+
+def test_build_report_of_summary_lines_and_biomarker_scores(service) -> None:
+    stub, _, store = service
+    scores = _patch_table(_rng(6)).drop(columns=["biomarker", "level"])
+    scores["split"] = np.where(scores["slide_id"] < "S06", "validation", "train")
+    _put_table(store, "runs/r6/biomarkers/tp53/patch_scores.parquet", scores)
+    request = analysis_pb2.BuildReportRequest(
+        title="histomarker training run r6",
+        output_prefix="runs/r6/report",
+        summary=[
+            analysis_pb2.SummaryItem(name="cohort", value="tiny"),
+            analysis_pb2.SummaryItem(name="notes", value="none"),
+        ],
+        scores=[
+            analysis_pb2.ReportScores(
+                biomarker=common_pb2.BIOMARKER_TP53,
+                table=_ref("runs/r6/biomarkers/tp53/patch_scores.parquet"),
+                split="validation",
+                probabilities_name="calibrated, TTA",
+            )
+        ],
+    )
+    result = list(stub.BuildReport(request, timeout=120))[-1].result
+    assert result.report.key == "runs/r6/report/report.html"
+    assert sorted(ref.key.rsplit("/", 1)[-1] for ref in result.figures) == [
+        "curves-tp53.png",
+        "reliability-tp53.png",
+    ]
+    page = store.get_bytes(result.report.key).decode()
+    assert page.index(">cohort<") < page.index(">notes<") < page.index('<section id="curves">')
+    assert "TP53: patch AUROC" in page and "reliability diagram of TP53" in page
+    # Summary lines alone make a report too.
+    summary_only = analysis_pb2.BuildReportRequest(
+        output_prefix="runs/r6/summary", summary=request.summary
+    )
+    assert list(stub.BuildReport(summary_only, timeout=60))[-1].result.report.key
+
+
 class _Images(html.parser.HTMLParser):
     def __init__(self) -> None:
         super().__init__()

@@ -66,7 +66,9 @@ CONFIG = PipelineConfig(
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A tiny cohort, and the TilingService and NucleiService on one file:// root."""
+    """A tiny cohort, and the TilingService, NucleiService and AnalysisService on one
+    file:// root."""
+    from services.analysis.server import create as create_analysis
     from services.nuclei.server import create as create_nuclei
     from services.synth.cohort import generate_cohort
     from services.tiling.server import create as create_tiling
@@ -76,12 +78,16 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         root / "cohort", SLIDES, learnable_seed(SLIDES, SPLIT_SEED), "tiny", truth_crops=0
     )
     servers = []
-    # One service pair per store: each run writes its own store from nothing.
+    # One set of services per store: each run writes its own store from nothing.
     targets: dict[str, dict[str, str]] = {}
     for name in ("quiet", "loaded"):
         store_url = (root / name / "store").as_uri()
         targets[name] = {"store_url": store_url}
-        for role, create in (("tiling", create_tiling), ("nuclei", create_nuclei)):
+        for role, create in (
+            ("tiling", create_tiling),
+            ("nuclei", create_nuclei),
+            ("analysis", create_analysis),
+        ):
             server, port = create(ServiceSettings(store_url=store_url, port=0))
             server.start()
             servers.append(server)
@@ -125,6 +131,7 @@ def _train(
             "HISTOMARKER_STORE_URL": targets["store_url"],
             "HISTOMARKER_TILING_TARGET": targets["tiling"],
             "HISTOMARKER_NUCLEI_TARGET": targets["nuclei"],
+            "HISTOMARKER_ANALYSIS_TARGET": targets["analysis"],
             "HISTOMARKER_TORCHSERVE_GRPC_TARGET": torchserve.grpc_inference_target,
             "HISTOMARKER_TORCHSERVE_MANAGEMENT_URL": torchserve.management_url,
             "HISTOMARKER_TORCHSERVE_MODEL_STORE": str(config_ts.model_store),

@@ -1,5 +1,6 @@
-"""The training pipeline end to end: a tiny synthetic cohort, real TilingService and
-NucleiService on 127.0.0.1, a real TorchServe, Prefect's test harness.
+"""The training pipeline end to end: a tiny synthetic cohort, real TilingService,
+NucleiService and AnalysisService on 127.0.0.1, a real TorchServe, Prefect's test
+harness.
 
 The first run is pointed at a wrong NucleiService address (the TilingService's, which
 answers UNIMPLEMENTED: not retried) and fails in ``analyze_features``, after every
@@ -53,7 +54,9 @@ CONFIG = PipelineConfig(
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A cohort, a file:// store, TilingService, NucleiService and TorchServe."""
+    """A cohort, a file:// store, TilingService, NucleiService, AnalysisService and
+    TorchServe."""
+    from services.analysis.server import create as create_analysis
     from services.inference.torchserve import TorchServe, TorchServeConfig
     from services.nuclei.server import create as create_nuclei
     from services.synth.cohort import generate_cohort
@@ -64,11 +67,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         root / "cohort", SLIDES, learnable_seed(SLIDES, SPLIT_SEED), "tiny", truth_crops=0
     )
     store_url = (root / "store").as_uri()
-    servers = []
-    for create in (create_tiling, create_nuclei):
+    servers = {}
+    for name, create in (
+        ("tiling", create_tiling),
+        ("nuclei", create_nuclei),
+        ("analysis", create_analysis),
+    ):
         server, port = create(ServiceSettings(store_url=store_url, port=0))
         server.start()
-        servers.append((server, f"127.0.0.1:{port}"))
+        servers[name] = (server, f"127.0.0.1:{port}")
     config = TorchServeConfig.with_free_ports(root / "model-store", root / "torchserve")
     torchserve = TorchServe(config).start()
     try:
@@ -76,13 +83,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         yield {
             "root": root,
             "store_url": store_url,
-            "tiling": servers[0][1],
-            "nuclei": servers[1][1],
+            "tiling": servers["tiling"][1],
+            "nuclei": servers["nuclei"][1],
             "torchserve": torchserve,
             "env": {
                 "HISTOMARKER_STORE_URL": store_url,
-                "HISTOMARKER_TILING_TARGET": servers[0][1],
-                "HISTOMARKER_NUCLEI_TARGET": servers[1][1],
+                "HISTOMARKER_TILING_TARGET": servers["tiling"][1],
+                "HISTOMARKER_NUCLEI_TARGET": servers["nuclei"][1],
+                "HISTOMARKER_ANALYSIS_TARGET": servers["analysis"][1],
                 "HISTOMARKER_TORCHSERVE_GRPC_TARGET": torchserve.grpc_inference_target,
                 "HISTOMARKER_TORCHSERVE_MANAGEMENT_URL": torchserve.management_url,
                 "HISTOMARKER_TORCHSERVE_MODEL_STORE": str(config.model_store),
@@ -93,7 +101,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         }
     finally:
         torchserve.stop()
-        for server, _ in servers:
+        for server, _ in servers.values():
             server.stop(0).wait()
 
 

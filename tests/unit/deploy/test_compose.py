@@ -233,7 +233,7 @@ def test_ports_agree_across_services(services: dict[str, dict[str, Any]]) -> Non
         port = str(services[name]["environment"]["HISTOMARKER_PORT"])
         assert port in [str(p) for p in services[name]["expose"]], name
     flows = services["flows"]["environment"]
-    for name in ("tiling", "nuclei", "prediction"):
+    for name in ("tiling", "nuclei", "analysis", "prediction"):
         assert flows[f"HISTOMARKER_{name.upper()}_TARGET"] == f"{name}:{DEFAULT_PORTS[name]}"
     properties = (ROOT / "deploy" / "torchserve.properties").read_text()
     expose = [str(p) for p in services["torchserve"]["expose"]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from flows.config import ModelTraining, PipelineConfig, training_of
+from flows.config import Analysis, ModelTraining, PipelineConfig, training_of
 from flows.policy import input_digest
 from flows.training import train_config
 
@@ -41,3 +41,15 @@ def test_biomarker_epochs_give_one_biomarker_its_own_epochs() -> None:
 def test_biomarker_epochs_are_checked(overrides: dict[str, int], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         PipelineConfig(biomarker_epochs=overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"folds": 21}, {"n_estimators": 1001}, {"bootstrap": 10_001}, {"seed": -1}, {"seed": 2**32}],
+)
+def test_analysis_settings_the_service_would_refuse_are_refused_before_training(
+    overrides: dict[str, int],
+) -> None:
+    with pytest.raises(ValidationError):
+        Analysis(**overrides)
+    assert Analysis(folds=20, n_estimators=1000, bootstrap=10_000, seed=2**32 - 1).folds == 20
