@@ -97,6 +97,16 @@ def validate_patch_table(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def slide_probability(grouped: Any, method: str, top_k: int = TOP_K) -> pd.Series:
+    """Each slide's probability from its patches' (``grouped``: patches grouped by
+    slide) by ``method``: mean, median or the mean of the ``top_k`` highest."""
+    if method == "mean":
+        return grouped["probability"].mean()
+    if method == "median":
+        return grouped["probability"].median()
+    return grouped["probability"].apply(lambda p: p.nlargest(top_k).mean())
+
+
 def aggregate_slides(table: pd.DataFrame, method: str = "mean", top_k: int = TOP_K) -> pd.DataFrame:
     """One row per slide: slide_id, patient_id, label, probability, patch_count.
 
@@ -112,12 +122,7 @@ def aggregate_slides(table: pd.DataFrame, method: str = "mean", top_k: int = TOP
     check_aggregation(method, top_k)
     patches = validate_patch_table(table)
     grouped = patches.groupby("slide_id", sort=True)
-    if method == "mean":
-        probability = grouped["probability"].mean()
-    elif method == "median":
-        probability = grouped["probability"].median()
-    else:
-        probability = grouped["probability"].apply(lambda p: p.nlargest(top_k).mean())
+    probability = slide_probability(grouped, method, top_k)
     first = grouped[["patient_id", "label"]].first()
     slides = pd.DataFrame(
         {

@@ -21,6 +21,7 @@ from services.analysis.aggregate import (
     aggregate_slides,
     check_aggregation,
     patch_and_slide_metrics,
+    slide_probability,
     validate_patch_table,
 )
 from services.analysis.figures import CurveSet, ReliabilitySet
@@ -160,12 +161,7 @@ def slide_scores(table: pd.DataFrame, method: str, top_k: int = TOP_K) -> pd.Dat
     if (patches.groupby("slide_id")["patient_id"].nunique() > 1).any():
         raise InvalidInput("some slides belong to more than one patient")
     grouped = patches.groupby("slide_id", sort=True)
-    if method == "mean":
-        score = grouped["probability"].mean()
-    elif method == "median":
-        score = grouped["probability"].median()
-    else:
-        score = grouped["probability"].apply(lambda p: p.nlargest(top_k).mean())
+    score = slide_probability(grouped, method, top_k)
     return pd.DataFrame(
         {
             "slide_id": score.index.astype(str),
