@@ -58,7 +58,7 @@ def _add_json_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> dict[str, Any]:
-    from services.demo import run_demo
+    from services.apps.demo import run_demo
 
     return run_demo(
         out_dir=args.out,
@@ -204,13 +204,13 @@ def _serve(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _up(args: argparse.Namespace) -> dict[str, Any]:
-    from services.common.settings import ServiceSettings
-    from services.local_stack.stack import (
+    from services.apps.local_stack.stack import (
         StackOptions,
         default_directory,
         default_model_store,
         run_up,
     )
+    from services.common.settings import ServiceSettings
 
     directory = Path(args.dir).expanduser().resolve() if args.dir else default_directory()
     store_url = args.store_url or ServiceSettings().store_url
@@ -231,14 +231,14 @@ def _up(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _down(args: argparse.Namespace) -> dict[str, Any]:
-    from services.local_stack.stack import default_directory, run_down
+    from services.apps.local_stack.stack import default_directory, run_down
 
     directory = Path(args.dir).expanduser().resolve() if args.dir else default_directory()
     return run_down(directory, stop_timeout_s=args.timeout)
 
 
 def _restart(args: argparse.Namespace) -> dict[str, Any]:
-    from services.local_stack.stack import default_directory, run_restart
+    from services.apps.local_stack.stack import default_directory, run_restart
 
     directory = Path(args.dir).expanduser().resolve() if args.dir else default_directory()
 
@@ -263,9 +263,9 @@ def _serving_settings(args: argparse.Namespace) -> tuple[ServingSettings, str | 
     environment's settings and defaults. ``--store-url``, ``--management-url``,
     ``--key-file`` and ``--model-store`` override each.
     """
+    from services.apps.local_stack.stack import default_directory, stack_serving_settings
     from services.common.errors import FailedPrecondition
     from services.inference.served_models import ServingSettings
-    from services.local_stack.stack import default_directory, stack_serving_settings
 
     source: str | None
     if args.dir:
@@ -426,7 +426,7 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _flows_serve(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.deployments import serve, serve_options
+    from flows.runtime.deployments import serve, serve_options
 
     options = serve_options(
         cron=args.cron,

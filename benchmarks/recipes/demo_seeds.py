@@ -30,7 +30,7 @@ def run_seed(out: Path, seed: int) -> dict:
     """The demo on cohort ``seed`` in a child process; its results.json."""
     folder = out / f"seed-{seed}"
     code = (
-        "import sys; from services.demo import run_demo; "
+        "import sys; from services.apps.demo import run_demo; "
         f"r = run_demo({str(folder)!r}, progress=True, cohort_seed={seed}); "
         "sys.exit(0 if r['ok'] else 1)"
     )

@@ -54,7 +54,7 @@ def retrain(out: Path, task: str, args: argparse.Namespace, folder: Path) -> Pat
     """Train ``task``'s model on every stored CD patch; its bundle folder."""
     from training_recipe import CLASSES, labelled_slides, stored_indexes
 
-    from flows.training import patch_table
+    from flows.training.training import patch_table
     from services.common.objectstore import open_store
     from services.inference.training import TrainConfig, train
 

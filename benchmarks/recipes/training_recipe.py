@@ -66,7 +66,7 @@ def stored_indexes(store, tissue_rule: bool) -> dict[str, str]:  # type: ignore[
 
 def labelled_slides(cancer: Any, task: str, indexes: dict[str, str]) -> list[Any]:
     """The cancer slides with a ``task`` label, as training's LabelledSlide rows."""
-    from flows.training import LabelledSlide
+    from flows.training.training import LabelledSlide
 
     return [
         LabelledSlide(
@@ -84,7 +84,7 @@ def held_out_auroc(store, slides, test_ids, config) -> dict[str, object]:  # typ
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from flows.training import patch_table
+    from flows.training.training import patch_table
     from services.inference.dataset import PatchReader, ShardCache
     from services.inference.preprocess import to_input
     from services.inference.training import train

@@ -173,7 +173,7 @@ class ServiceProcess:
         return self.process.pid
 
     def start(self, timeout_s: float = 120.0) -> ServiceProcess:
-        from services.local_stack.stack import grpc_serving
+        from services.apps.local_stack.stack import grpc_serving
 
         with self.log_path.open("ab") as output:
             self.process = subprocess.Popen(

@@ -36,11 +36,11 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.fanout import submit_bounded
-from flows.policy import input_digest, is_retryable, pipeline_task
-from flows.records import Record
-from flows.runners import with_fanout_runner
-from flows.settings import FlowSettings
+from flows.runtime.fanout import submit_bounded
+from flows.runtime.policy import input_digest, is_retryable, pipeline_task
+from flows.runtime.records import Record
+from flows.runtime.runners import with_fanout_runner
+from flows.runtime.settings import FlowSettings
 from services.common.errors import FailedPrecondition, HistomarkerError, InvalidInput
 from services.common.objectstore import ObjectInfo
 from services.common.qc_messages import qc_from_proto

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from flows.settings import FlowSettings
+from flows.runtime.settings import FlowSettings
 from services.common import errors
 from services.common.grpc_client import open_channel
 from services.common.stubs.histomarker.v1 import (
@@ -31,7 +31,7 @@ def service_errors(service: str) -> Iterator[None]:
     """Turn a failed gRPC call into the typed error of its status code.
 
     A task's error is stored with its state; gRPC's call objects cannot be, and a
-    typed error says the same (and :func:`flows.policy.is_retryable` reads it).
+    typed error says the same (and :func:`flows.runtime.policy.is_retryable` reads it).
     """
     try:
         yield

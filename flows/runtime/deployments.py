@@ -20,7 +20,7 @@ stops the runner (in-flight runs are cancelled, the schedules paused) and then t
 embedded server: nothing is left running.
 
 The fan-out runner (threads or Dask) is a setting handed to the flow runs through
-the environment (see :mod:`flows.runners`).
+the environment (see :mod:`flows.runtime.runners`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
 
-from flows.prefect_server import TELEMETRY_OFF, EmbeddedPrefectServer
-from flows.settings import FlowSettings
+from flows.runtime.prefect_server import TELEMETRY_OFF, EmbeddedPrefectServer
+from flows.runtime.settings import FlowSettings
 from services.common.errors import InvalidInput
 from services.common.processes import environment
 
@@ -139,8 +139,8 @@ def build_deployments(options: ServeOptions) -> list[RunnerDeployment]:
     """The training and batch-prediction deployments (not yet registered)."""
     from prefect.types.entrypoint import EntrypointType
 
-    from flows.pipeline import train_pipeline
-    from flows.predict import predict_batch
+    from flows.batch.predict import predict_batch
+    from flows.training.pipeline import train_pipeline
 
     tags = ["histomarker"]
     # Module entrypoints: the runs import the installed package, wherever they start.

@@ -88,7 +88,7 @@ def cache_key(task_name: str, store_url: str, parameters: Mapping[str, Any]) -> 
 
 def task_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """Prefect ``cache_key_fn``: :func:`cache_key` with the store of the settings."""
-    from flows.settings import FlowSettings
+    from flows.runtime.settings import FlowSettings
 
     return cache_key(context.task.name, FlowSettings().store_url, parameters)
 

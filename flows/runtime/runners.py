@@ -19,7 +19,7 @@ from typing import Any, ParamSpec, TypeVar
 from prefect import Flow
 from prefect.task_runners import TaskRunner
 
-from flows.settings import FlowSettings
+from flows.runtime.settings import FlowSettings
 
 P = ParamSpec("P")
 R = TypeVar("R")

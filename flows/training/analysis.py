@@ -25,12 +25,10 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from flows.clients import analysis_stub, nuclei_stub, service_errors
-from flows.config import Analysis
-from flows.discriminative import read_parquet, write_parquet
-from flows.fanout import submit_bounded
-from flows.policy import pipeline_task
-from flows.records import (
+from flows.runtime.clients import analysis_stub, nuclei_stub, service_errors
+from flows.runtime.fanout import submit_bounded
+from flows.runtime.policy import pipeline_task
+from flows.runtime.records import (
     AnalysisResult,
     BiomarkerResult,
     CdSlide,
@@ -38,7 +36,9 @@ from flows.records import (
     FeatureTableRef,
     SkippedBiomarker,
 )
-from flows.settings import FlowSettings
+from flows.runtime.settings import FlowSettings
+from flows.training.config import Analysis
+from flows.training.discriminative import read_parquet, write_parquet
 from services.analysis.ablation import table2
 from services.common.errors import Unavailable
 from services.common.stubs.histomarker.v1 import analysis_pb2, common_pb2, nuclei_pb2

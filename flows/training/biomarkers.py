@@ -1,7 +1,7 @@
 """``train_biomarkers``: the six stage-2 models on the CD patches, evaluated with TTA.
 
 Per biomarker: the labelled biomarker-set slides with CD patches train a model
-(``flows.training.train_model``; the slide's label on each of its 40x CD patches),
+(``flows.training.training.train_model``; the slide's label on each of its 40x CD patches),
 which is registered on TorchServe. :func:`evaluate_biomarker` then scores every CD
 patch of those slides with the bundle as stored and the TorchServe handler's own
 functions (``serving_io``: calibrated probabilities averaged over the fixed
@@ -28,15 +28,22 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows.config import ModelTraining, Selection, training_of
-from flows.discriminative import write_parquet
-from flows.ingest import read_cohort
-from flows.policy import pipeline_task
-from flows.records import BiomarkerResult, CdSlide, CohortRef, ModelRef, Record, SkippedBiomarker
-from flows.serving import register_model
-from flows.settings import FlowSettings
-from flows.split import untrainable_reason
-from flows.training import LabelledSlide, patch_table, train_model
+from flows.runtime.policy import pipeline_task
+from flows.runtime.records import (
+    BiomarkerResult,
+    CdSlide,
+    CohortRef,
+    ModelRef,
+    Record,
+    SkippedBiomarker,
+)
+from flows.runtime.settings import FlowSettings
+from flows.training.config import ModelTraining, Selection, training_of
+from flows.training.discriminative import write_parquet
+from flows.training.ingest import read_cohort
+from flows.training.serving import register_model
+from flows.training.split import untrainable_reason
+from flows.training.training import LabelledSlide, patch_table, train_model
 from services.analysis.aggregate import patch_and_slide_metrics
 from services.common.objectstore import ObjectStore
 from services.common.vocabulary import model_name_of

@@ -1,5 +1,5 @@
 """The training pipeline's parameters: what to compute, never where (that is
-:mod:`flows.settings`). Defaults are the method's (docs/method.md); tests and demos shrink
+:mod:`flows.runtime.settings`). Defaults are the method's (docs/method.md); tests and demos shrink
 them (a tiny backbone, small patches, few epochs)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from pydantic import Field, model_validator
 
-from flows.records import Record
+from flows.runtime.records import Record
 from services.analysis.tables import MAX_BOOTSTRAP, MAX_FOLDS, MAX_SEED, MAX_TREES, MIN_FOLDS
 from services.common.vocabulary import BIOMARKERS
 from services.inference.tta import TRANSFORM_NAMES

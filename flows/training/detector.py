@@ -5,13 +5,13 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from flows.config import ModelTraining
-from flows.ingest import read_cohort
-from flows.policy import pipeline_task
-from flows.records import CohortRef, ModelRef, Record, Registration, TiledSlide
-from flows.serving import register_model
-from flows.split import CohortSplit, paper_split
-from flows.training import LabelledSlide, train_model
+from flows.runtime.policy import pipeline_task
+from flows.runtime.records import CohortRef, ModelRef, Record, Registration, TiledSlide
+from flows.training.config import ModelTraining
+from flows.training.ingest import read_cohort
+from flows.training.serving import register_model
+from flows.training.split import CohortSplit, paper_split
+from flows.training.training import LabelledSlide, train_model
 from services.common.vocabulary import CANCER_DETECTOR
 
 #: The detector's classes, index order (the last is the positive class).
@@ -28,7 +28,7 @@ class DetectorResult(Record):
 
 @pipeline_task()
 def split_cohort(cohort: CohortRef, seed: int) -> CohortSplit:
-    """The paper's split of the stored cohort (see ``flows.split``)."""
+    """The paper's split of the stored cohort (see ``flows.training.split``)."""
     return paper_split(read_cohort(cohort), seed)
 
 

@@ -19,12 +19,12 @@ import pandas as pd
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from flows.clients import service_errors, tiling_stub, torchserve_inference
-from flows.config import Selection
-from flows.fanout import submit_bounded
-from flows.policy import pipeline_task
-from flows.records import CdSlide, ModelRef, TiledSlide
-from flows.settings import FlowSettings
+from flows.runtime.clients import service_errors, tiling_stub, torchserve_inference
+from flows.runtime.fanout import submit_bounded
+from flows.runtime.policy import pipeline_task
+from flows.runtime.records import CdSlide, ModelRef, TiledSlide
+from flows.runtime.settings import FlowSettings
+from flows.training.config import Selection
 from services.common.objectstore import ObjectStore
 from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2
 from services.inference.bundle import CONFIG_FILE, ModelConfig

@@ -18,9 +18,9 @@ from pathlib import Path
 import pandas as pd
 from prefect import flow, get_run_logger
 
-from flows.policy import pipeline_task
-from flows.records import CohortRef, SlideRef
-from flows.settings import FlowSettings
+from flows.runtime.policy import pipeline_task
+from flows.runtime.records import CohortRef, SlideRef
+from flows.runtime.settings import FlowSettings
 from services.cohort.manifest import Manifest
 from services.common.errors import InvalidInput, Unavailable
 

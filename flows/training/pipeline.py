@@ -4,7 +4,7 @@ ingest_cohort -> preprocess -> train_cancer_detector -> select_discriminative ->
 train_biomarkers -> analyze_features. The run's outputs go to ``runs/{run_id}/``,
 where the run id is a digest of the cohort's manifest and the configuration: a rerun
 of a run that crashed has the same id, its finished tasks are found in the cache
-(see ``flows.policy``), and it goes on from the first unfinished one.
+(see ``flows.runtime.policy``), and it goes on from the first unfinished one.
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.analysis import analyze_features
-from flows.biomarkers import BiomarkerRun, train_biomarkers
-from flows.config import PipelineConfig
-from flows.detector import DetectorResult, train_cancer_detector
-from flows.discriminative import select_discriminative
-from flows.ingest import ingest_cohort
-from flows.policy import input_digest
-from flows.preprocess import preprocess
-from flows.records import AnalysisResult, CohortRef, Record
-from flows.runners import with_fanout_runner
+from flows.runtime.policy import input_digest
+from flows.runtime.records import AnalysisResult, CohortRef, Record
+from flows.runtime.runners import with_fanout_runner
+from flows.training.analysis import analyze_features
+from flows.training.biomarkers import BiomarkerRun, train_biomarkers
+from flows.training.config import PipelineConfig
+from flows.training.detector import DetectorResult, train_cancer_detector
+from flows.training.discriminative import select_discriminative
+from flows.training.ingest import ingest_cohort
+from flows.training.preprocess import preprocess
 
 #: Hex digits of a run id.
 RUN_ID_DIGITS = 16
@@ -60,7 +60,7 @@ def train_pipeline(
     cohort = ingest_cohort(manifest_path, cohort_name)
     run = run_id(cohort, config)
     prefix = f"runs/{run}"
-    # Threads, or a Dask cluster when the settings ask for one (``flows.runners``).
+    # Threads, or a Dask cluster when the settings ask for one (``flows.runtime.runners``).
     tiled = with_fanout_runner(preprocess)(cohort, config.tiling, config.max_concurrent_slides)
     detector = train_cancer_detector(
         cohort, tiled, config.detector, config.split_seed, config.tiling.overlap_px

@@ -3,7 +3,7 @@
 One ``TileSlide`` call per slide (tissue, grid, stain matrix, normalized 20x
 shards under ``tiles/{slide_id}/{params_hash}/``), at most
 ``max_concurrent_slides`` at once. Each slide's QC verdict is recorded in its
-:class:`~flows.records.TiledSlide`, logged when it warns or fails, and listed in a
+:class:`~flows.runtime.records.TiledSlide`, logged when it warns or fails, and listed in a
 ``slide-qc`` table artifact of the flow run. TilingService itself reuses a stored result of
 the same parameters, so a task that runs again costs one round trip.
 """
@@ -15,13 +15,13 @@ from collections import Counter
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows.clients import service_errors, tiling_stub
-from flows.config import TilingConfig
-from flows.fanout import submit_bounded
-from flows.ingest import read_cohort
-from flows.policy import pipeline_task
-from flows.records import CohortRef, TiledSlide
-from flows.settings import FlowSettings
+from flows.runtime.clients import service_errors, tiling_stub
+from flows.runtime.fanout import submit_bounded
+from flows.runtime.policy import pipeline_task
+from flows.runtime.records import CohortRef, TiledSlide
+from flows.runtime.settings import FlowSettings
+from flows.training.config import TilingConfig
+from flows.training.ingest import read_cohort
 from services.common.qc_messages import qc_from_proto
 from services.common.stubs.histomarker.v1 import common_pb2, tiling_pb2
 from services.tiling.client import tile_slide as call_tile_slide

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from prefect import get_run_logger
 
-from flows.clients import torchserve_management
-from flows.policy import pipeline_task
-from flows.records import ModelRef, Registration
-from flows.settings import FlowSettings
+from flows.runtime.clients import torchserve_management
+from flows.runtime.policy import pipeline_task
+from flows.runtime.records import ModelRef, Registration
+from flows.runtime.settings import FlowSettings
 from services.inference.served_models import (
     READY_TIMEOUT_S,
     record_deployment,

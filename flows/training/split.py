@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from flows.records import Record
+from flows.runtime.records import Record
 from services.common.errors import InvalidInput
 
 #: Patients each class needs for a patient split with validation patients of both.

@@ -16,10 +16,10 @@ from dataclasses import replace
 import pandas as pd
 from prefect import get_run_logger
 
-from flows.config import ModelTraining
-from flows.policy import input_digest, pipeline_task
-from flows.records import ModelRef, Record
-from flows.settings import FlowSettings
+from flows.runtime.policy import input_digest, pipeline_task
+from flows.runtime.records import ModelRef, Record
+from flows.runtime.settings import FlowSettings
+from flows.training.config import ModelTraining
 from services.common.objectstore import ObjectStore
 from services.inference.archive import build_mar
 from services.inference.bundle import METRICS_FILE

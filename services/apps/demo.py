@@ -2,17 +2,17 @@
 
 1. A synthetic cohort (``services.synth``) with ground truth; a seeded share of its
    patients, cancer and normal, is held out of everything that follows
-   (``services.demo_heldout.split``).
-2. The local stack (``services.local_stack``, what ``histomarker up`` runs): the
+   (``services.apps.demo_heldout.split``).
+2. The local stack (``services.apps.local_stack``, what ``histomarker up`` runs): the
    Prefect server, TorchServe and the four gRPC services on free ports of 127.0.0.1,
    a ``file://`` object store in the output folder.
-3. ``train_pipeline`` (``flows.pipeline``) on the other patients against that stack:
+3. ``train_pipeline`` (``flows.training.pipeline``) on the other patients against that stack:
    tiling, the cancer detector, CD patches, the six biomarker models (registered on
    TorchServe), nuclei features, the analysis report. Its runs are recorded by the
    stack's Prefect server.
 4. Every held-out slide uploaded to the PredictionService with its Python client;
    the calibrated answers are scored against the truth
-   (``services.demo_heldout.scores``).
+   (``services.apps.demo_heldout.scores``).
 5. The stack is stopped (also on Ctrl-C, SIGTERM or a failure), and the demo says
    where its outputs are.
 
@@ -40,7 +40,7 @@ from typing import Any
 
 import pandas as pd
 
-from flows.config import Analysis, ModelTraining, PipelineConfig, Selection, TilingConfig
+from flows.training.config import Analysis, ModelTraining, PipelineConfig, Selection, TilingConfig
 from services.common.errors import InvalidInput
 from services.common.processes import environment, interruptible
 from services.common.vocabulary import BIOMARKERS
@@ -231,7 +231,7 @@ def _prepare_output(out: Path, scale: DemoScale) -> bool:
     A stack left running by a demo that was killed outright (SIGKILL gives it no
     chance to stop its stack) is stopped first, exactly its recorded processes.
     """
-    from services.local_stack.stack import run_down
+    from services.apps.local_stack.stack import run_down
 
     out.mkdir(parents=True, exist_ok=True)
     if (out / "stack").is_dir():
@@ -273,8 +273,8 @@ def _cohort(out: Path, scale: DemoScale, reuse: bool, progress: bool) -> dict[st
 
 def _split(out: Path, scale: DemoScale) -> tuple[Path, pd.DataFrame]:
     """Write the training manifest beside the cohort's; return it and the held-out rows."""
+    from services.apps.demo_heldout.split import split_by_patient
     from services.cohort.manifest import Manifest
-    from services.demo_heldout.split import split_by_patient
 
     folder = out / "cohort"
     manifest = Manifest.read(folder / "manifest.csv")
@@ -286,7 +286,7 @@ def _split(out: Path, scale: DemoScale) -> tuple[Path, pd.DataFrame]:
 
 
 def _flow_environment(stack: Any, out: Path) -> dict[str, str]:
-    """The settings ``flows.settings.FlowSettings`` reads, pointing at the stack."""
+    """The settings ``flows.runtime.settings.FlowSettings`` reads, pointing at the stack."""
     from services.inference.torchserve import read_key_file
 
     ports = stack.ports
@@ -320,7 +320,7 @@ def _train(stack: Any, out: Path, train_manifest: Path, scale: DemoScale) -> Any
         temporary_settings,
     )
 
-    from flows.pipeline import train_pipeline
+    from flows.training.pipeline import train_pipeline
 
     updates: dict[Any, Any] = {
         PREFECT_API_URL: stack.prefect_api_url,
@@ -404,7 +404,7 @@ def _write_results(
     cohort: pd.DataFrame,
     not_trained: list[str],
 ) -> dict[str, Any]:
-    from services.demo_heldout.scores import markdown_table
+    from services.apps.demo_heldout.scores import markdown_table
 
     table.to_csv(out / PREDICTIONS_CSV, index=False)
     verdict = target_verdict(results, not_trained, scale)
@@ -490,8 +490,8 @@ def run_demo(
         with ``require_targets`` also every target met), ``targets_met`` (None at
         a scale without targets), the table, the paths and the seconds per stage.
     """
-    from services.demo_heldout.scores import heldout_results, markdown_table, slide_table
-    from services.local_stack.stack import LocalStack, StackOptions
+    from services.apps.demo_heldout.scores import heldout_results, markdown_table, slide_table
+    from services.apps.local_stack.stack import LocalStack, StackOptions
 
     chosen = scale_named(scale)
     if cohort_seed is not None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    from flows.config import PipelineConfig
-    from flows.pipeline import train_pipeline
+    from flows.training.config import PipelineConfig
+    from flows.training.pipeline import train_pipeline
 
     manifest, cohort, config_path, result_path = argv
     config = PipelineConfig.model_validate_json(Path(config_path).read_text())

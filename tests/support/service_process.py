@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from services.apps.local_stack.stack import GRPC_SERVICES, LOOPBACK, grpc_serving
 from services.common.processes import is_our_group, reap, start_ticks, stop_group
-from services.local_stack.stack import GRPC_SERVICES, LOOPBACK, grpc_serving
 
 #: Seconds a service may take to report SERVING (imports are slow on a busy machine).
 READY_TIMEOUT_S = 120.0

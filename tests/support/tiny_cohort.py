@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from flows.split import MIN_PATIENTS_PER_CLASS, paper_split
+from flows.training.split import MIN_PATIENTS_PER_CLASS, paper_split
 from services.common.vocabulary import BIOMARKERS
 from services.synth.labels import manifest_rows, sample_cohort
 

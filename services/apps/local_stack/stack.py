@@ -34,6 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from services.apps.local_stack.state import (
+    STATE_FILE,
+    ComponentRecord,
+    StackState,
+    read_state,
+    remove_state,
+    write_state,
+)
 from services.common.errors import FailedPrecondition, HistomarkerError, InvalidInput, Unavailable
 from services.common.processes import (
     interruptible,
@@ -44,14 +52,6 @@ from services.common.processes import (
     stop_group,
 )
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
-from services.local_stack.state import (
-    STATE_FILE,
-    ComponentRecord,
-    StackState,
-    read_state,
-    remove_state,
-    write_state,
-)
 
 if TYPE_CHECKING:
     from services.inference.served_models import ServingSettings

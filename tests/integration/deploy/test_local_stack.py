@@ -22,8 +22,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.apps.local_stack.stack import GRPC_SERVICES
 from services.common.processes import group_members
-from services.local_stack.stack import GRPC_SERVICES
 
 pytestmark = pytest.mark.slow
 

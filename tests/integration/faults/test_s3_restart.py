@@ -21,7 +21,7 @@ import pytest
 from fault_checks import comparable_outputs, task_runs_of, wait_until, whole_objects
 from tcp_proxy import TcpProxy
 
-from flows.config import TilingConfig
+from flows.training.config import TilingConfig
 from services.common.objectstore import ObjectStore, open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -47,8 +47,8 @@ def _run_flows(
 ) -> tuple[list[dict[str, Any]], Any]:
     """``ingest_cohort`` then ``preprocess`` on ``store_url`` with a TilingService of
     its own; returns the tiling records and the preprocess flow run's id."""
-    from flows.ingest import ingest_cohort
-    from flows.preprocess import preprocess
+    from flows.training.ingest import ingest_cohort
+    from flows.training.preprocess import preprocess
     from services.tiling.server import TilingSettings, create
 
     monkeypatch.setenv("HISTOMARKER_STORE_URL", store_url)

@@ -19,7 +19,7 @@ import pytest
 from fault_checks import comparable_outputs, task_runs_of, wait_until, whole_objects
 from service_process import ServiceProcess
 
-from flows.config import TilingConfig
+from flows.training.config import TilingConfig
 from services.common.objectstore import open_store
 from services.common.processes import free_ports
 
@@ -30,8 +30,8 @@ TILING = TilingConfig(patch_px=128, max_patches=8)
 
 def _run_flows(manifest: Path) -> tuple[list[dict[str, Any]], Any]:
     """``ingest_cohort`` then ``preprocess``; the tiling records and the flow run id."""
-    from flows.ingest import ingest_cohort
-    from flows.preprocess import preprocess
+    from flows.training.ingest import ingest_cohort
+    from flows.training.preprocess import preprocess
 
     cohort = ingest_cohort(str(manifest), "tiny")
     state = preprocess(cohort, TILING, max_concurrent_slides=2, return_state=True)

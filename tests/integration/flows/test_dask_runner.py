@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from flows.config import TilingConfig
+from flows.training.config import TilingConfig
 from services.common.settings import ServiceSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -45,10 +45,10 @@ def test_preprocess_on_a_local_dask_cluster_matches_the_thread_runner(
     from distributed import LocalCluster
     from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
-    from flows.ingest import ingest_cohort
-    from flows.preprocess import preprocess
-    from flows.runners import with_fanout_runner
-    from flows.settings import FlowSettings
+    from flows.runtime.runners import with_fanout_runner
+    from flows.runtime.settings import FlowSettings
+    from flows.training.ingest import ingest_cohort
+    from flows.training.preprocess import preprocess
 
     monkeypatch.setenv("HISTOMARKER_STORE_URL", tiling["store_url"])
     monkeypatch.setenv("HISTOMARKER_TILING_TARGET", tiling["target"])

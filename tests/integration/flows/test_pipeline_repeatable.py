@@ -28,7 +28,7 @@ import pandas as pd
 import pytest
 from tiny_cohort import learnable_seed
 
-from flows.config import Analysis, ModelTraining, PipelineConfig, Selection, TilingConfig
+from flows.training.config import Analysis, ModelTraining, PipelineConfig, Selection, TilingConfig
 from services.common.settings import ServiceSettings
 
 pytestmark = [
@@ -114,7 +114,7 @@ def _train(
     TorchServe of its own."""
     from prefect.settings import PREFECT_API_URL
 
-    from flows.pipeline import PipelineResult
+    from flows.training.pipeline import PipelineResult
     from services.inference.torchserve import TorchServe, TorchServeConfig
 
     root: Path = services["root"] / name

@@ -90,7 +90,7 @@ def prediction(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
 def test_two_inbox_slides_are_predicted_once_then_skipped(
     prefect_home: Path, prediction: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.predict import BatchOptions, predict_batch
+    from flows.batch.predict import BatchOptions, predict_batch
 
     for name, value in prediction["env"].items():
         monkeypatch.setenv(name, value)

@@ -23,7 +23,7 @@ import pytest
 from prefect_harness import latest_artifacts
 from tiny_cohort import learnable_seed
 
-from flows.config import Analysis, ModelTraining, PipelineConfig, Selection, TilingConfig
+from flows.training.config import Analysis, ModelTraining, PipelineConfig, Selection, TilingConfig
 from services.common.settings import ServiceSettings
 from services.common.vocabulary import BIOMARKERS
 
@@ -140,7 +140,7 @@ def _settled_states(names: list[str], expected: str, timeout_s: float = 60.0) ->
 def test_a_failed_run_resumes_from_its_cached_tasks_and_serves_every_model(
     prefect_home: Path, stack: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.pipeline import train_pipeline
+    from flows.training.pipeline import train_pipeline
     from services.common.objectstore import open_store
     from services.inference.serving_records import read_record
 

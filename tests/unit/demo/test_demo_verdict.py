@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from services.demo import SCALES, target_verdict
-from services.demo_heldout.scores import TaskResult
+from services.apps.demo import SCALES, target_verdict
+from services.apps.demo_heldout.scores import TaskResult
 
 
 def _results(*aurocs: float) -> list[TaskResult]:
@@ -38,7 +38,7 @@ def test_quick_scale_has_no_verdict() -> None:
 
 
 def test_a_missed_target_fails_the_run_only_when_required() -> None:
-    from services.demo import run_ok
+    from services.apps.demo import run_ok
 
     assert run_ok(answered=True, targets_met=False, require_targets=False)
     assert not run_ok(answered=True, targets_met=False, require_targets=True)

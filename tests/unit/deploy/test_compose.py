@@ -34,7 +34,7 @@ SETTINGS = {
     "nuclei": "services.nuclei.server:NucleiSettings",
     "analysis": "services.analysis.server:AnalysisSettings",
     "prediction": "services.prediction.server:PredictionSettings",
-    "flows": "flows.settings:FlowSettings",
+    "flows": "flows.runtime.settings:FlowSettings",
     # Its entrypoint's restore (`histomarker models restore`).
     "torchserve": "services.inference.served_models:ServingSettings",
 }

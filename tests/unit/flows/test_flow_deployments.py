@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from flows.deployments import (
+from flows.runtime.deployments import (
     PREDICT_DEPLOYMENT,
     TRAIN_DEPLOYMENT,
     build_deployments,
     describe,
     serve_options,
 )
-from flows.runners import fanout_task_runner, with_fanout_runner
-from flows.settings import FlowSettings
+from flows.runtime.runners import fanout_task_runner, with_fanout_runner
+from flows.runtime.settings import FlowSettings
 from services import cli
 from services.common.errors import InvalidInput
 
@@ -35,8 +35,8 @@ def test_defaults_are_weekly_training_unscheduled_and_ten_minute_batches() -> No
     assert (predict.flow_name, predict.name) == ("predict_batch", PREDICT_DEPLOYMENT)
     assert describe([predict])[0]["schedules"] == ["every 600 s"]
     assert predict.parameters == {"inbox_prefix": "inbox/"}
-    assert predict.entrypoint == "flows.predict.predict_batch"
-    assert train.entrypoint == "flows.pipeline.train_pipeline"
+    assert predict.entrypoint == "flows.batch.predict.predict_batch"
+    assert train.entrypoint == "flows.training.pipeline.train_pipeline"
 
 
 def test_training_on_its_cron_with_the_cohort_parameters(manifest: Path) -> None:
@@ -92,7 +92,7 @@ def test_bad_options_are_invalid_input(kwargs: dict) -> None:
 def test_the_fanout_runner_is_threads_or_dask() -> None:
     from prefect_dask import DaskTaskRunner
 
-    from flows.predict import predict_slides
+    from flows.batch.predict import predict_slides
 
     assert fanout_task_runner(FlowSettings()) is None
     assert with_fanout_runner(predict_slides, FlowSettings()) is predict_slides

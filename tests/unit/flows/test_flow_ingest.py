@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flows.detector import split_cohort
-from flows.ingest import ingest_slide, read_cohort, store_manifest
+from flows.training.detector import split_cohort
+from flows.training.ingest import ingest_slide, read_cohort, store_manifest
 from services.cohort.manifest import MANIFEST_COLUMNS, Manifest
 from services.common.objectstore import open_store
 

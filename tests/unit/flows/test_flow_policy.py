@@ -7,9 +7,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from flows.config import ModelTraining, TilingConfig
-from flows.policy import cache_key, canonical, input_digest, is_retryable
-from flows.records import SlideRef
+from flows.runtime.policy import cache_key, canonical, input_digest, is_retryable
+from flows.runtime.records import SlideRef
+from flows.training.config import ModelTraining, TilingConfig
 from services.common.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable
 
 
@@ -83,9 +83,9 @@ def test_only_an_unavailable_dependency_is_retried(
 
 
 def test_tasks_carry_the_policy() -> None:
-    from flows.policy import RETRIES, retry_on_unavailable
-    from flows.preprocess import tile_slide
-    from flows.serving import register_model
+    from flows.runtime.policy import RETRIES, retry_on_unavailable
+    from flows.training.preprocess import tile_slide
+    from flows.training.serving import register_model
 
     assert tile_slide.retries == RETRIES
     assert tile_slide.retry_condition_fn is retry_on_unavailable
@@ -94,7 +94,7 @@ def test_tasks_carry_the_policy() -> None:
 
 
 def test_failed_calls_become_typed_errors_that_keep_their_retry_decision() -> None:
-    from flows.clients import service_errors
+    from flows.runtime.clients import service_errors
     from services.common.errors import Unimplemented
 
     with (

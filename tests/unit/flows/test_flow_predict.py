@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from flows.predict import (
+from flows.batch.predict import (
     BatchOptions,
     BiomarkerOutcome,
     InboxSlide,
@@ -152,7 +152,7 @@ def test_batch_ids_sort_by_time_and_name_the_run() -> None:
 
 
 def test_the_prefixes_are_the_prediction_services() -> None:
-    from flows import predict
+    from flows.batch import predict
     from services.prediction import pipeline
 
     assert predict.PREDICTIONS_PREFIX == pipeline.RUNS_PREFIX

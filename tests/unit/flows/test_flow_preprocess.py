@@ -6,9 +6,9 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from flows.config import TilingConfig
-from flows.preprocess import qc_rows, tiling_request
-from flows.records import TiledSlide
+from flows.runtime.records import TiledSlide
+from flows.training.config import TilingConfig
+from flows.training.preprocess import qc_rows, tiling_request
 from services.common.stubs.histomarker.v1 import tiling_pb2
 
 

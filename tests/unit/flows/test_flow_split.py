@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from flows.config import Selection
-from flows.discriminative import choose_cd
-from flows.split import paper_split, untrainable_reason
+from flows.training.config import Selection
+from flows.training.discriminative import choose_cd
+from flows.training.split import paper_split, untrainable_reason
 from services.common.errors import InvalidInput
 
 
@@ -77,8 +77,8 @@ def test_the_fallback_keeps_the_most_probable_patches_and_says_so() -> None:
 
 
 def test_the_fan_out_needs_a_positive_limit() -> None:
-    from flows.fanout import submit_bounded
-    from flows.preprocess import tile_slide
+    from flows.runtime.fanout import submit_bounded
+    from flows.training.preprocess import tile_slide
 
     with pytest.raises(InvalidInput, match=">= 1"):
         submit_bounded(tile_slide, [], 0)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from flows.config import Analysis, ModelTraining, PipelineConfig, training_of
-from flows.policy import input_digest
-from flows.training import train_config
+from flows.runtime.policy import input_digest
+from flows.training.config import Analysis, ModelTraining, PipelineConfig, training_of
+from flows.training.training import train_config
 
 
 def test_the_model_json_records_the_overlap_of_the_training_grid() -> None:
