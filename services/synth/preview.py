@@ -24,6 +24,7 @@ import tifffile
 from matplotlib.patches import Patch
 
 from services.common.errors import InvalidInput
+from services.common.vocabulary import BIOMARKERS
 
 TYPE_COLOURS = {
     "tumour": "#ffdd00",
@@ -71,7 +72,7 @@ def write_thumbnail_figure(cohort: Path, row: dict[str, str], out: Path) -> Path
         edge = cv2.dilate(_outline(mask, size).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
         overlay[edge] = np.array(matplotlib.colors.to_rgb(colour)) * 255
     figure, axes = plt.subplots(1, 2, figsize=(14, 5.6), dpi=110)
-    labels = {key: row[key] for key in ("tp53", "pik3ca", "er", "pr", "her2", "basal")}
+    labels = {key: row[key] for key in BIOMARKERS}
     width, height = slide.dimensions
     axes[0].imshow(thumb)
     axes[0].set_title(
