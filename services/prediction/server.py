@@ -250,9 +250,8 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
     ) -> None:
         self.settings = settings
         self.store: ObjectStore = settings.open_store()
-        cache = settings.slide_cache_dir or Path(tempfile.mkdtemp(prefix="histomarker-slides-"))
-        self.cache_dir = cache
-        self.slides = SlideCache(self.store, cache)
+        self.slides = SlideCache.of(self.store, settings.slide_cache_dir)
+        self.cache_dir = self.slides.folder
         self.admission = Admission(
             settings.max_concurrent_predictions, settings.max_queued_predictions
         )

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
+import tempfile
 import threading
+import weakref
 from pathlib import Path, PurePosixPath
 
 from services.common.errors import InvalidInput
@@ -46,6 +49,19 @@ class SlideCache:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+
+    @classmethod
+    def temporary(cls, store: ObjectStore) -> SlideCache:
+        """A cache in a fresh temporary folder that is removed with the cache, or when
+        the process exits (a service stopped by SIGTERM leaves no slide copies)."""
+        cache = cls(store, Path(tempfile.mkdtemp(prefix="histomarker-slides-")))
+        weakref.finalize(cache, shutil.rmtree, str(cache.folder), ignore_errors=True)
+        return cache
+
+    @classmethod
+    def of(cls, store: ObjectStore, folder: Path | None) -> SlideCache:
+        """The cache in ``folder`` (kept), or a temporary one when None."""
+        return cls(store, folder) if folder is not None else cls.temporary(store)
 
     def local_path(self, key: str) -> Path:
         """The slide at ``key`` as a local file, downloading it on first use.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -148,8 +147,7 @@ class TilingServicer(tiling_pb2_grpc.TilingServiceServicer):
     def __init__(self, settings: TilingSettings) -> None:
         self.settings = settings
         self.store = settings.open_store()
-        cache = settings.slide_cache_dir or Path(tempfile.mkdtemp(prefix="histomarker-slides-"))
-        self.slides = SlideCache(self.store, cache)
+        self.slides = SlideCache.of(self.store, settings.slide_cache_dir)
 
     # -- helpers ---------------------------------------------------------------------
     def _key(self, ref: common_pb2.ObjectRef, what: str) -> str:
