@@ -10,48 +10,13 @@ seeded bootstrap over patients (slides when there is no ``patient_id``).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from services.analysis.aggregate import patch_and_slide_metrics
+from services.analysis.curves import with_probability
 from services.analysis.metrics import Estimate, MetricReport
-from services.common.errors import InvalidInput, NotFound
-
-_TEXT_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip", ".zst")
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV, TSV or parquet table by its extension.
-
-    Raises:
-        NotFound: No such file.
-        InvalidInput: An unknown extension or a file that does not parse.
-    """
-    target = Path(path)
-    if not target.is_file():
-        raise NotFound(f"no table file {str(target)!r}")
-    suffixes = [s.lower() for s in target.suffixes]
-    if suffixes and suffixes[-1] in _TEXT_COMPRESSIONS:
-        suffixes = suffixes[:-1]
-    kind = suffixes[-1] if suffixes else ""
-    try:
-        if kind in (".parquet", ".pq"):
-            return pd.read_parquet(target)
-        if kind in (".tsv", ".tab"):
-            return pd.read_csv(target, sep="\t")
-        if kind == ".csv":
-            return pd.read_csv(target)
-    except (ValueError, OSError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"cannot read {target.name}: {exc}") from None
-    raise InvalidInput(f"cannot tell the format of {target.name!r}: use .csv, .tsv or .parquet")
-
-
-def _with_probability(table: pd.DataFrame) -> pd.DataFrame:
-    if "probability" not in table.columns and "score" in table.columns:
-        return table.rename(columns={"score": "probability"})
-    return table
+from services.analysis.tables import read_table
+from services.common.errors import InvalidInput
 
 
 def _estimate_text(estimate: Estimate) -> str:
@@ -98,7 +63,7 @@ def run_metrics(args: argparse.Namespace) -> dict[str, Any]:
         raise InvalidInput(f"--bootstrap must be >= 0, got {args.bootstrap}")
     if args.top_k < 1:
         raise InvalidInput(f"--top-k must be >= 1, got {args.top_k}")
-    table = _with_probability(read_table(args.table))
+    table = with_probability(read_table(args.table))
     result = patch_and_slide_metrics(
         table, args.aggregate, args.top_k, resamples=args.bootstrap, seed=args.seed
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -19,7 +18,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from services.analysis.cli_metrics import read_table
 from services.common.errors import InvalidInput, NotFound
 from services.common.objectstore import ObjectInfo, ObjectStore
 
@@ -32,6 +30,8 @@ MIN_FOLDS, MAX_FOLDS = 2, 20
 #: Seeds must fit numpy's and scikit-learn's generators.
 MAX_SEED = 2**32 - 1
 #: Table formats by extension.
+#: Compressions of the text forms by extension.
+_COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zip": "zip", ".zst": "zstd"}
 _TABLE_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv"}
 _CONTENT_TYPES = {
     "parquet": "application/vnd.apache.parquet",
@@ -102,6 +102,45 @@ def table_format(key: str) -> str:
 # --- reading and writing ----------------------------------------------------------------
 
 
+def parse_table(source: Path | bytes, name: str) -> pd.DataFrame:
+    """A CSV, TSV or parquet table (a file, or an object's bytes), told apart by the
+    extension of ``name``; the text forms may be compressed (``.gz``, ``.bz2``...).
+
+    Raises:
+        InvalidInput: An unknown extension or content that does not parse (naming
+            ``name``).
+    """
+    suffixes = [s.lower() for s in PurePosixPath(name).suffixes]
+    compression = _COMPRESSIONS.get(suffixes[-1]) if suffixes else None
+    if compression is not None:
+        suffixes = suffixes[:-1]
+    kind = suffixes[-1] if suffixes else ""
+    data = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        if kind in (".parquet", ".pq"):
+            return pd.read_parquet(data)
+        if kind in (".tsv", ".tab"):
+            return pd.read_csv(data, sep="\t", compression=compression)
+        if kind == ".csv":
+            return pd.read_csv(data, compression=compression)
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"cannot read {name}: {exc}") from None
+    raise InvalidInput(f"cannot tell the format of {name!r}: use .csv, .tsv or .parquet")
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A table file (see :func:`parse_table`).
+
+    Raises:
+        NotFound: No such file.
+        InvalidInput: An unknown extension or a file that does not parse.
+    """
+    target = Path(path)
+    if not target.is_file():
+        raise NotFound(f"no table file {str(target)!r}")
+    return parse_table(target, target.name)
+
+
 def load_table(store: ObjectStore, key: str, what: str) -> pd.DataFrame:
     """Read the table ``key`` from the store (CSV, TSV or parquet by extension).
 
@@ -109,24 +148,18 @@ def load_table(store: ObjectStore, key: str, what: str) -> pd.DataFrame:
         NotFound: No such object (the message names ``what`` and the key).
         InvalidInput: An unknown extension or content that does not parse.
     """
-    suffixes = "".join(PurePosixPath(key).suffixes[-2:])[-24:]
     try:
         data = store.get_bytes(key)
     except NotFound:
         raise NotFound(f"{what}: no table {key!r} in the store") from None
-    with tempfile.TemporaryDirectory(prefix="histomarker-table-") as folder:
-        path = Path(folder) / f"table{suffixes}"
-        path.write_bytes(data)
-        try:
-            table = read_table(path)
-        except InvalidInput as exc:
-            # The server's temporary path never reaches the caller: name the key.
-            message = f"{what} ({key}): {exc}".replace(str(path), key)
-            raise InvalidInput(message.replace(path.name, key)) from None
-        except Exception as exc:  # parsers raise many kinds on corrupt files
-            raise InvalidInput(
-                f"{what} ({key}): cannot read the table ({type(exc).__name__})"
-            ) from None
+    try:
+        table = parse_table(data, key)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{what} ({key}): {exc}") from None
+    except Exception as exc:  # parsers raise many kinds on corrupt files
+        raise InvalidInput(
+            f"{what} ({key}): cannot read the table ({type(exc).__name__})"
+        ) from None
     table.columns = [str(c) for c in table.columns]
     return table
 
