@@ -124,10 +124,11 @@ def ablation_of(
 
 def statistics_of(
     settings: FlowSettings, biomarker: str, patch_sets_key: str, output: str
-) -> list[str]:
+) -> tuple[int, list[str]]:
     """Mann-Whitney U of the 75 features between classes on the BD patches (the CD
     patches when the BD set holds one class), stored at ``output`` by the
-    AnalysisService; a note when neither set holds both classes."""
+    AnalysisService: the number of tests, and a note when neither set holds both
+    classes."""
     request = analysis_pb2.CompareGroupsRequest(
         table=analysis_pb2.GroupTable(
             table=_ref(patch_sets_key),
@@ -140,7 +141,7 @@ def statistics_of(
     )
     with service_errors("AnalysisService"), analysis_stub(settings) as stub:
         response = stub.CompareGroups(request, timeout=settings.rpc_timeout_s)
-    return [response.note] if response.note else []
+    return len(response.comparisons), [response.note] if response.note else []
 
 
 @pipeline_task(task_run_name="analyse-{result.biomarker}")
@@ -150,8 +151,8 @@ def analyze_biomarker(
     """Ablation and statistics of one biomarker's CD and BD patches.
 
     Returns:
-        Keys of the stored patch sets, ablation and statistics tables, and notes on
-        what could not be computed.
+        Keys of the stored patch sets, ablation and statistics tables, the number of
+        tests stored, and notes on what could not be computed.
     """
     settings = FlowSettings()
     folder = f"{run_prefix}/analysis/{result.biomarker}"
@@ -162,14 +163,15 @@ def analyze_biomarker(
     keys["ablation"] = f"{folder}/ablation.parquet"
     notes = ablation_of(settings, result.biomarker, keys["patch_sets"], analysis, keys["ablation"])
     keys["statistics"] = f"{folder}/statistics.parquet"
-    notes += statistics_of(settings, result.biomarker, keys["patch_sets"], keys["statistics"])
+    tests, more = statistics_of(settings, result.biomarker, keys["patch_sets"], keys["statistics"])
     counts = table["patch_set"].value_counts()
     return {
         **keys,
         "biomarker": result.biomarker,
         "bd_patches": int(counts.get("BD", 0)),
         "cd_patches": int(counts.get("CD", 0)),
-        "notes": notes,
+        "tests": tests,
+        "notes": notes + more,
     }
 
 
@@ -179,10 +181,11 @@ def immune_statistics(
     slide_ids: list[str],
     earlier_keys: list[str],
     output: str,
-) -> None:
+) -> int:
     """The paper's covariate test, immune score by TP53 status on these slides, after
     the tests stored at ``earlier_keys``: the AnalysisService stores them all, joined,
-    at ``output`` (the earlier ones alone when the slides hold one TP53 class)."""
+    at ``output`` (the earlier ones alone when the slides hold one TP53 class). Returns
+    the number of its own tests."""
     request = analysis_pb2.CompareGroupsRequest(
         covariate=analysis_pb2.CovariateTable(
             manifest=_ref(cohort.manifest_key), covariate="immune_score", slide_ids=slide_ids
@@ -192,7 +195,8 @@ def immune_statistics(
         output=_ref(output),
     )
     with service_errors("AnalysisService"), analysis_stub(settings) as stub:
-        stub.CompareGroups(request, timeout=settings.rpc_timeout_s)
+        response = stub.CompareGroups(request, timeout=settings.rpc_timeout_s)
+    return len(response.comparisons)
 
 
 def build_report(
@@ -250,11 +254,10 @@ def write_report(
         ablations = [read_parquet(store, a["ablation"]) for a in analyses]
         ablation = pd.concat([a for a in ablations if not a.empty] or [pd.DataFrame()])
         write_parquet(store, ablation_key, ablation)
-    immune_statistics(
+    immune_tests = immune_statistics(
         settings, cohort, slide_ids, [a["statistics"] for a in analyses], statistics_key
     )
-    with settings.open_store() as store:
-        statistics_empty = read_parquet(store, statistics_key).empty
+    statistics_empty = immune_tests + sum(a["tests"] for a in analyses) == 0
     notes = [n for a in analyses for n in a["notes"]] + [
         f"{s.biomarker} not trained: {s.reason}" for s in skipped
     ]
