@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from services.common.errors import FailedPrecondition
-from services.nuclei.train_unet import normalized_distance, separated_foreground
+from services.nuclei.train_unet import _loss, contact_zone, normalized_distance, separated_foreground
 from services.nuclei.unet import (
     WORK_MPP,
     NucleiNet,
@@ -59,6 +59,41 @@ def test_touching_nuclei_are_taught_with_a_background_line_between_them() -> Non
     assert not foreground[2:6, 6].any() and not foreground[6, 6:11].any()
     assert foreground[2:6, 1:6].all() and foreground[2:6, 7:11].all()
     assert not foreground[truth == 0].any()
+
+
+def test_the_contact_zone_lies_between_nuclei_that_touch_or_nearly_do() -> None:
+    truth = np.zeros((20, 40), np.int32)
+    truth[5:15, 2:10] = 1
+    truth[5:15, 10:18] = 2  # touches nucleus 1
+    truth[5:15, 22:30] = 3  # 4 px from nucleus 2
+    truth[5:15, 37:40] = 4  # 7 px from nucleus 3: too far at radius 3
+
+    zone = contact_zone(truth, radius=3).astype(bool)
+
+    assert zone[9, 9] and zone[9, 10]  # the shared border
+    assert zone[9, 19:21].all()  # the middle of the narrow gap, 3 px from both
+    assert not zone[9, 30:37].any()  # the wide gap
+    assert not zone[9, 2:6].any() and not zone[0, :].any()  # far from any neighbour
+    # Without neighbours there is no zone at all.
+    assert not contact_zone(_discs([(32, 32)], radius=8)).any()
+
+
+def test_the_contact_zone_weighs_more_in_the_loss() -> None:
+    fg = torch.zeros(1, 8, 8)
+    dist = torch.zeros(1, 8, 8)
+    output = torch.zeros(1, 2, 8, 8)
+    output[0, 1, 0, 0] = 1.0  # one pixel's distance wrong
+    contact = torch.zeros(1, 8, 8)
+    known = torch.ones(1)
+    plain = _loss(output, fg, dist, contact, known, contact_weight=5.0)
+    contact[0, 0, 0] = 1.0
+    weighted = _loss(output, fg, dist, contact, known, contact_weight=5.0)
+    # Cross-entropy gains 5/64 of log(2) from the one pixel's sigmoid(0) = 0.5; the
+    # squared error 2 * 5 * 1 / 64.
+    expected = 5 / 64 * float(np.log(2)) + 2 * 5 / 64
+    assert float(weighted - plain) == pytest.approx(expected, rel=1e-5)
+    # No extra weight: the zone changes nothing.
+    assert float(_loss(output, fg, dist, contact, known, 0.0)) == pytest.approx(float(plain))
 
 
 def test_maps_at_the_working_resolution_come_back_at_the_patch_size() -> None:
