@@ -160,7 +160,9 @@ def load_image(row: IndexRow) -> TrainingImage:
     binary = (read_label_image(row.binary) > 0).astype(np.float32)
     mask = cv2.resize(binary, size, interpolation=cv2.INTER_AREA) >= 0.5
     blank = np.zeros(mask.shape, np.float32)
-    return TrainingImage(row.name, work, mask.astype(np.uint8), blank, False, blank.astype(np.uint8))
+    return TrainingImage(
+        row.name, work, mask.astype(np.uint8), blank, False, blank.astype(np.uint8)
+    )
 
 
 def load_folder(folder: Path, holdout: str | None) -> list[TrainingImage]:
@@ -247,7 +249,9 @@ def _batch(
     )
 
 
-def _loss(output: Any, fg: Any, dist: Any, contact: Any, known: Any, contact_weight: float) -> Any:
+def training_loss(
+    output: Any, fg: Any, dist: Any, contact: Any, known: Any, contact_weight: float
+) -> Any:
     """Cross-entropy and Dice on the foreground, squared error on the distance map
     (images with instance labels only); pixels of the contact zone count
     ``1 + contact_weight`` times in the cross-entropy and the squared error."""
@@ -299,7 +303,7 @@ def train(
     running = 0.0
     for step in range(1, steps + 1):
         x, fg, dist, contact, known = _batch(images, weights, batch, side, rng)
-        loss = _loss(model(x), fg, dist, contact, known, contact_weight)
+        loss = training_loss(model(x), fg, dist, contact, known, contact_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

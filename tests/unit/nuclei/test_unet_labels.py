@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from services.common.errors import FailedPrecondition
-from services.nuclei.train_unet import _loss, contact_zone, normalized_distance, separated_foreground
+from services.nuclei.train_unet import (
+    contact_zone,
+    normalized_distance,
+    separated_foreground,
+    training_loss,
+)
 from services.nuclei.unet import (
     WORK_MPP,
     NucleiNet,
@@ -85,15 +90,16 @@ def test_the_contact_zone_weighs_more_in_the_loss() -> None:
     output[0, 1, 0, 0] = 1.0  # one pixel's distance wrong
     contact = torch.zeros(1, 8, 8)
     known = torch.ones(1)
-    plain = _loss(output, fg, dist, contact, known, contact_weight=5.0)
+    plain = training_loss(output, fg, dist, contact, known, contact_weight=5.0)
     contact[0, 0, 0] = 1.0
-    weighted = _loss(output, fg, dist, contact, known, contact_weight=5.0)
+    weighted = training_loss(output, fg, dist, contact, known, contact_weight=5.0)
     # Cross-entropy gains 5/64 of log(2) from the one pixel's sigmoid(0) = 0.5; the
     # squared error 2 * 5 * 1 / 64.
     expected = 5 / 64 * float(np.log(2)) + 2 * 5 / 64
     assert float(weighted - plain) == pytest.approx(expected, rel=1e-5)
     # No extra weight: the zone changes nothing.
-    assert float(_loss(output, fg, dist, contact, known, 0.0)) == pytest.approx(float(plain))
+    unweighted = training_loss(output, fg, dist, contact, known, 0.0)
+    assert float(unweighted) == pytest.approx(float(plain))
 
 
 def test_maps_at_the_working_resolution_come_back_at_the_patch_size() -> None:
