@@ -11,7 +11,10 @@ the truth grid (downsample 32) by area averaging, > 0.5 = set, as in
 - recall per pen colour: truth pixels of that colour inside our mask of that colour;
 - false pen: clean tissue (truth tissue without truth pen) flagged as pen of any
   colour, as a fraction of the truth tissue, pooled (and the worst slide);
-- ms per slide of ``segment_tissue`` (median).
+- ms per slide of ``segment_tissue`` (median);
+- blur recall: truth out-of-focus tissue flagged as blur by the masks the services
+  use (:func:`compute_masks` on the slide, blur judged on its 1 µm/px level), pooled;
+  false blur: clean tissue (no truth blur, pen or fold) flagged as blur, pooled.
 
     .venv/bin/python benchmarks/quality/tissue_quality.py [--seeds 0 1 2 3 4 5] [--slides 6]
         [--cache /tmp/tissue_quality] [--per-slide]
@@ -32,7 +35,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from services.slide.tissue import PEN_COLOURS, segment_tissue
+from services.slide.reader import open_slide
+from services.slide.tissue import PEN_COLOURS, TissueParams, compute_masks, segment_tissue
 from services.synth.cohort import MANIFEST_NAME, generate_cohort
 
 MPP0 = 0.25
@@ -79,6 +83,7 @@ def evaluate(root: Path, per_slide: bool) -> dict[str, float]:
     ious: list[float] = []
     times: list[float] = []
     pen_total = pen_excluded = tissue_total = false_pen = 0
+    blur_total = blur_found = clean_total = false_blur = 0
     worst_false = 0.0
     found = dict.fromkeys(PEN_COLOURS, 0)
     total = dict.fromkeys(PEN_COLOURS, 0)
@@ -112,6 +117,16 @@ def evaluate(root: Path, per_slide: bool) -> dict[str, float]:
         false_pen += flagged
         tissue_total += int(tissue.sum())
         worst_false = max(worst_false, flagged / max(int(tissue.sum()), 1))
+
+        with open_slide(path) as reader:
+            served = compute_masks(reader, path.stem, TissueParams(), DOWNSAMPLE)
+        ours_blur = to_grid(served.blur, tissue.shape)
+        truth_blur = (read_png(truth_dir / "blur.png") > 0) & tissue
+        clean = tissue & ~truth_blur & ~truth_pen & ~(read_png(truth_dir / "fold.png") > 0)
+        blur_total += int(truth_blur.sum())
+        blur_found += int((truth_blur & ours_blur).sum())
+        clean_total += int(clean.sum())
+        false_blur += int((clean & ours_blur).sum())
         if per_slide:
             excluded = (truth_pen & ~ours).sum() / max(int(truth_pen.sum()), 1)
             print(
@@ -127,6 +142,8 @@ def evaluate(root: Path, per_slide: bool) -> dict[str, float]:
         "false_pen": false_pen / max(tissue_total, 1),
         "worst_false_pen": worst_false,
         "ms": 1000.0 * float(np.median(times)),
+        "blur_recall": blur_found / blur_total if blur_total else float("nan"),
+        "false_blur": false_blur / max(clean_total, 1),
     }
     for name in PEN_COLOURS:
         row[f"recall_{name}"] = found[name] / total[name] if total[name] else float("nan")
@@ -146,9 +163,9 @@ def main() -> None:
 
     print(
         "| seed | mean IoU | min IoU | pen excluded | green recall | blue recall "
-        "| black recall | false pen (worst slide) | ms / slide |"
+        "| black recall | false pen (worst slide) | ms / slide | blur recall | false blur |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for seed in args.seeds:
         root = cohort(args.cache, seed, args.slides)
         if args.per_slide:
@@ -157,7 +174,8 @@ def main() -> None:
         print(
             f"| {seed} | {r['mean_iou']:.3f} | {r['min_iou']:.3f} | {pct(r['pen_excluded'])} "
             f"| {pct(r['recall_green'])} | {pct(r['recall_blue'])} | {pct(r['recall_black'])} "
-            f"| {pct(r['false_pen'])} ({pct(r['worst_false_pen'])}) | {r['ms']:.0f} |",
+            f"| {pct(r['false_pen'])} ({pct(r['worst_false_pen'])}) | {r['ms']:.0f} "
+            f"| {pct(r['blur_recall'])} | {pct(r['false_blur'])} |",
             flush=True,
         )
 
