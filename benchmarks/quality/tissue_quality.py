@@ -13,7 +13,8 @@ the truth grid (downsample 32) by area averaging, > 0.5 = set, as in
   colour, as a fraction of the truth tissue, pooled (and the worst slide);
 - ms per slide of ``segment_tissue`` (median);
 - blur recall: truth out-of-focus tissue flagged as blur by the masks the services
-  use (:func:`compute_masks` on the slide, blur judged on its 1 µm/px level), pooled;
+  use (blur judged again on the slide's 1 µm/px level by :func:`refine_blur`, as
+  :func:`compute_masks` does), pooled;
   false blur: clean tissue (no truth blur, pen or fold) flagged as blur, pooled.
 
     .venv/bin/python benchmarks/quality/tissue_quality.py [--seeds 0 1 2 3 4 5] [--slides 6]
@@ -36,7 +37,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from services.slide.reader import open_slide
-from services.slide.tissue import PEN_COLOURS, TissueParams, compute_masks, segment_tissue
+from services.slide.tissue import (
+    PEN_COLOURS,
+    TissueParams,
+    refine_blur,
+    segment_tissue,
+    sharpness_level,
+)
 from services.synth.cohort import MANIFEST_NAME, generate_cohort
 
 MPP0 = 0.25
@@ -118,9 +125,13 @@ def evaluate(root: Path, per_slide: bool) -> dict[str, float]:
         tissue_total += int(tissue.sum())
         worst_false = max(worst_false, flagged / max(int(tissue.sum()), 1))
 
+        # The served masks are these with blur judged again on the 1 µm/px level
+        # (what compute_masks does after segment_tissue).
         with open_slide(path) as reader:
-            served = compute_masks(reader, path.stem, TissueParams(), DOWNSAMPLE)
-        ours_blur = to_grid(served.blur, tissue.shape)
+            level = sharpness_level(reader, masks.downsample)
+            if level is not None and masks.tissue.any():
+                masks = refine_blur(masks, reader, level, TissueParams())
+        ours_blur = to_grid(masks.blur, tissue.shape)
         truth_blur = (read_png(truth_dir / "blur.png") > 0) & tissue
         clean = tissue & ~truth_blur & ~truth_pen & ~(read_png(truth_dir / "fold.png") > 0)
         blur_total += int(truth_blur.sum())
