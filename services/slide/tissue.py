@@ -86,11 +86,18 @@ Rules, in order (parameters in :class:`TissueParams`):
    (local grey std >= ``blur_min_std``, relative to glass), is blurred; the mask is
    cleaned with an opening and regions smaller than ``blur_min_area_um2`` dropped.
    Defocus that matters to 20x patches is lost at the masks' few µm/px: a slide with
-   a level near :data:`SHARPNESS_UM` (1 µm/px) has its blur judged again there
-   (:func:`refine_blur`, through :func:`compute_masks`): the level is read in tiles
-   where there is tissue, each mask pixel's Laplacian energy and grey moments pooled
-   from its block of fine pixels, and the same rule applied with
-   ``blur_fine_fraction``.
+   a level at or finer than :data:`SHARPNESS_UM` (1 µm/px) has its blur judged again
+   at 1 µm/px (:func:`refine_blur`, through :func:`compute_masks`): the level is read
+   in tiles where there is tissue and resampled to 1 µm/px, and focus is the **band
+   ratio**, the energy of the finest detail (the Laplacian, periods of 2-4 µm) over
+   the energy of the next band (grey smoothed by 1 µm minus grey smoothed by 2 µm,
+   periods of about 6-16 µm), each pooled into its mask pixel from the fine pixels
+   (tissue only, away from its rim) and Gaussian-weighted over
+   ``blur_fine_window_um``. Defocus takes the finest band first, so the ratio falls
+   wherever the focus is off, whatever the tissue: dense and pale tissue, nuclei and
+   stroma have nearly the same ratio in focus, where a Laplacian-over-variance
+   measure swings with the tissue's layout. Tissue whose ratio is below
+   ``blur_fine_fraction`` of the slide's median ratio is blurred, cleaned as above.
 7. **Folds.** Tissue lying doubled absorbs about twice as much: OD smoothed over
    ``fold_smooth_um`` above ``p50 + fold_k_mad * 1.4826 * MAD`` of the tissue OD, and
    saturation above the tissue median, as regions of at least ``fold_min_area_um2``.
@@ -222,8 +229,9 @@ class TissueParams:
         blur_fraction: Blurred below this fraction of the tissue median sharpness.
         blur_min_std: Least local grey standard deviation (glass = 1) to judge focus.
         blur_min_area_um2: Smallest blurred region, µm².
-        blur_fine_fraction: ``blur_fraction`` when blur is judged on a finer level
-            (:func:`refine_blur`): fine detail varies more from tissue to tissue there.
+        blur_fine_fraction: Blurred below this fraction of the slide's median band
+            ratio when blur is judged at 1 µm/px (:func:`refine_blur`).
+        blur_fine_window_um: Gaussian sigma of the band-ratio window at 1 µm/px, µm.
         fold_smooth_um: Gaussian sigma of the OD smoothing for folds, µm.
         fold_k_mad: Folds lie this many robust standard deviations above the median.
         fold_min_area_um2: Smallest fold region, µm².
@@ -278,7 +286,8 @@ class TissueParams:
     blur_fraction: float = 0.3
     blur_min_std: float = 0.02
     blur_min_area_um2: float = 5_000.0
-    blur_fine_fraction: float = 0.2
+    blur_fine_fraction: float = 0.4
+    blur_fine_window_um: float = 8.0
     fold_smooth_um: float = 16.0
     fold_k_mad: float = 3.0
     fold_min_area_um2: float = 5_000.0
@@ -760,6 +769,40 @@ def _sharpness_of(windowed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarr
     return energy / (var + 1e-4), np.sqrt(var), share
 
 
+def _band_pieces(grey: np.ndarray, weight: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-pixel terms of the band ratio (module docstring, step 6) of a grey image
+    at :data:`SHARPNESS_UM`: squared Laplacian and squared 1-2 µm difference of
+    Gaussians away from the tissue's rim, that rim-free weight, grey and squared grey
+    over tissue, and the tissue weight. Windowed (summed) before they are combined
+    by :func:`_band_ratio_of`."""
+    lap = cv2.Laplacian(grey, cv2.CV_32F, ksize=3)
+    band = cv2.GaussianBlur(grey, (0, 0), 1.0) - cv2.GaussianBlur(grey, (0, 0), 2.0)
+    # The 2 µm Gaussian reaches about 5 px: away from the rim by that much.
+    inner = cv2.erode(weight, np.ones((5, 5), np.uint8)).astype(np.float32)
+    tissue = weight.astype(np.float32)
+    return {
+        "lap": lap * lap * inner,
+        "band": band * band * inner,
+        "inner": inner,
+        "g": grey * tissue,
+        "g2": grey * grey * tissue,
+        "w": tissue,
+    }
+
+
+def _band_ratio_of(windowed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Band ratio, local standard deviation and tissue share from windowed
+    :func:`_band_pieces`. Where the window has no rim-free tissue the ratio is 0
+    with no contrast, so the pixel is not judged."""
+    share = windowed["w"]
+    norm = np.maximum(share, np.float32(1e-3))
+    mean = windowed["g"] / norm
+    var = np.maximum(windowed["g2"] / norm - mean * mean, 0.0)
+    inner = windowed["inner"] > np.float32(1e-3)
+    ratio = np.where(inner, windowed["lap"] / (windowed["band"] + np.float32(1e-9)), 0.0)
+    return ratio.astype(np.float32), np.where(inner, np.sqrt(var), 0.0), share
+
+
 def _blur_mask(
     rgb: np.ndarray,
     glass: np.ndarray,
@@ -1014,19 +1057,24 @@ def sharpness_level(reader: SlideReader, mask_downsample: float) -> int | None:
 def refine_blur(
     masks: TissueMasks, reader: SlideReader, level: int, params: TissueParams
 ) -> TissueMasks:
-    """The masks with blur judged again on a finer level of the slide.
+    """The masks with blur judged again on a finer level of the slide, at 1 µm/px.
 
     The level is read in tiles of :data:`SHARPNESS_TILE_PX`, only where the mask
-    has tissue; each tile's Laplacian energy and grey moments (over tissue pixels,
-    the Laplacian away from the tissue's rim) are pooled into its mask pixels, then
-    windowed at mask resolution over ``blur_window_um`` and judged against the slide's
-    own median sharpness, as at the masks' resolution (module docstring, step 6).
+    has tissue, and resampled to :data:`SHARPNESS_UM` when it is finer; each tile's
+    band energies and grey moments (:func:`_band_pieces`) are pooled into its mask
+    pixels, then windowed at mask resolution over ``blur_fine_window_um`` and the
+    band ratio judged against the slide's own median ratio with
+    ``blur_fine_fraction`` (module docstring, step 6).
     """
     h, w = masks.tissue.shape
     level_ds = float(reader.level_downsamples[level])
+    level_um = level_ds * float(reader.mpp[0])
     factor = masks.downsample / level_ds  # level px per mask px
+    # Resampled to 1 µm/px (never up): the bands are defined there.
+    scale = min(1.0, level_um / SHARPNESS_UM)
     glass = np.array([masks.thresholds.get(f"glass_{c}", 255.0) for c in "rgb"], np.float32)
-    sums = {name: np.zeros((h, w), np.float32) for name in ("lap", "inner", "g", "g2", "w")}
+    names = ("lap", "band", "inner", "g", "g2", "w")
+    sums = {name: np.zeros((h, w), np.float32) for name in names}
     step = max(1, int(SHARPNESS_TILE_PX // factor))  # mask px per tile
     tissue_u8 = masks.tissue.astype(np.uint8)
     for y0 in range(0, h, step):
@@ -1039,17 +1087,21 @@ def refine_blur(
             rgb = reader.read_region(
                 round(x0 * masks.downsample), round(y0 * masks.downsample), level, tw, th
             )
+            if scale < 1.0:
+                sw, sh = max(1, round(tw * scale)), max(1, round(th * scale))
+                rgb = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA)
+                tw, th = sw, sh
             weight = cv2.resize(block, (tw, th), interpolation=cv2.INTER_NEAREST)
-            pieces = _focus_pieces(_grey_over_glass(rgb, glass), weight)
+            pieces = _band_pieces(_grey_over_glass(rgb, glass), weight)
             for name, image in pieces.items():
                 pooled = cv2.resize(image, (bw, bh), interpolation=cv2.INTER_AREA)
                 sums[name][y0 : y0 + bh, x0 : x0 + bw] = pooled
-    sigma = params.blur_window_um / masks.mpp
-    sharp, std, share = _sharpness_of({k: _smooth(v, sigma) for k, v in sums.items()})
+    sigma = params.blur_fine_window_um / masks.mpp
+    ratio, std, share = _band_ratio_of({k: _smooth(v, sigma) for k, v in sums.items()})
     px_um = masks.mpp
     fine = replace(params, blur_fraction=params.blur_fine_fraction)
     blur, threshold = _blur_from_sharpness(
-        sharp, std, share, masks.tissue, px_um, px_um * px_um, fine
+        ratio, std, share, masks.tissue, px_um, px_um * px_um, fine
     )
     return replace(
         masks,
@@ -1058,7 +1110,7 @@ def refine_blur(
         thresholds={
             **masks.thresholds,
             "blur_sharpness": threshold,
-            "blur_level_um": level_ds * float(reader.mpp[0]),
+            "blur_level_um": level_um,
         },
     )
 

@@ -256,6 +256,34 @@ def write_pyramid(
     )
 
 
+def write_image_pyramid(
+    path: str | os.PathLike[str], rgb: np.ndarray, mpp: float, *, levels: int = 5
+) -> PyramidInfo:
+    """Write an image held in memory as a pyramid slide (downsamples 1, 2, 4, ...).
+
+    For checks that need a real image to behave as a scanned slide (a finer level to
+    judge focus on, a mask level); tiles of 256 px, JPEG quality 90.
+
+    Args:
+        path: Destination ``.tiff``.
+        rgb: ``uint8`` RGB image of shape (height, width, 3), level 0.
+        mpp: Its resolution, µm per pixel.
+        levels: Least number of levels.
+    """
+    rgb = np.ascontiguousarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise InvalidInput(f"expected uint8 RGB (h, w, 3), got {rgb.dtype} {rgb.shape}")
+    height, width = rgb.shape[:2]
+    spec = PyramidSpec(width, height, mpp=mpp, tile_px=256, min_levels=levels)
+    tile = spec.tile_px
+
+    def tiles() -> Iterator[np.ndarray]:
+        for x0, y0 in spec.tile_origins_px():
+            yield _pad_edge(rgb[y0 : y0 + tile, x0 : x0 + tile], tile, tile)
+
+    return write_pyramid(path, spec, tiles())
+
+
 def thumbnail(path: str | os.PathLike[str], max_px: int) -> np.ndarray:
     """Return an RGB thumbnail whose longer side is ``max_px`` (never upscaled).
 

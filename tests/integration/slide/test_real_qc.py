@@ -184,33 +184,18 @@ def test_an_image_without_resolution_is_refused_in_one_line(
 
 def _pyramid(path: Path, rgb: np.ndarray, mpp: float) -> Path:
     """A tiled JPEG pyramid (levels 1, 2, 4, 8, 16) of a real image."""
-    import tifffile
+    from services.synth.pyramid import write_image_pyramid
 
-    resolution = (10_000.0 / mpp, 10_000.0 / mpp)
-    with tifffile.TiffWriter(path) as tif:
-        for k in (1, 2, 4, 8, 16):
-            level = (
-                rgb
-                if k == 1
-                else cv2.resize(
-                    rgb, (rgb.shape[1] // k, rgb.shape[0] // k), interpolation=cv2.INTER_AREA
-                )
-            )
-            tif.write(
-                level,
-                tile=(256, 256),
-                photometric="rgb",
-                compression="jpeg",
-                resolution=(resolution[0] / k, resolution[1] / k),
-                resolutionunit="CENTIMETER",
-            )
-    return path
+    return write_image_pyramid(path, rgb, mpp).path
 
 
-def test_defocus_is_found_on_a_finer_level_and_in_focus_tissue_is_not(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sigma_um", [1.0, 2.0])
+def test_defocus_is_found_on_a_finer_level_and_in_focus_tissue_is_not(
+    tmp_path: Path, sigma_um: float
+) -> None:
     # Real in-focus tissue (CMU-1-Small-Region at 0.5 µm/px) as a pyramid, and the same
-    # with a box defocused by a Gaussian of 2 µm: the masks (4-8 µm/px) cannot see it;
-    # the blur judged on the 1 µm/px level must.
+    # with a box defocused by a Gaussian of 1 or 2 µm: the masks (4-8 µm/px) cannot see
+    # it; the blur judged at 1 µm/px must.
     from services.slide.tissue import TissueParams, compute_masks
 
     source = realdata("qc") / "slides" / "CMU-1-Small-Region.svs"
@@ -219,7 +204,7 @@ def test_defocus_is_found_on_a_finer_level_and_in_focus_tissue_is_not(tmp_path: 
     h, w = rgb.shape[:2]
     y0, y1, x0, x1 = h // 4, h // 2, w // 4, 3 * w // 4
     defocused = rgb.copy()
-    defocused[y0:y1, x0:x1] = cv2.GaussianBlur(rgb, (0, 0), 2.0 / mpp)[y0:y1, x0:x1]
+    defocused[y0:y1, x0:x1] = cv2.GaussianBlur(rgb, (0, 0), sigma_um / mpp)[y0:y1, x0:x1]
     shares = {}
     for name, image in (("sharp", rgb), ("defocused", defocused)):
         with open_slide(_pyramid(tmp_path / f"{name}.tiff", image, mpp)) as reader:
