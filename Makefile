@@ -43,7 +43,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]' 2>&1 | $(QUIET_PIP)
 	$(BIN)/pip uninstall -y -q opencv-python 2>/dev/null || true
 	$(BIN)/pip install -q --force-reinstall --no-deps $(OPENCV_HEADLESS) 2>&1 | $(QUIET_PIP)
-	$(BIN)/python -c "import torch, torchvision, staintools, cv2, openslide, grpc, prefect, minio, ts" 
+	$(BIN)/python -c "import torch, torchvision, staintools, cv2, openslide, grpc, prefect, minio, ts, timm, open_clip, safetensors, h5py" 
 	touch $(STAMP)
 
 install: system-deps $(STAMP)
