@@ -1,0 +1,121 @@
+"""A slide's bag: its QC'd patch grid embedded by one encoder.
+
+:func:`embed_slide` prepares the slide exactly as tiling and prediction do
+(:func:`services.slide.prepare.prepare_slide`: masks, QC, usable area with ink, blur
+and folds left out, the grid), with the grid at the encoder's own resolution and
+input side (a UNI patch is 224 px at 0.5 µm/px, the detector's 512 px), reads the
+patches in batches, embeds them (:meth:`LoadedEncoder.embed`) and appends them to a
+:class:`~services.mil.bags.BagWriter`. Colours stay as scanned: foundation encoders
+learned from unnormalized slides of many sites.
+
+Resumable: the partial bag (``<bag>.partial``) records how many grid patches are
+done; a second call with the same output continues after them. The grid is a pure
+function of the slide and the parameters, so the patches after a restart are the
+ones that were left. :func:`store_bag` puts the finished bag into the object store
+under :func:`bag_key`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from services.common.objectstore import ObjectStore
+from services.encoders.loading import LoadedEncoder
+from services.mil.bags import BagWriter
+from services.slide.grid import GridParams
+from services.slide.prepare import PrepParams, prepare_slide
+from services.slide.reader import SlideReader
+
+#: Patches read and embedded together.
+READ_BATCH = 32
+
+
+def bag_key(encoder: str, slide_id: str) -> str:
+    """Object-store key of a slide's bag for one encoder."""
+    return f"bags/{encoder}/{slide_id}.h5"
+
+
+def encoder_grid(encoder: LoadedEncoder, base: GridParams | None = None) -> GridParams:
+    """``base`` (default grid) at the encoder's resolution and input side."""
+    spec = encoder.spec
+    return replace(base or GridParams(), magnification=10.0 / spec.mpp, patch_px=spec.input_px)
+
+
+def embed_slide(
+    reader: SlideReader,
+    slide_id: str,
+    encoder: LoadedEncoder,
+    out: Path | str,
+    *,
+    params: PrepParams | None = None,
+    batch_size: int = READ_BATCH,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Embed a slide's usable patches into the bag file ``out`` (module docstring).
+
+    Args:
+        reader: The open slide.
+        slide_id: Its id (stored in the bag).
+        encoder: The loaded encoder.
+        out: The bag file to write; its ``.partial`` file is continued if present.
+        params: Slide preparation; its grid's magnification and patch side are
+            replaced by the encoder's.
+        batch_size: Patches read and embedded at once.
+        progress: Called as ``progress(done, total)`` after each batch.
+
+    Returns:
+        The finished bag's path. A slide without usable tissue gives an empty bag.
+    """
+    prep = params or PrepParams()
+    prep = replace(prep, grid=encoder_grid(encoder, prep.grid))
+    prepared = prepare_slide(reader, slide_id, prep)
+    grid = prepared.grid
+    total = len(grid)
+    spec = encoder.spec
+    mpp0 = float(reader.mpp[0])
+    with BagWriter(
+        out,
+        feature_dim=spec.embed_dim,
+        slide_id=slide_id,
+        encoder=spec.name,
+        encoder_sha256=encoder.sha256,
+        patch_px=spec.input_px,
+        patch_mpp=prep.grid.target_mpp,
+        level0_mpp=mpp0,
+    ) as writer:
+        done = writer.done
+        if progress is not None:
+            progress(done, total)
+        xs = grid["x"].to_numpy(np.int64) if total else np.zeros(0, np.int64)
+        ys = grid["y"].to_numpy(np.int64) if total else np.zeros(0, np.int64)
+        while done < total:
+            stop = min(total, done + batch_size)
+            patches = np.stack(
+                [
+                    reader.read_patch(
+                        int(xs[i]),
+                        int(ys[i]),
+                        spec.input_px,
+                        prep.grid.target_mpp,
+                        allow_upsample=prep.grid.allow_upsample,
+                    )
+                    for i in range(done, stop)
+                ]
+            )
+            features = encoder.embed(patches, batch_size=batch_size)
+            coords = np.stack([xs[done:stop], ys[done:stop]], axis=1)
+            done = writer.append(coords, features)
+            if progress is not None:
+                progress(done, total)
+        return writer.finish()
+
+
+def store_bag(store: ObjectStore, path: Path | str, encoder: str, slide_id: str) -> str:
+    """Put a finished bag into the object store; returns its key."""
+    key = bag_key(encoder, slide_id)
+    store.put_file(key, Path(path))
+    return key
