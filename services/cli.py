@@ -425,6 +425,68 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=3600.0, help="deadline, seconds")
 
 
+def _export(args: argparse.Namespace) -> dict[str, Any]:
+    from services.export.cli_export import run_export
+
+    return run_export(args)
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "result",
+        nargs="?",
+        metavar="RESULT",
+        help="a prediction: its folder (runs/predictions/<slide>/<hash>/ in the store), "
+        "its prediction.json, or a saved `histomarker predict --json` answer",
+    )
+    parser.add_argument("out", metavar="OUT.geojson", help="the GeoJSON file to write")
+    parser.add_argument(
+        "--what",
+        metavar="PARTS",
+        help="comma-separated: heatmap, cd-bd, nuclei, attention (default: every part "
+        "whose input is given)",
+    )
+    parser.add_argument(
+        "--biomarker",
+        metavar="NAME",
+        help="only this biomarker's BD patches, and tiles classed by it (tp53, pik3ca...)",
+    )
+    parser.add_argument(
+        "--bd-confidence",
+        type=float,
+        metavar="P",
+        help="calibrated confidence of a BD patch (default 0.9)",
+    )
+    parser.add_argument(
+        "--nuclei", metavar="LABELS.tif", help="a `histomarker nuclei --labels` image"
+    )
+    parser.add_argument(
+        "--features",
+        metavar="TABLE",
+        help="per-nucleus table with a label column, or the `histomarker nuclei --json` answer",
+    )
+    parser.add_argument(
+        "--nuclei-origin",
+        default="0,0",
+        metavar="X,Y",
+        help="level-0 px of the label image's top-left corner (default 0,0)",
+    )
+    parser.add_argument(
+        "--nuclei-downsample",
+        type=float,
+        default=1.0,
+        metavar="D",
+        help="level-0 px per label px (default 1; 0.5 for 40x labels of a 20x slide)",
+    )
+    parser.add_argument(
+        "--attention", metavar="TABLE", help="per-patch values: columns x, y and one per value"
+    )
+    parser.add_argument(
+        "--patch-size", type=float, metavar="PX", help="attention patch side, level-0 px"
+    )
+    parser.add_argument("--slide-id", default="", help="slide id in the object ids")
+
+
 def _flows_serve(args: argparse.Namespace) -> dict[str, Any]:
     from flows.runtime.deployments import serve, serve_options
 
@@ -579,6 +641,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict_arguments(predict)
     predict.set_defaults(handler=_predict)
 
+    export = sub.add_parser("export", help="results as files other tools open")
+    export_sub = export.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
+    export_geojson = export_sub.add_parser(
+        "geojson", help="predictions, nuclei or attention as QuPath GeoJSON (level-0 px)"
+    )
+    _add_export_arguments(export_geojson)
+    export_geojson.set_defaults(handler=_export)
+    _add_json_flag(export_geojson)
+
     flows = sub.add_parser("flows", help="Prefect flows and deployments")
     flows_sub = flows.add_subparsers(dest="flows_command", metavar="ACTION", required=True)
     flows_serve = flows_sub.add_parser("serve", help="serve the scheduled deployments")
@@ -673,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     for name, action in sub.choices.items():
-        if name not in {"cohort", "flows", "models"}:
+        if name not in {"cohort", "export", "flows", "models"}:
             _add_json_flag(action)
     return parser
 

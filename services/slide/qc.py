@@ -39,6 +39,12 @@ import numpy as np
 from pydantic import Field
 
 from services.common.settings import ServiceSettings
+from services.export.geojson import (
+    feature_collection,
+    oriented_ring,
+    qupath_feature,
+    write_geojson,
+)
 from services.slide.reader import SlideReader
 from services.slide.tissue import (
     PEN_COLOURS,
@@ -362,40 +368,21 @@ def geojson(classes: dict[str, np.ndarray], downsample: float) -> dict[str, Any]
         if not polygons:
             continue
         features.append(
-            {
-                "type": "Feature",
-                "geometry": {"type": "MultiPolygon", "coordinates": polygons},
-                "properties": {
-                    "objectType": "annotation",
-                    "name": QUPATH_NAMES[name],
-                    "classification": {
-                        "name": QUPATH_NAMES[name],
-                        "color": list(CLASS_COLOURS[name]),
-                    },
-                    "isLocked": False,
-                },
-            }
+            qupath_feature(
+                {"type": "MultiPolygon", "coordinates": polygons},
+                object_type="annotation",
+                classification=QUPATH_NAMES[name],
+                colour=CLASS_COLOURS[name],
+                name=QUPATH_NAMES[name],
+                locked=False,
+            )
         )
-    return {"type": "FeatureCollection", "features": features}
+    return feature_collection(features)
 
 
 def _ring(contour: np.ndarray, downsample: float, exterior: bool) -> list[list[float]] | None:
-    points = contour.reshape(-1, 2).astype(np.float64)
-    if len(points) < 3:
-        return None
     # Mask pixel (i, j) covers [i, i+1) in mask px: its corner in level-0 px.
-    ring = [[round(float(x) * downsample, 2), round(float(y) * downsample, 2)] for x, y in points]
-    # GeoJSON (RFC 7946): exterior rings counter-clockwise (positive signed area of
-    # the coordinates as written), holes clockwise.
-    area = 0.0
-    for (x1, y1), (x2, y2) in zip(ring, ring[1:] + ring[:1], strict=True):
-        area += x1 * y2 - x2 * y1
-    if area == 0:
-        return None
-    if (area > 0) != exterior:
-        ring.reverse()
-    ring.append(ring[0])
-    return ring
+    return oriented_ring(contour.reshape(-1, 2).astype(np.float64) * downsample, exterior)
 
 
 def _polygons(mask: np.ndarray, downsample: float) -> list[list[list[list[float]]]]:
@@ -437,8 +424,7 @@ def write_report(result: QcResult, out: str | Path) -> Path:
             folder / "masks" / f"{name}.png", _png(np.where(mask, 255, 0).astype(np.uint8))
         )
     _write_atomic(folder / "overlay.png", _png(overlay(result.thumbnail, classes)))
-    collection = geojson(classes, result.masks.downsample)
-    _write_atomic(folder / "qc.geojson", json.dumps(collection).encode())
+    write_geojson(folder / "qc.geojson", geojson(classes, result.masks.downsample))
     path = folder / QC_JSON
     _write_atomic(path, (json.dumps(result.report, indent=1) + "\n").encode())
     return path
