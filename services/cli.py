@@ -431,6 +431,40 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     return run_export(args)
 
 
+def _encoders(args: argparse.Namespace) -> dict[str, Any]:
+    from services.mil.cli_embed import run_encoders
+
+    return run_encoders(args)
+
+
+def _print_encoders(result: dict[str, Any]) -> None:
+    from services.mil.cli_embed import print_encoders
+
+    print_encoders(result)
+
+
+def _embed(args: argparse.Namespace) -> dict[str, Any]:
+    from services.mil.cli_embed import run_embed
+
+    return run_embed(args)
+
+
+def _add_embed_arguments(embed: argparse.ArgumentParser) -> None:
+    embed.add_argument("slide", metavar="SLIDE", help="whole-slide image (or image with --mpp)")
+    embed.add_argument("out", metavar="OUT.h5", help="the bag file to write")
+    embed.add_argument("--encoder", required=True, help="encoder name (`histomarker encoders`)")
+    embed.add_argument(
+        "--weights", required=True, metavar="FILE", help="local weights (.safetensors/.bin/.pth)"
+    )
+    embed.add_argument("--mpp", type=float, help="microns per pixel, if the slide lacks it")
+    embed.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    embed.add_argument("--batch", type=int, default=32, help="patches per forward pass")
+    embed.add_argument(
+        "--max-patches", type=int, default=0, help="sample at most this many patches (0: all)"
+    )
+    embed.add_argument("--slide-id", default="", help="id stored in the bag (default: file stem)")
+
+
 def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "result",
@@ -649,6 +683,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_arguments(export_geojson)
     export_geojson.set_defaults(handler=_export)
     _add_json_flag(export_geojson)
+
+    encoders = sub.add_parser("encoders", help="the patch encoders `embed` can load")
+    encoders.set_defaults(handler=_encoders, human=_print_encoders)
+
+    embed = sub.add_parser("embed", help="a slide's bag of patch embeddings from local weights")
+    _add_embed_arguments(embed)
+    embed.set_defaults(handler=_embed)
 
     flows = sub.add_parser("flows", help="Prefect flows and deployments")
     flows_sub = flows.add_subparsers(dest="flows_command", metavar="ACTION", required=True)

@@ -76,3 +76,46 @@ def test_a_real_slide_is_embedded_resumably_into_a_bag(tmp_path: Path, encoder) 
     store = open_store(f"file://{tmp_path / 'store'}")
     key = store_bag(store, resumed, "uni", "CMU-1")
     assert key == bag_key("uni", "CMU-1") and store.exists(key)
+
+
+def test_embed_command_writes_a_bag_from_a_local_weights_file(tmp_path: Path, capsys) -> None:
+    import json
+
+    from services.cli import main
+
+    slide = realdata("qc") / "slides" / "CMU-1-Small-Region.svs"
+    torch.manual_seed(1)
+    weights = tmp_path / "resnet50.pth"
+    torch.save(build_encoder("resnet50-trunc").state_dict(), weights)
+    out = tmp_path / "cmu.h5"
+    argv = ["embed", str(slide), str(out), "--encoder", "resnet50-trunc", "--weights"]
+    assert main([*argv, str(weights), "--max-patches", "8", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    bag = read_bag(out)
+    assert answer["patches"] == 8 == len(bag.features) and bag.features.shape[1] == 1024
+    assert answer["encoder"]["licence"] == "BSD-3-Clause"
+    assert bag.encoder_sha256 == answer["encoder"]["sha256"]
+    # Bad input: one readable line, exit 2, nothing written.
+    assert main([*argv, str(tmp_path / "missing.pth"), "--json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.pth" in err[0]
+    # A finished bag is not overwritten: it says so.
+    assert main([*argv, str(weights), "--json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "finished already" in err[0]
+    assert read_bag(out).encoder_sha256 == answer["encoder"]["sha256"]
+    assert (
+        main(
+            [
+                "embed",
+                str(slide),
+                str(tmp_path / "x.txt"),
+                "--encoder",
+                "uni",
+                "--weights",
+                str(weights),
+            ]
+        )
+        == 2
+    )
+    assert not (tmp_path / "x.txt").exists()
