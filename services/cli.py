@@ -465,6 +465,76 @@ def _add_embed_arguments(embed: argparse.ArgumentParser) -> None:
     embed.add_argument("--slide-id", default="", help="id stored in the bag (default: file stem)")
 
 
+def _mil_train(args: argparse.Namespace) -> dict[str, Any]:
+    from services.mil.cli_mil import run_train
+
+    return run_train(args)
+
+
+def _print_mil_train(result: dict[str, Any]) -> None:
+    from services.mil.cli_mil import print_train
+
+    print_train(result)
+
+
+def _mil_predict(args: argparse.Namespace) -> dict[str, Any]:
+    from services.mil.cli_mil import run_predict
+
+    return run_predict(args)
+
+
+def _print_mil_predict(result: dict[str, Any]) -> None:
+    from services.mil.cli_mil import print_predict
+
+    print_predict(result)
+
+
+def _add_mil_arguments(mil: argparse.ArgumentParser) -> None:
+    mil_sub = mil.add_subparsers(dest="mil_command", metavar="ACTION", required=True)
+    train = mil_sub.add_parser(
+        "train", help="site-aware cross-validation, then a calibrated MIL head on all patients"
+    )
+    train.add_argument("manifest", metavar="MANIFEST", help="the cohort's manifest.csv")
+    train.add_argument(
+        "bags", metavar="BAGS", help="folder of <slide_id>.h5 bags, or one with bags/<encoder>/"
+    )
+    train.add_argument("out", metavar="OUT", help="folder for the model, card, table, figures")
+    train.add_argument("--head", choices=["abmil", "transformer"], default="abmil")
+    train.add_argument("--encoder", metavar="NAME", help="the encoder every bag must come from")
+    train.add_argument("--folds", type=int, default=5, help="site-aware folds (default 5)")
+    train.add_argument(
+        "--patient-level", action="store_true", help="one bag per patient (its slides merged)"
+    )
+    train.add_argument("--epochs", type=int, default=40, help="most epochs per model")
+    train.add_argument("--patience", type=int, default=8, help="epochs without a better loss")
+    train.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
+    train.add_argument("--hidden-dim", type=int, help="head width (default: the head's, 256)")
+    train.add_argument(
+        "--max-patches", type=int, default=0, help="patches kept per slide, at random (0: all)"
+    )
+    train.add_argument("--seed", type=int, default=0, help="seed of folds and training")
+    train.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
+    train.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="N", help="resamples of the AUROC CI"
+    )
+    train.add_argument("--cohort-name", metavar="NAME", help="default: the manifest's folder")
+    kind = train.add_mutually_exclusive_group()
+    kind.add_argument("--synthetic", action="store_true", help="the slides are synthetic")
+    kind.add_argument("--real", action="store_true", help="the slides are real H&E")
+    train.set_defaults(handler=_mil_train, human=_print_mil_train)
+    predict = mil_sub.add_parser("predict", help="six calibrated calls for one bag")
+    predict.add_argument("model", metavar="MODEL", help="a `mil train` model (mil_<head>.pt)")
+    predict.add_argument("bag", metavar="BAG.h5", help="the slide's bag (`histomarker embed`)")
+    predict.add_argument(
+        "--attention",
+        metavar="OUT.csv",
+        help="write per-patch attention: x, y, width, height and one column per biomarker",
+    )
+    predict.set_defaults(handler=_mil_predict, human=_print_mil_predict)
+    for action in (train, predict):
+        _add_json_flag(action)
+
+
 def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "result",
@@ -691,6 +761,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed_arguments(embed)
     embed.set_defaults(handler=_embed)
 
+    mil = sub.add_parser("mil", help="attention MIL on bags: cross-validated training, calls")
+    _add_mil_arguments(mil)
+
     flows = sub.add_parser("flows", help="Prefect flows and deployments")
     flows_sub = flows.add_subparsers(dest="flows_command", metavar="ACTION", required=True)
     flows_serve = flows_sub.add_parser("serve", help="serve the scheduled deployments")
@@ -785,7 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     for name, action in sub.choices.items():
-        if name not in {"cohort", "export", "flows", "models"}:
+        if name not in {"cohort", "export", "flows", "mil", "models"}:
             _add_json_flag(action)
     return parser
 
