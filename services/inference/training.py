@@ -342,7 +342,7 @@ def build_schedule(
 
 
 @contextlib.contextmanager
-def _deterministic() -> Iterator[None]:
+def deterministic() -> Iterator[None]:
     """Deterministic kernels while training, restoring the caller's settings after."""
     was = torch.are_deterministic_algorithms_enabled()
     was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -357,7 +357,7 @@ def _deterministic() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
+def torch_threads(threads: int) -> Iterator[None]:
     """torch's intra-op threads set to ``threads`` (0 leaves them), restored after."""
     was = torch.get_num_threads()
     if threads:
@@ -606,8 +606,8 @@ def train(
         paths = ShardCache(store, Path(cache_dir)).fetch(keys, bar)
         val_labels = val_table["label"].to_numpy(np.int64)
         cache_bytes = config.patch_cache_mb << 20
-        stack.enter_context(_deterministic())
-        stack.enter_context(_torch_threads(config.threads))
+        stack.enter_context(deterministic())
+        stack.enter_context(torch_threads(config.threads))
         threads = torch.get_num_threads()
         loop = _Loop(
             config,

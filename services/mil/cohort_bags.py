@@ -23,6 +23,7 @@ on with their labels, patients and sites:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,13 +316,9 @@ def _subsample(bag: Bag, max_patches: int, rng: np.random.Generator) -> Bag:
     if not max_patches or bag.n_patches <= max_patches:
         return bag
     rows = np.sort(rng.permutation(bag.n_patches)[:max_patches])
-    return Bag(
+    return dataclasses.replace(
+        bag,
         features=bag.features[rows],
         coords=bag.coords[rows],
-        slide_id=bag.slide_id,
-        encoder=bag.encoder,
-        encoder_sha256=bag.encoder_sha256,
-        patch_px=bag.patch_px,
-        patch_mpp=bag.patch_mpp,
-        level0_mpp=bag.level0_mpp,
+        slide_index=bag.slide_index[rows],
     )

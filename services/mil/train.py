@@ -24,10 +24,9 @@ with ``seed``; torch runs ``threads`` intra-op threads and deterministic kernels
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 
 from services.common.errors import InvalidInput
 from services.common.vocabulary import BIOMARKERS
+from services.inference.training import deterministic, torch_threads
 from services.mil.bags import Bag
 from services.mil.calibration import fit_task_temperatures
 from services.mil.heads import build_head
@@ -183,7 +183,7 @@ def train_mil(
     rng = np.random.default_rng(seed)
     target = torch.device(device)
     trainable = np.flatnonzero(~np.isnan(y_train).all(axis=1))
-    with _torch_threads(threads), _deterministic(), torch.random.fork_rng(devices=[]):
+    with torch_threads(threads), deterministic(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_head(head, in_dim, len(tasks), **config.head_options).to(target)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -294,27 +294,3 @@ def _all_logits(
     model.eval()
     with torch.inference_mode():
         return torch.stack([model(x.to(device)).logits for x in bags])
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
-    was = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(was)
-
-
-@contextlib.contextmanager
-def _deterministic() -> Iterator[None]:
-    was, warn = (
-        torch.are_deterministic_algorithms_enabled(),
-        (torch.is_deterministic_algorithms_warn_only_enabled()),
-    )
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was, warn_only=warn)
