@@ -201,6 +201,28 @@ def _check_arrays(where: str, features: Any, coords: Any) -> tuple[np.ndarray, n
 # --- whole files -----------------------------------------------------------------------
 
 
+def _bag_attributes(
+    where: str,
+    slide_id: str,
+    encoder: str,
+    encoder_sha256: str,
+    patch_px: int,
+    patch_mpp: float,
+    level0_mpp: float,
+) -> dict[str, Any]:
+    """The file attributes of a bag (module docstring), checked."""
+    values = {
+        "slide_id": slide_id,
+        "encoder": encoder,
+        "encoder_sha256": encoder_sha256,
+        "patch_px": patch_px,
+        "patch_mpp": patch_mpp,
+        "level0_mpp": level0_mpp,
+        "format_version": FORMAT_VERSION,
+    }
+    return _check_attributes(where, values)
+
+
 def write_bag(
     path: str | os.PathLike[str],
     features: Any,
@@ -232,17 +254,8 @@ def write_bag(
 
     target = Path(path)
     f, c = _check_arrays(str(target), features, coords)
-    attrs = _check_attributes(
-        str(target),
-        {
-            "slide_id": slide_id,
-            "encoder": encoder,
-            "encoder_sha256": encoder_sha256,
-            "patch_px": patch_px,
-            "patch_mpp": patch_mpp,
-            "level0_mpp": level0_mpp,
-            "format_version": FORMAT_VERSION,
-        },
+    attrs = _bag_attributes(
+        str(target), slide_id, encoder, encoder_sha256, patch_px, patch_mpp, level0_mpp
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     with _temporary_beside(target) as tmp:
@@ -403,17 +416,8 @@ class BagWriter:
         if feature_dim < 1:
             raise InvalidInput(f"{self.path}: feature_dim must be >= 1, got {feature_dim}")
         self.feature_dim = int(feature_dim)
-        self._attrs = _check_attributes(
-            str(self.path),
-            {
-                "slide_id": slide_id,
-                "encoder": encoder,
-                "encoder_sha256": encoder_sha256,
-                "patch_px": patch_px,
-                "patch_mpp": patch_mpp,
-                "level0_mpp": level0_mpp,
-                "format_version": FORMAT_VERSION,
-            },
+        self._attrs = _bag_attributes(
+            str(self.path), slide_id, encoder, encoder_sha256, patch_px, patch_mpp, level0_mpp
         )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.partial_path.exists():

@@ -42,7 +42,6 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
 
     from services.common.progress import ProgressBar
     from services.encoders.loading import load_encoder
-    from services.mil.bags import read_bag
     from services.mil.extract import embed_slide
     from services.slide.prepare import PrepParams
     from services.slide.reader import open_slide
@@ -56,7 +55,14 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
         raise InvalidInput(f"--max-patches must be >= 0, got {args.max_patches}")
     encoder = load_encoder(args.encoder, args.weights, device=args.device)
     slide_id = args.slide_id or Path(args.slide).stem
-    progress = None if args.json else ProgressBar(f"embed {slide_id}", "patches")
+    bar = None if args.json else ProgressBar(f"embed {slide_id}", "patches")
+    counted = [0]
+
+    def progress(done: int, total: int) -> None:
+        counted[0] = total  # the bag's patch count, without reading the bag back
+        if bar is not None:
+            bar(done, total)
+
     began = time.perf_counter()
     with open_slide(args.slide, mpp=args.mpp) as reader:
         path = embed_slide(
@@ -68,12 +74,11 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
             batch_size=args.batch,
             progress=progress,
         )
-    bag = read_bag(path)
     return {
         "bag": str(path),
         "slide_id": slide_id,
-        "patches": len(bag.features),
-        "embed_dim": int(bag.features.shape[1]),
+        "patches": counted[0],
+        "embed_dim": encoder.spec.embed_dim,
         "encoder": encoder.model_card_entry(),
         "seconds": round(time.perf_counter() - began, 2),
     }

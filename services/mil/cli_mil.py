@@ -616,7 +616,10 @@ def run_predict(args: argparse.Namespace) -> dict[str, Any]:
     model = FittedMIL.load(args.model)
     loaded = time.perf_counter()
     bag = read_bag(args.bag)
-    check_compatible(model, bag, args.model, args.bag)
+    try:
+        model.check_bag(bag)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{args.bag} does not fit model {args.model}: {exc}") from None
     prediction = model.predict_bag(bag)
     seconds = time.perf_counter() - loaded
     calls = {
@@ -645,26 +648,6 @@ def run_predict(args: argparse.Namespace) -> dict[str, Any]:
     if attention_path is not None:
         result["attention"] = str(write_attention(attention_path, bag, prediction.attention))
     return result
-
-
-def check_compatible(model: Any, bag: Any, model_path: str, bag_path: str) -> None:
-    """InvalidInput naming both sides when the bag is not of the model's encoder,
-    weights or width."""
-    if model.encoder and bag.encoder != model.encoder:
-        raise InvalidInput(
-            f"bag {bag_path} (slide {bag.slide_id}) holds {bag.encoder} embeddings; "
-            f"model {model_path} reads {model.encoder} embeddings"
-        )
-    if model.encoder_sha256 and bag.encoder_sha256 != model.encoder_sha256:
-        raise InvalidInput(
-            f"bag {bag_path} (slide {bag.slide_id}) was embedded with {bag.encoder} weights "
-            f"sha256 {bag.encoder_sha256[:12] or 'none (random)'}; model {model_path} "
-            f"was trained on sha256 {model.encoder_sha256[:12]}"
-        )
-    if bag.feature_dim != model.in_dim:
-        raise InvalidInput(
-            f"bag {bag_path} has width {bag.feature_dim}; model {model_path} reads {model.in_dim}"
-        )
 
 
 def write_attention(path: Path, bag: Any, attention: dict[str, np.ndarray]) -> Path:

@@ -122,19 +122,28 @@ class FittedMIL:
 
     # --- scoring ------------------------------------------------------------------------
 
+    def check_bag(self, bag: Bag) -> None:
+        """InvalidInput unless ``bag`` holds embeddings of this model's encoder, its
+        weights (when recorded) and its width."""
+        if self.encoder is not None and bag.encoder != self.encoder:
+            raise InvalidInput(
+                f"bag {bag.slide_id} holds {bag.encoder} embeddings; this model reads "
+                f"{self.encoder}"
+            )
+        if self.encoder_sha256 and bag.encoder_sha256 != self.encoder_sha256:
+            raise InvalidInput(
+                f"bag {bag.slide_id} was embedded with other {bag.encoder} weights "
+                f"(sha256 {bag.encoder_sha256[:12] or 'none'}, model "
+                f"{self.encoder_sha256[:12]})"
+            )
+        if bag.feature_dim != self.in_dim:
+            raise InvalidInput(
+                f"bag {bag.slide_id} has width {bag.feature_dim}; this model reads {self.in_dim}"
+            )
+
     def _features(self, bag: BagInput) -> torch.Tensor:
         if isinstance(bag, Bag):
-            if self.encoder is not None and bag.encoder != self.encoder:
-                raise InvalidInput(
-                    f"bag {bag.slide_id} holds {bag.encoder} embeddings; this model reads "
-                    f"{self.encoder}"
-                )
-            if self.encoder_sha256 and bag.encoder_sha256 != self.encoder_sha256:
-                raise InvalidInput(
-                    f"bag {bag.slide_id} was embedded with other {bag.encoder} weights "
-                    f"(sha256 {bag.encoder_sha256[:12] or 'none'}, model "
-                    f"{self.encoder_sha256[:12]})"
-                )
+            self.check_bag(bag)
             features: Any = bag.features
         else:
             features = bag

@@ -761,12 +761,18 @@ def _focus_pieces(grey: np.ndarray, weight: np.ndarray) -> dict[str, np.ndarray]
 def _sharpness_of(windowed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sharpness, local standard deviation and tissue share from windowed
     :func:`_focus_pieces`."""
+    share, var = _windowed_variance(windowed)
+    energy = windowed["lap"] / np.maximum(windowed["inner"], np.float32(1e-3))
+    return energy / (var + 1e-4), np.sqrt(var), share
+
+
+def _windowed_variance(windowed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue share and grey variance over tissue from the windowed ``w``, ``g`` and
+    ``g2`` pieces (:func:`_focus_pieces`, :func:`_band_pieces`)."""
     share = windowed["w"]
     norm = np.maximum(share, np.float32(1e-3))
-    energy = windowed["lap"] / np.maximum(windowed["inner"], np.float32(1e-3))
     mean = windowed["g"] / norm
-    var = np.maximum(windowed["g2"] / norm - mean * mean, 0.0)
-    return energy / (var + 1e-4), np.sqrt(var), share
+    return share, np.maximum(windowed["g2"] / norm - mean * mean, 0.0)
 
 
 def _band_pieces(grey: np.ndarray, weight: np.ndarray) -> dict[str, np.ndarray]:
@@ -794,10 +800,7 @@ def _band_ratio_of(windowed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndar
     """Band ratio, local standard deviation and tissue share from windowed
     :func:`_band_pieces`. Where the window has no rim-free tissue the ratio is 0
     with no contrast, so the pixel is not judged."""
-    share = windowed["w"]
-    norm = np.maximum(share, np.float32(1e-3))
-    mean = windowed["g"] / norm
-    var = np.maximum(windowed["g2"] / norm - mean * mean, 0.0)
+    share, var = _windowed_variance(windowed)
     inner = windowed["inner"] > np.float32(1e-3)
     ratio = np.where(inner, windowed["lap"] / (windowed["band"] + np.float32(1e-9)), 0.0)
     return ratio.astype(np.float32), np.where(inner, np.sqrt(var), 0.0), share
