@@ -13,6 +13,11 @@ STATUS_OK = "ok"
 STATUS_NO_TISSUE = "no_tissue"
 STATUS_NO_CANCER = "no_cancer_patches"
 STATUS_QC_FAILED = "qc_failed"
+STATUS_OOD = "out_of_distribution"
+
+#: Pipelines (the proto's PredictionPipeline).
+PIPELINE_PAPER = "paper"
+PIPELINE_MIL = "mil"
 
 
 @dataclass(frozen=True)
@@ -39,13 +44,15 @@ ProgressFn = Callable[[ProgressEvent], None]
 
 @dataclass(frozen=True)
 class TopPatch:
-    """A 40x patch supporting a call: level-0 footprint and its probability (0-1)."""
+    """A patch supporting a call: level-0 footprint, its probability (0-1, paper's
+    pipeline) or its share of the MIL head's attention (0-1, MIL pipeline)."""
 
     x: int
     y: int
     width: int
     height: int
     probability: float
+    attention: float = 0.0
 
 
 @dataclass
@@ -103,6 +110,16 @@ class SlidePredictionResult:
             ``cancer_requests``, ``biomarker_requests``).
         utilisation: The :class:`BusyMeter` summary of the scorer.
         qc: The slide's QC metrics and verdict (``QcSummary.as_dict``).
+        pipeline: ``paper`` or ``mil``.
+        encoder_model_name, encoder_model_version, encoder_sha256: The patch encoder
+            (MIL pipeline; "" otherwise).
+        mil_model_name, mil_model_version: The MIL head (MIL pipeline).
+        bag_key: Store key of the slide's bag (MIL pipeline).
+        training_data: What the calling models were trained on (the model card's
+            ``training_data``: cohort, synthetic, sites, n_slides, n_patients).
+        out_of_distribution: The slide's distance to the training distribution
+            (``OodDecision`` as a dict: out_of_distribution, distance, threshold,
+            basis, patch_count); {} when not measured.
     """
 
     slide_id: str
@@ -124,6 +141,15 @@ class SlidePredictionResult:
     timings: dict[str, float] = field(default_factory=dict)
     utilisation: dict[str, float] = field(default_factory=dict)
     qc: dict[str, Any] = field(default_factory=dict)
+    pipeline: str = PIPELINE_PAPER
+    encoder_model_name: str = ""
+    encoder_model_version: str = ""
+    encoder_sha256: str = ""
+    mil_model_name: str = ""
+    mil_model_version: str = ""
+    bag_key: str = ""
+    training_data: dict[str, Any] = field(default_factory=dict)
+    out_of_distribution: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """The result as plain JSON values."""

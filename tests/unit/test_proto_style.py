@@ -50,7 +50,7 @@ REQUIRED_RPCS: dict[str, tuple[str, set[str]]] = {
     ),
     "PredictionService": (
         "prediction",
-        {"PredictSlide", "UploadAndPredict", "PredictSlideStream", "ListModels"},
+        {"PredictSlide", "UploadAndPredict", "PredictSlideStream", "PredictFromBag", "ListModels"},
     ),
 }
 
