@@ -22,10 +22,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from services.common.objectstore import ObjectStore
 from services.encoders.loading import LoadedEncoder
 from services.mil.bags import BagWriter
+from services.mil.scoring import Embedder, LocalEmbedder
 from services.slide.grid import GridParams
 from services.slide.prepare import PrepParams, prepare_slide
 from services.slide.reader import SlideReader
@@ -39,16 +41,20 @@ def bag_key(encoder: str, slide_id: str) -> str:
     return f"bags/{encoder}/{slide_id}.h5"
 
 
-def encoder_grid(encoder: LoadedEncoder, base: GridParams | None = None) -> GridParams:
+def encoder_grid(encoder: LoadedEncoder | Embedder, base: GridParams | None = None) -> GridParams:
     """``base`` (default grid) at the encoder's resolution and input side."""
-    spec = encoder.spec
-    return replace(base or GridParams(), magnification=10.0 / spec.mpp, patch_px=spec.input_px)
+    mpp, px = (
+        (encoder.spec.mpp, encoder.spec.input_px)
+        if isinstance(encoder, LoadedEncoder)
+        else (encoder.mpp, encoder.input_px)
+    )
+    return replace(base or GridParams(), magnification=10.0 / mpp, patch_px=px)
 
 
 def embed_slide(
     reader: SlideReader,
     slide_id: str,
-    encoder: LoadedEncoder,
+    encoder: LoadedEncoder | Embedder,
     out: Path | str,
     *,
     params: PrepParams | None = None,
@@ -60,7 +66,8 @@ def embed_slide(
     Args:
         reader: The open slide.
         slide_id: Its id (stored in the bag).
-        encoder: The loaded encoder.
+        encoder: The loaded encoder, or any :class:`~services.mil.scoring.Embedder`
+            (e.g. one served on TorchServe).
         out: The bag file to write; its ``.partial`` file is continued if present.
         params: Slide preparation; its grid's magnification and patch side are
             replaced by the encoder's.
@@ -70,21 +77,47 @@ def embed_slide(
     Returns:
         The finished bag's path. A slide without usable tissue gives an empty bag.
     """
+    embedder = LocalEmbedder(encoder, batch_size) if isinstance(encoder, LoadedEncoder) else encoder
     prep = params or PrepParams()
-    prep = replace(prep, grid=encoder_grid(encoder, prep.grid))
+    prep = replace(prep, grid=encoder_grid(embedder, prep.grid))
     prepared = prepare_slide(reader, slide_id, prep)
-    grid = prepared.grid
+    return embed_grid(
+        reader,
+        prepared.grid,
+        embedder,
+        out,
+        slide_id=slide_id,
+        grid_params=prep.grid,
+        batch_size=batch_size,
+        progress=progress,
+    )
+
+
+def embed_grid(
+    reader: SlideReader,
+    grid: pd.DataFrame,
+    embedder: Embedder,
+    out: Path | str,
+    *,
+    slide_id: str,
+    grid_params: GridParams,
+    batch_size: int = READ_BATCH,
+    progress: Callable[[int, int], None] | None = None,
+    check: Callable[[], None] | None = None,
+) -> Path:
+    """Embed the patches of a prepared grid (one row per patch, level-0 ``x``, ``y``)
+    into the bag file ``out``, resuming its partial file; ``check`` is called before
+    each batch (a deadline or cancellation raises there)."""
     total = len(grid)
-    spec = encoder.spec
     mpp0 = float(reader.mpp[0])
     with BagWriter(
         out,
-        feature_dim=spec.embed_dim,
+        feature_dim=embedder.embed_dim,
         slide_id=slide_id,
-        encoder=spec.name,
-        encoder_sha256=encoder.sha256,
-        patch_px=spec.input_px,
-        patch_mpp=prep.grid.target_mpp,
+        encoder=embedder.encoder,
+        encoder_sha256=embedder.sha256,
+        patch_px=embedder.input_px,
+        patch_mpp=grid_params.target_mpp,
         level0_mpp=mpp0,
     ) as writer:
         done = writer.done
@@ -93,20 +126,22 @@ def embed_slide(
         xs = grid["x"].to_numpy(np.int64) if total else np.zeros(0, np.int64)
         ys = grid["y"].to_numpy(np.int64) if total else np.zeros(0, np.int64)
         while done < total:
+            if check is not None:
+                check()
             stop = min(total, done + batch_size)
             patches = np.stack(
                 [
                     reader.read_patch(
                         int(xs[i]),
                         int(ys[i]),
-                        spec.input_px,
-                        prep.grid.target_mpp,
-                        allow_upsample=prep.grid.allow_upsample,
+                        embedder.input_px,
+                        grid_params.target_mpp,
+                        allow_upsample=grid_params.allow_upsample,
                     )
                     for i in range(done, stop)
                 ]
             )
-            features = encoder.embed(patches, batch_size=batch_size)
+            features = np.asarray(embedder.embed(patches), np.float32)
             coords = np.stack([xs[done:stop], ys[done:stop]], axis=1)
             done = writer.append(coords, features)
             if progress is not None:
