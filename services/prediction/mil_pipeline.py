@@ -272,6 +272,10 @@ def _base(
     }
 
 
+def _patch_size(bag: Bag) -> dict[str, Any]:
+    return {"patch_mpp": float(bag.patch_mpp), "patch_px": int(bag.patch_px)}
+
+
 def predict_slide_mil(
     reader: SlideReader,
     slide_id: str,
@@ -417,6 +421,7 @@ def predict_slide_mil(
         biomarkers=results,
         patch_table_key=f"{prefix}/{ATTENTION_TABLE}",
         bag_key=key,
+        **_patch_size(bag),
         **base,
     )
     return _finish(store, out, started, wall, report)
@@ -472,6 +477,7 @@ def predict_from_bag(
         f"{len(results)} biomarkers called by {predictor.model_name}",
         biomarkers=results,
         patch_table_key=f"{prefix}/{ATTENTION_TABLE}",
+        **_patch_size(bag),
         **base,
     )
     return _finish(store, out, started, {"mil": time.perf_counter() - t}, report)

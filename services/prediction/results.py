@@ -120,6 +120,8 @@ class SlidePredictionResult:
         out_of_distribution: The slide's distance to the training distribution
             (``OodDecision`` as a dict: out_of_distribution, distance, threshold,
             basis, patch_count); {} when not measured.
+        patch_mpp, patch_px: Resolution (µm/px) and side (px) of the patches in
+            ``top_patches``: 40x 512 px for the paper's pipeline, the encoder's for MIL.
     """
 
     slide_id: str
@@ -150,6 +152,8 @@ class SlidePredictionResult:
     bag_key: str = ""
     training_data: dict[str, Any] = field(default_factory=dict)
     out_of_distribution: dict[str, Any] = field(default_factory=dict)
+    patch_mpp: float = 0.25
+    patch_px: int = 512
 
     def as_dict(self) -> dict[str, Any]:
         """The result as plain JSON values."""

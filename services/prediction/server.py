@@ -59,6 +59,14 @@ from services.common.vocabulary import (
     CANCER_DETECTOR,
 )
 from services.inference.torchserve import KeyFile, RestClient, Token, TorchServeGrpcClient
+from services.mil.bags import read_bag
+from services.prediction.mil_models import MilModels, ServedMilModels
+from services.prediction.mil_pipeline import (
+    MilParams,
+    check_pair,
+    predict_from_bag,
+    predict_slide_mil,
+)
 from services.prediction.models import (
     DeployedModel,
     ModelRegistry,
@@ -67,7 +75,12 @@ from services.prediction.models import (
     ordered,
 )
 from services.prediction.pipeline import PredictionParams, predict_slide
-from services.prediction.results import ProgressEvent, SlidePredictionResult
+from services.prediction.results import (
+    PIPELINE_MIL,
+    PIPELINE_PAPER,
+    ProgressEvent,
+    SlidePredictionResult,
+)
 from services.slide.grid import GridParams
 from services.slide.qc import QcSettings, QcThresholds
 from services.slide.reader import open_slide
@@ -87,7 +100,19 @@ _STATUSES = {
     "no_tissue": prediction_pb2.PREDICTION_STATUS_NO_TISSUE,
     "no_cancer_patches": prediction_pb2.PREDICTION_STATUS_NO_CANCER_PATCHES,
     "qc_failed": prediction_pb2.PREDICTION_STATUS_QC_FAILED,
+    "out_of_distribution": prediction_pb2.PREDICTION_STATUS_OUT_OF_DISTRIBUTION,
 }
+_PIPELINES = {
+    prediction_pb2.PREDICTION_PIPELINE_PAPER: PIPELINE_PAPER,
+    prediction_pb2.PREDICTION_PIPELINE_MIL: PIPELINE_MIL,
+}
+_PIPELINE_ENUMS = {name: value for value, name in _PIPELINES.items()}
+#: One prediction job once its models are found: (slide_id, local path, digest,
+#: budget, progress) -> the message.
+Job = Callable[
+    [str, Path, str, WorkBudget, Callable[[ProgressEvent], None] | None],
+    prediction_pb2.SlidePrediction,
+]
 _SOURCES = {
     "native": common_pb2.HIGH_RES_SOURCE_NATIVE,
     "upsampled": common_pb2.HIGH_RES_SOURCE_UPSAMPLED,
@@ -142,6 +167,11 @@ class PredictionSettings(QcSettings):
     max_in_flight: int = Field(default=4, ge=1, le=64)
     #: Threads reading and normalizing patches per slide.
     reader_threads: int = Field(default=2, ge=1, le=64)
+    #: Pipeline of a request that does not choose one: ``paper`` (cancer detector and
+    #: one patch CNN per biomarker) or ``mil`` (encoder_<name> and mil_<name>).
+    pipeline: str = Field(default=PIPELINE_PAPER, pattern="^(paper|mil)$")
+    #: Patches per encoder request of the MIL pipeline.
+    encoder_batch_size: int = Field(default=32, ge=1, le=256)
 
     @model_validator(mode="after")
     def _threads_for_the_queue(self) -> PredictionSettings:
@@ -247,6 +277,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         settings: PredictionSettings,
         scorer: PatchScorer | None = None,
         registry: ModelRegistry | None = None,
+        mil_models: MilModels | None = None,
     ) -> None:
         self.settings = settings
         self.store: ObjectStore = settings.open_store()
@@ -256,14 +287,19 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             settings.max_concurrent_predictions, settings.max_queued_predictions
         )
         inference_token, management_token = _tokens(settings)
-        if scorer is None:
+        client = None
+        if scorer is None or mil_models is None:
             client = TorchServeGrpcClient(
                 settings.torchserve_grpc_target, inference_token, settings.torchserve_timeout_s
             )
-            scorer = TorchServeScorer(client)
-        self.scorer = scorer
-        self.registry = registry or ModelRegistry(
-            self.store, _management_client(settings, management_token), settings.model_cache_s
+        self.scorer = scorer or TorchServeScorer(client)  # type: ignore[arg-type]
+        management = _management_client(settings, management_token)
+        self.registry = registry or ModelRegistry(self.store, management, settings.model_cache_s)
+        self.mil_models: MilModels = mil_models or ServedMilModels(
+            self.store,
+            management,
+            client,
+            settings.model_cache_s,  # type: ignore[arg-type]
         )
         #: Finished predictions by status name (OK, CANCELLED, ...): for tests and logs.
         self.outcomes: Counter[str] = Counter()
@@ -298,6 +334,72 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             max_in_flight=self.settings.max_in_flight,
             reader_threads=self.settings.reader_threads,
         )
+
+    def _pipeline(self, options: prediction_pb2.PredictionOptions) -> str:
+        if options.pipeline and options.pipeline not in _PIPELINES:
+            raise InvalidInput(f"options.pipeline: {options.pipeline} is not a pipeline")
+        return _PIPELINES.get(options.pipeline, self.settings.pipeline)
+
+    def _mil_params(self, options: prediction_pb2.PredictionOptions) -> MilParams:
+        paper = self._params(options)  # the same checks of the shared options
+        return MilParams(
+            biomarkers=paper.biomarkers,
+            top_k=paper.top_k,
+            heatmaps=paper.heatmaps,
+            answer_out_of_distribution=options.answer_out_of_distribution,
+            qc=paper.qc,
+            batch_size=self.settings.encoder_batch_size,
+        )
+
+    def _plan(self, options: prediction_pb2.PredictionOptions) -> Job:
+        """Check the options and find the models (errors before queueing); returns
+        the job that predicts one slide with them."""
+        if self._pipeline(options) == PIPELINE_MIL:
+            mil = self._mil_params(options)
+            embedder, head = self.mil_models.pair(options.mil_model)
+            check_pair(embedder, head)
+
+            def mil_job(
+                slide_id: str,
+                path: Path,
+                digest: str,
+                budget: WorkBudget,
+                progress: Callable[[ProgressEvent], None] | None,
+            ) -> prediction_pb2.SlidePrediction:
+                with open_slide(path) as reader:
+                    result = predict_slide_mil(
+                        reader,
+                        slide_id,
+                        self.store,
+                        embedder,
+                        head,
+                        mil,
+                        slide_digest=digest,
+                        ood=self._ood(),
+                        progress=progress,
+                        budget=budget,
+                    )
+                return self._prediction(result)
+
+            return mil_job
+        params = self._params(options)
+        self.registry.deployment(params.biomarkers)
+
+        def paper_job(
+            slide_id: str,
+            path: Path,
+            digest: str,
+            budget: WorkBudget,
+            progress: Callable[[ProgressEvent], None] | None,
+        ) -> prediction_pb2.SlidePrediction:
+            return self._run(slide_id, path, digest, params, budget, progress)
+
+        return paper_job
+
+    def _ood(self) -> Any:
+        """The deployed out-of-distribution reference (beside the cancer detector),
+        None when there is none."""
+        return None
 
     def _reference(self, trained_with: str = "") -> StainMatrix | None:
         """The stain reference: the service's setting, else the one the models were
@@ -384,9 +486,8 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             raise InvalidInput("slide: the slide's object reference is required")
         key = self._key(request.slide.object, "slide.object")
         slide_id = slide_id_for(request.slide.slide_id, key)
-        params = self._params(request.options)
+        job = self._plan(request.options)  # INVALID_ARGUMENT, FAILED_PRECONDITION first
         info = self.store.stat(key)  # NOT_FOUND before queueing
-        self.registry.deployment(params.biomarkers)  # FAILED_PRECONDITION before queueing
         budget = self._budget(context)
 
         def waiting(count: int) -> None:
@@ -397,7 +498,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             with self.admission.slot(budget, waiting):
                 path = self.slides.local_path(key)
                 digest = info.sha256 or info.etag
-                return self._run(slide_id, path, digest, params, budget, progress)
+                return job(slide_id, path, digest, budget, progress)
 
         return self._counted(work)
 
@@ -418,10 +519,32 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             tissue_mask=self._ref(result.tissue_mask_key),
             elapsed_seconds=result.elapsed_s,
             qc=qc_to_proto(result.qc),
+            pipeline=_PIPELINE_ENUMS.get(result.pipeline, 0),  # type: ignore[arg-type]
+            encoder_model_name=result.encoder_model_name,
+            encoder_model_version=result.encoder_model_version,
+            encoder_sha256=result.encoder_sha256,
+            mil_model_name=result.mil_model_name,
+            mil_model_version=result.mil_model_version,
         )
+        if not result.tissue_mask_key:
+            message.ClearField("tissue_mask")
         if result.patch_table_key:
             message.patch_table.CopyFrom(self._ref(result.patch_table_key))
-        hi_mpp = 0.25
+        if result.bag_key:
+            message.bag.CopyFrom(self._ref(result.bag_key))
+        if result.training_data:
+            message.training_data.CopyFrom(training_data_message(result.training_data))
+        if result.out_of_distribution:
+            ood = result.out_of_distribution
+            message.out_of_distribution.CopyFrom(
+                prediction_pb2.OutOfDistribution(
+                    out_of_distribution=bool(ood.get("out_of_distribution")),
+                    distance=float(ood.get("distance", 0.0)),
+                    threshold=float(ood.get("threshold", 0.0)),
+                    basis=str(ood.get("basis", "")),
+                    patch_count=int(ood.get("patch_count", 0)),
+                )
+            )
         for item in result.biomarkers:
             biomarker = prediction_pb2.BiomarkerPrediction(
                 biomarker=BIOMARKER_ENUMS[item.biomarker],
@@ -443,10 +566,11 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
                             y=top.y,
                             width=top.width,
                             height=top.height,
-                            mpp=hi_mpp,
-                            size_px=512,
+                            mpp=result.patch_mpp,
+                            size_px=result.patch_px,
                         ),
                         probability=top.probability,
+                        attention=top.attention,
                     )
                 )
             if item.heatmap_key:
@@ -497,6 +621,33 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         prediction = self._predict_stored(request, context)
         return prediction_pb2.PredictSlideResponse(prediction=prediction)
 
+    def PredictFromBag(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if not request.HasField("bag") or not request.bag.key:
+            raise InvalidInput("bag: the bag's object reference is required")
+        key = self._key(request.bag, "bag")
+        params = self._mil_params(request.options)
+        head = self.mil_models.head(request.options.mil_model)
+        info = self.store.stat(key)  # NOT_FOUND
+        if request.bag.HasField("sha256") and info.sha256 and info.sha256 != request.bag.sha256:
+            raise InvalidInput(f"bag {key}: its sha256 is {info.sha256}, not {request.bag.sha256}")
+
+        def work() -> Any:
+            with tempfile.TemporaryDirectory(prefix="bag-", dir=self.cache_dir) as folder:
+                path = Path(folder) / "bag.h5"
+                path.write_bytes(self.store.get_bytes(key))
+                bag = read_bag(path)
+            result = predict_from_bag(
+                bag,
+                self.store,
+                head,
+                params,
+                bag_key=key,
+                bag_digest=info.sha256 or info.etag,
+            )
+            return prediction_pb2.PredictFromBagResponse(prediction=self._prediction(result))
+
+        return self._counted(work)
+
     def PredictSlideStream(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         def work(report: Report) -> Any:
             return self._predict_stored(request, context, report)
@@ -541,8 +692,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             raise InvalidInput("metadata.sha256 must be 64 lowercase hex characters")
         slide_id = slide_id_for(meta.slide_id, name)
         key = f"slides/{slide_id}.{extension}"
-        params = self._params(meta.options)
-        self.registry.deployment(params.biomarkers)
+        job = self._plan(meta.options)
         budget = self._budget(context)
 
         def work() -> Any:
@@ -554,7 +704,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
                     with open_slide(path):  # a file no reader opens is refused, not stored
                         pass
                     stored = self.store.put_file(key, path)
-                    prediction = self._run(slide_id, path, meta.sha256, params, budget, None)
+                    prediction = job(slide_id, path, meta.sha256, budget, None)
                 finally:
                     shutil.rmtree(folder, ignore_errors=True)
             slide = common_pb2.ObjectRef(
@@ -606,6 +756,19 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         return prediction_pb2.ListModelsResponse(
             models=[self._model_info(m) for m in ordered(chosen)]
         )
+
+
+def training_data_message(data: dict[str, Any]) -> common_pb2.TrainingData:
+    """A model card's ``training_data`` as the proto's TrainingData."""
+    message = common_pb2.TrainingData(
+        cohort=str(data.get("cohort") or ""),
+        sites=[str(s) for s in data.get("sites") or ()],
+        slide_count=int(data.get("n_slides") or 0),
+        patient_count=int(data.get("n_patients") or 0),
+    )
+    if data.get("synthetic") is not None:
+        message.synthetic = bool(data["synthetic"])
+    return message
 
 
 def bindings(settings: PredictionSettings | None = None) -> list[ServiceBinding]:
