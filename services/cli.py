@@ -423,6 +423,26 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="top patches per biomarker")
     parser.add_argument("--no-heatmaps", action="store_true", help="skip the heatmap PNGs")
     parser.add_argument("--timeout", type=float, default=3600.0, help="deadline, seconds")
+    parser.add_argument(
+        "--pipeline",
+        choices=("paper", "mil"),
+        default="",
+        help="paper: patch CNNs on the cancer patches; mil: encoder + attention MIL "
+        "(default: the service's)",
+    )
+    parser.add_argument(
+        "--mil-model", default="", metavar="NAME", help="the MIL head (mil_<name>) to use"
+    )
+    parser.add_argument(
+        "--bag",
+        action="store_true",
+        help="SLIDE is a stored bag (bags/<encoder>/<slide>.h5): MIL calls without pixels",
+    )
+    parser.add_argument(
+        "--answer-out-of-distribution",
+        action="store_true",
+        help="make the calls even for a slide unlike the models' training slides",
+    )
 
 
 def _export(args: argparse.Namespace) -> dict[str, Any]:

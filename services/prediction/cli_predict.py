@@ -33,12 +33,20 @@ def run_predict(args: argparse.Namespace, out: TextIO | None = None) -> dict[str
     if args.timeout <= 0:
         raise InvalidInput(f"--timeout must be positive, got {args.timeout}")
     options = options_of(
-        args.biomarker, top_k=args.top_k, skip_heatmaps=getattr(args, "no_heatmaps", False)
+        args.biomarker,
+        top_k=args.top_k,
+        skip_heatmaps=getattr(args, "no_heatmaps", False),
+        pipeline=getattr(args, "pipeline", ""),
+        mil_model=getattr(args, "mil_model", ""),
+        answer_out_of_distribution=getattr(args, "answer_out_of_distribution", False),
     )
     quiet = bool(getattr(args, "json", False))
     token = os.environ.get("HISTOMARKER_AUTH_TOKEN") or None
     with PredictionClient(args.target, token=token, timeout_s=args.timeout) as client:
-        if args.stored:
+        if getattr(args, "bag", False):
+            prediction = client.predict_from_bag(args.slide, options=options)
+            answer: dict[str, Any] = {"prediction": to_dict(prediction)}
+        elif args.stored:
             progress = None
             if not quiet:
                 bar = ProgressBar(f"predicting {args.slide}", "%")
@@ -49,7 +57,7 @@ def run_predict(args: argparse.Namespace, out: TextIO | None = None) -> dict[str
             prediction = client.predict_stored(
                 args.slide, slide_id=args.slide_id, options=options, progress=progress
             )
-            answer: dict[str, Any] = {"prediction": to_dict(prediction)}
+            answer = {"prediction": to_dict(prediction)}
         else:
             path = Path(args.slide)
             if not path.is_file():
@@ -71,12 +79,41 @@ def print_table(prediction: prediction_pb2.SlidePrediction, out: TextIO) -> None
     status = prediction_pb2.PredictionStatus.Name(prediction.status)
     status = status.removeprefix("PREDICTION_STATUS_").lower()
     out.write(f"slide {prediction.slide_id}: {status} - {prediction.status_message}\n")
-    out.write(
-        f"cancer patches: {prediction.cancer_patch_count} of {prediction.tissue_patch_count} "
-        f"({prediction.cancer_patch_fraction:.1%}) above {prediction.cancer_confidence:g}, "
-        f"{prediction.cancer_model_name} v{prediction.cancer_model_version}; "
-        f"{prediction.elapsed_seconds:.1f} s\n"
-    )
+    if prediction.pipeline == prediction_pb2.PREDICTION_PIPELINE_MIL:
+        out.write(
+            f"MIL pipeline: {prediction.tissue_patch_count} patches embedded by "
+            f"{prediction.encoder_model_name} v{prediction.encoder_model_version} "
+            f"(weights {prediction.encoder_sha256[:12]}), called by "
+            f"{prediction.mil_model_name} v{prediction.mil_model_version}; "
+            f"{prediction.elapsed_seconds:.1f} s\n"
+        )
+    else:
+        out.write(
+            f"cancer patches: {prediction.cancer_patch_count} of "
+            f"{prediction.tissue_patch_count} ({prediction.cancer_patch_fraction:.1%}) above "
+            f"{prediction.cancer_confidence:g}, {prediction.cancer_model_name} "
+            f"v{prediction.cancer_model_version}; {prediction.elapsed_seconds:.1f} s\n"
+        )
+    if prediction.HasField("training_data"):
+        data = prediction.training_data
+        kind = (
+            ""
+            if not data.HasField("synthetic")
+            else " (synthetic)"
+            if data.synthetic
+            else " (real)"
+        )
+        out.write(
+            f"trained on: {data.cohort}{kind}, {data.slide_count or '?'} slides, "
+            f"{len(data.sites)} sites\n"
+        )
+    if prediction.HasField("out_of_distribution"):
+        ood = prediction.out_of_distribution
+        verdict = "OUT of" if ood.out_of_distribution else "within"
+        out.write(
+            f"distribution: {verdict} the training slides' (distance {ood.distance:.3g}, "
+            f"threshold {ood.threshold:.3g})\n"
+        )
     if prediction.HasField("qc") and prediction.qc.verdict:
         qc = prediction.qc
         verdict = common_pb2.QcVerdict.Name(qc.verdict).removeprefix("QC_VERDICT_").lower()

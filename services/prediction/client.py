@@ -56,8 +56,12 @@ def options_of(
     top_k: int = 0,
     skip_heatmaps: bool = False,
     cancer_confidence: float | None = None,
+    pipeline: str = "",
+    mil_model: str = "",
+    answer_out_of_distribution: bool = False,
 ) -> prediction_pb2.PredictionOptions:
-    """PredictionOptions from plain values (InvalidInput for an unknown biomarker)."""
+    """PredictionOptions from plain values (InvalidInput for an unknown biomarker or
+    pipeline; ``pipeline`` "" leaves the service's default)."""
     unknown = [b for b in biomarkers if b.lower() not in BIOMARKER_ENUMS]
     if unknown:
         raise InvalidInput(
@@ -67,10 +71,23 @@ def options_of(
         biomarkers=[BIOMARKER_ENUMS[b.lower()] for b in biomarkers],
         top_k=top_k,
         skip_heatmaps=skip_heatmaps,
+        mil_model=mil_model,
+        answer_out_of_distribution=answer_out_of_distribution,
     )
+    if pipeline:
+        if pipeline not in PIPELINES:
+            raise InvalidInput(f"unknown pipeline {pipeline!r}; use one of {', '.join(PIPELINES)}")
+        options.pipeline = PIPELINES[pipeline]
     if cancer_confidence is not None:
         options.cancer_confidence = cancer_confidence
     return options
+
+
+#: Pipelines by name (PredictionOptions.pipeline).
+PIPELINES = {
+    "paper": prediction_pb2.PREDICTION_PIPELINE_PAPER,
+    "mil": prediction_pb2.PREDICTION_PIPELINE_MIL,
+}
 
 
 def to_dict(message: Any) -> dict[str, Any]:
@@ -223,6 +240,29 @@ class PredictionClient:
         except grpc.RpcError as exc:
             raise error_of(exc) from None
         raise HistomarkerError("the prediction stream ended without a result")
+
+    def predict_from_bag(
+        self,
+        key: str,
+        *,
+        bucket: str = "",
+        options: prediction_pb2.PredictionOptions | None = None,
+        timeout_s: float | None = None,
+    ) -> prediction_pb2.SlidePrediction:
+        """Call the biomarkers of a bag already in the object store with a MIL head.
+
+        Raises:
+            HistomarkerError: The service's error, typed by its status.
+        """
+        request = prediction_pb2.PredictFromBagRequest(
+            bag=common_pb2.ObjectRef(bucket=bucket, key=key), options=options
+        )
+        try:
+            answer = self.stub.PredictFromBag(request, timeout=self._timeout(timeout_s))
+        except grpc.RpcError as exc:
+            raise error_of(exc) from None
+        prediction: prediction_pb2.SlidePrediction = answer.prediction
+        return prediction
 
     def list_models(self, biomarkers: Sequence[str] = ()) -> list[common_pb2.ModelInfo]:
         """The deployed models, the cancer detector first."""

@@ -10,6 +10,7 @@ synthetic ``tiny`` WSI. TorchServe serving of the same models is tested in
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from services import cli
 from services.common.grpc_client import open_channel
 from services.common.grpc_server import ServiceBinding, create_server
 from services.common.objectstore import ObjectStore, open_store
@@ -39,7 +41,7 @@ MIL = prediction_pb2.PREDICTION_PIPELINE_MIL
 
 
 @pytest.fixture(scope="module")
-def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, ObjectStore]]:
+def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, ObjectStore, str]]:
     root = tmp_path_factory.mktemp("prediction-mil")
     store = open_store((root / "store").as_uri())
     generate_cohort(root / "cohort", 2, seed=3, preset="tiny", truth_crops=0)
@@ -82,7 +84,7 @@ def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Object
     server.start()
     channel = open_channel(f"127.0.0.1:{port}")
     try:
-        yield prediction_pb2_grpc.PredictionServiceStub(channel), store
+        yield prediction_pb2_grpc.PredictionServiceStub(channel), store, f"127.0.0.1:{port}"
     finally:
         channel.close()
         server.stop(0).wait()
@@ -93,9 +95,9 @@ def _options(**fields: Any) -> prediction_pb2.PredictionOptions:
 
 
 def test_predict_slide_with_the_mil_pipeline_then_from_its_bag(
-    stub: tuple[Any, ObjectStore],
+    stub: tuple[Any, ObjectStore, str],
 ) -> None:
-    client, store = stub
+    client, store, _ = stub
     request = prediction_pb2.PredictSlideRequest(
         slide=common_pb2.SlideRef(object=common_pb2.ObjectRef(key=SLIDE_KEY)),
         options=_options(top_k=3),
@@ -127,8 +129,8 @@ def test_predict_slide_with_the_mil_pipeline_then_from_its_bag(
     assert again.pipeline == MIL and not again.HasField("tissue_mask")
 
 
-def test_bad_bags_and_unknown_heads_are_clear_errors(stub: tuple[Any, ObjectStore]) -> None:
-    client, store = stub
+def test_bad_bags_and_unknown_heads_are_clear_errors(stub: tuple[Any, ObjectStore, str]) -> None:
+    client, store, _ = stub
     with pytest.raises(grpc.RpcError) as missing:
         client.PredictFromBag(
             prediction_pb2.PredictFromBagRequest(bag=common_pb2.ObjectRef(key="bags/uni/none.h5")),
@@ -155,3 +157,19 @@ def test_bad_bags_and_unknown_heads_are_clear_errors(stub: tuple[Any, ObjectStor
     with pytest.raises(grpc.RpcError) as empty:
         client.PredictFromBag(prediction_pb2.PredictFromBagRequest(), timeout=30)
     assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_cli_predict_chooses_the_pipeline_and_reads_bags(
+    stub: tuple[Any, ObjectStore, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, _, target = stub
+    argv = ["predict", SLIDE_KEY, "--stored", "--target", target, "--pipeline", "mil"]
+    assert cli.main([*argv, "--no-heatmaps", "--biomarker", "er"]) == 0
+    out = capsys.readouterr().out
+    assert "MIL pipeline: " in out and "called by local:unit" in out
+    assert "trained on: synthetic-seed-3 (synthetic), 12 slides, 1 sites" in out
+    assert cli.main(["predict", "bags/uni/MIL-1.h5", "--bag", "--target", target, "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)["prediction"]
+    assert answer["pipeline"] == "PREDICTION_PIPELINE_MIL" and len(answer["biomarkers"]) == 6
+    assert cli.main(["predict", "bags/uni/none.h5", "--bag", "--target", target]) == 2
+    assert "none.h5" in capsys.readouterr().err
