@@ -7,7 +7,7 @@ checked against it (names and shapes, strictly) and then become its parameters
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +140,7 @@ def load_encoder(
     path = Path(weights_path)
     require_file(path)
     if name == "detector":
-        _check_detector_bundle(path, spec, tiny)
+        spec = _detector_spec(path, spec, tiny)
     state = adapt_state_dict(name, read_state_dict(path))
     module = build_encoder(name, device="meta", tiny=tiny)
     _check_fit(module, state, name, path)
@@ -183,18 +183,25 @@ def _listing(keys: list[str], what: str) -> str:
     return f"{len(keys)} {what} ({shown}{more})"
 
 
-def _check_detector_bundle(path: Path, spec: EncoderSpec, tiny: bool) -> None:
-    """InvalidInput when the bundle beside ``path`` was trained with another backbone
-    or input side than the detector encoder reproduces."""
+def _detector_spec(path: Path, spec: EncoderSpec, tiny: bool) -> EncoderSpec:
+    """The detector encoder as the bundle beside ``path`` was trained: its input side
+    and normalisation (a CPU demo's detector sees 64 px, the method's 512 px); the
+    registry's spec when no ``model.json`` is there.
+
+    Raises:
+        InvalidInput: The bundle's backbone is not the one the encoder reproduces.
+    """
     from services.inference.bundle import CONFIG_FILE, load_config
 
     if not (path.parent / CONFIG_FILE).is_file():
-        return
+        return spec
     config = load_config(path.parent)
     backbone = TINY_DETECTOR_BACKBONE if tiny else DETECTOR_BACKBONE
-    if config.backbone != backbone or config.preprocess.input_px != spec.input_px:
+    if config.backbone != backbone:
         raise InvalidInput(
-            f"detector bundle {path.parent} was trained as {config.backbone} at "
-            f"{config.preprocess.input_px} px; the detector encoder is {backbone} at "
-            f"{spec.input_px} px"
+            f"detector bundle {path.parent} was trained as {config.backbone}; the detector "
+            f"encoder{' (tiny)' if tiny else ''} is {backbone}"
+            + ("" if tiny else "; a tiny backbone loads with the tiny variant")
         )
+    pre = config.preprocess
+    return replace(spec, input_px=pre.input_px, mean=tuple(pre.mean), std=tuple(pre.std))

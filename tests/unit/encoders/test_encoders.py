@@ -279,10 +279,17 @@ def test_detector_loads_the_bundle_weights_without_its_classifier(tmp_path: Path
         pooled = torch.flatten(model.pool(model.features(x)), 1)
         assert torch.allclose(encoder.module(x), pooled)
 
-    other = dataclasses.replace(config, preprocess=PreprocessConfig(64))
+    # A detector trained at another input side (a CPU demo's 64 px) is the encoder at
+    # that side, with its own normalisation; another backbone is refused.
+    other = dataclasses.replace(
+        config, preprocess=PreprocessConfig(64, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    )
     save_bundle(tmp_path / "other", model, other)
-    with pytest.raises(InvalidInput, match="trained as tiny at 64 px"):
-        load_encoder("detector", tmp_path / "other" / "weights.pt", tiny=True)
+    wide = load_encoder("detector", tmp_path / "other" / "weights.pt", tiny=True)
+    assert wide.spec.input_px == 64 and wide.spec.mean == (0.5, 0.5, 0.5)
+    assert wide.embed(np.zeros((2, 64, 64, 3), np.uint8)).shape == (2, wide.spec.embed_dim)
+    with pytest.raises(InvalidInput, match="trained as tiny; the detector encoder is inception_v3"):
+        load_encoder("detector", tmp_path / "other" / "weights.pt")
 
 
 # --- errors --------------------------------------------------------------------------
