@@ -15,7 +15,7 @@ published; several are non-commercial.
 """
 
 from services.encoders.architectures import build_encoder, tiny_spec
-from services.encoders.loading import LoadedEncoder, load_encoder
+from services.encoders.loading import LoadedEncoder, effective_spec, load_encoder
 from services.encoders.registry import ENCODERS, EncoderSpec, encoder_names, encoder_spec
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "EncoderSpec",
     "LoadedEncoder",
     "build_encoder",
+    "effective_spec",
     "encoder_names",
     "encoder_spec",
     "load_encoder",

@@ -136,11 +136,9 @@ def load_encoder(
             shape (named, with both shapes); a detector bundle of another backbone.
         FailedPrecondition: The file does not exist.
     """
-    spec = tiny_spec(name) if tiny else encoder_spec(name)
     path = Path(weights_path)
     require_file(path)
-    if name == "detector":
-        spec = _detector_spec(path, spec, tiny)
+    spec = effective_spec(name, path, tiny=tiny)
     state = adapt_state_dict(name, read_state_dict(path))
     module = build_encoder(name, device="meta", tiny=tiny)
     _check_fit(module, state, name, path)
@@ -183,10 +181,21 @@ def _listing(keys: list[str], what: str) -> str:
     return f"{len(keys)} {what} ({shown}{more})"
 
 
+def effective_spec(name: str, weights_path: Path | str, *, tiny: bool = False) -> EncoderSpec:
+    """What encoder ``name`` expects and gives with this weights file: the registry's
+    spec (its tiny variant's with ``tiny``), except for ``detector``, which is the
+    detector as its bundle was trained (:func:`_detector_spec`)."""
+    spec = tiny_spec(name) if tiny else encoder_spec(name)
+    if name == "detector":
+        spec = _detector_spec(Path(weights_path), spec, tiny)
+    return spec
+
+
 def _detector_spec(path: Path, spec: EncoderSpec, tiny: bool) -> EncoderSpec:
     """The detector encoder as the bundle beside ``path`` was trained: its input side
-    and normalisation (a CPU demo's detector sees 64 px, the method's 512 px); the
-    registry's spec when no ``model.json`` is there.
+    and normalisation (a CPU demo's detector sees 64 px, the method's 512 px), and
+    the resolution that side gives its 512 px 20x training patches (64 px: 4 µm/px);
+    the registry's spec when no ``model.json`` is there.
 
     Raises:
         InvalidInput: The bundle's backbone is not the one the encoder reproduces.
@@ -204,4 +213,11 @@ def _detector_spec(path: Path, spec: EncoderSpec, tiny: bool) -> EncoderSpec:
             + ("" if tiny else "; a tiny backbone loads with the tiny variant")
         )
     pre = config.preprocess
-    return replace(spec, input_px=pre.input_px, mean=tuple(pre.mean), std=tuple(pre.std))
+    method = encoder_spec("detector")  # 512 px at 20x, as the method tiles
+    return replace(
+        spec,
+        input_px=pre.input_px,
+        mpp=method.mpp * method.input_px / pre.input_px,
+        mean=tuple(pre.mean),
+        std=tuple(pre.std),
+    )

@@ -287,6 +287,7 @@ def test_detector_loads_the_bundle_weights_without_its_classifier(tmp_path: Path
     save_bundle(tmp_path / "other", model, other)
     wide = load_encoder("detector", tmp_path / "other" / "weights.pt", tiny=True)
     assert wide.spec.input_px == 64 and wide.spec.mean == (0.5, 0.5, 0.5)
+    assert wide.spec.mpp == pytest.approx(4.0)  # its 512 px 20x patches seen at 64 px
     assert wide.embed(np.zeros((2, 64, 64, 3), np.uint8)).shape == (2, wide.spec.embed_dim)
     with pytest.raises(InvalidInput, match="trained as tiny; the detector encoder is inception_v3"):
         load_encoder("detector", tmp_path / "other" / "weights.pt")
