@@ -51,6 +51,7 @@ from services.synth.slide import QC_MIN_USABLE_MM2
 RESULTS_MD = "results.md"
 RESULTS_JSON = "results.json"
 PREDICTIONS_CSV = "predictions.csv"
+PREDICTIONS_MIL_CSV = "predictions_mil.csv"
 REPORT_HTML = "report.html"
 #: Beside the cohort: the settings it was generated with (a rerun reuses a match).
 COHORT_STAMP = "demo-cohort.json"
@@ -79,6 +80,9 @@ class DemoScale:
         biomarker_target: Held-out slide AUROC aimed at for each biomarker.
         check_targets: Whether the scale has AUROC targets at all (a quick run is
             too small to learn anything: its table shows the figures, not a verdict).
+        mil_head: The MIL head of the second pipeline (``abmil`` or ``transmil``).
+        mil_folds: Its site-aware cross-validation folds.
+        mil_epochs: Most epochs per fit of it.
     """
 
     name: str
@@ -93,6 +97,9 @@ class DemoScale:
     cancer_target: float = 0.95
     biomarker_target: float = 0.75
     check_targets: bool = True
+    mil_head: str = "abmil"
+    mil_folds: int = 3
+    mil_epochs: int = 40
 
     def cohort_settings(self) -> dict[str, Any]:
         """What decides the cohort's files (a rerun reuses a cohort with the same)."""
@@ -188,6 +195,8 @@ SCALES: dict[str, DemoScale] = {
             analysis=Analysis(folds=2, n_estimators=10, bootstrap=20),
         ),
         check_targets=False,
+        mil_folds=2,
+        mil_epochs=2,
     ),
 }
 
@@ -236,7 +245,7 @@ def _prepare_output(out: Path, scale: DemoScale) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     if (out / "stack").is_dir():
         run_down(out / "stack")
-    for name in (RESULTS_MD, RESULTS_JSON, PREDICTIONS_CSV, REPORT_HTML):
+    for name in (RESULTS_MD, RESULTS_JSON, PREDICTIONS_CSV, PREDICTIONS_MIL_CSV, REPORT_HTML):
         (out / name).unlink(missing_ok=True)
     for name in ("stack", "store"):
         shutil.rmtree(out / name, ignore_errors=True)
@@ -311,8 +320,9 @@ def _flow_environment(stack: Any, out: Path) -> dict[str, str]:
     }
 
 
-def _train(stack: Any, out: Path, train_manifest: Path, scale: DemoScale) -> Any:
-    """``train_pipeline`` in this process, recorded by the stack's Prefect server."""
+@contextlib.contextmanager
+def _flows(stack: Any, out: Path) -> Iterator[None]:
+    """Flows run in this process against the stack, recorded by its Prefect server."""
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_HOME,
@@ -320,15 +330,46 @@ def _train(stack: Any, out: Path, train_manifest: Path, scale: DemoScale) -> Any
         temporary_settings,
     )
 
-    from flows.training.pipeline import train_pipeline
-
     updates: dict[Any, Any] = {
         PREFECT_API_URL: stack.prefect_api_url,
         PREFECT_HOME: out / "stack" / "prefect",
         PREFECT_SERVER_ANALYTICS_ENABLED: False,
     }
     with environment(_flow_environment(stack, out)), temporary_settings(updates=updates):
+        yield
+
+
+def _train(stack: Any, out: Path, train_manifest: Path, scale: DemoScale) -> Any:
+    """``train_pipeline`` in this process, recorded by the stack's Prefect server."""
+    from flows.training.pipeline import train_pipeline
+
+    with _flows(stack, out):
         return train_pipeline(str(train_manifest), COHORT_NAME, scale.pipeline)
+
+
+def _train_mil(stack: Any, out: Path, train_manifest: Path, run: Any, scale: DemoScale) -> Any:
+    """``train_mil`` on the detector's trunk (see :mod:`services.apps.demo_mil`)."""
+    from flows.mil.pipeline import train_mil
+    from services.apps.demo_mil import DEMO_ENCODER, DEMO_HEAD_NAME, detector_weights
+
+    weights = detector_weights(
+        stack.options.store_url, run.detector.model.prefix, out / "stack" / "detector-encoder"
+    )
+    tiny = scale.pipeline.detector.backbone == "tiny"
+    with _flows(stack, out):
+        return train_mil(
+            str(train_manifest),
+            DEMO_ENCODER,
+            str(weights),
+            name=DEMO_HEAD_NAME,
+            head=scale.mil_head,
+            folds=scale.mil_folds,
+            epochs=scale.mil_epochs,
+            tiny=tiny,
+            cohort_name=COHORT_NAME,
+            synthetic=True,
+            seed=scale.split_seed,
+        )
 
 
 def _predict(
@@ -403,10 +444,25 @@ def _write_results(
     stages: dict[str, float],
     cohort: pd.DataFrame,
     not_trained: list[str],
+    mil: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from services.apps.demo_heldout.scores import markdown_table
 
     table.to_csv(out / PREDICTIONS_CSV, index=False)
+    both = (
+        []
+        if mil is None
+        else [
+            "## Both pipelines on the same held-out cancer slides",
+            "",
+            "The paper's pipeline above; encoder + MIL: the trained detector's trunk embeds "
+            "every usable 20x patch, one gated-attention MIL head calls the six biomarkers "
+            "(served as encoder_detector and mil_demo, asked with pipeline MIL).",
+            "",
+            mil["markdown"],
+            "",
+        ]
+    )
     verdict = target_verdict(results, not_trained, scale)
     markdown = "\n".join(
         [
@@ -428,6 +484,7 @@ def _write_results(
             "biomarkers, the mean calibrated probability of the 40x cancer patches "
             "(cancer slides only).",
             "",
+            *both,
         ]
     )
     (out / RESULTS_MD).write_text(markdown)
@@ -442,6 +499,7 @@ def _write_results(
         "heldout_slides": len(table),
         "cohort_slides": len(cohort),
         "stage_seconds": stages,
+        "mil": None if mil is None else {k: v for k, v in mil.items() if k != "markdown"},
         "config": {
             **{k: v for k, v in asdict(scale).items() if k != "pipeline"},
             "pipeline": scale.pipeline.model_dump(mode="json"),
@@ -490,6 +548,7 @@ def run_demo(
         with ``require_targets`` also every target met), ``targets_met`` (None at
         a scale without targets), the table, the paths and the seconds per stage.
     """
+    from services.apps import demo_mil
     from services.apps.demo_heldout.scores import heldout_results, markdown_table, slide_table
     from services.apps.local_stack.stack import LocalStack, StackOptions
 
@@ -534,6 +593,12 @@ def run_demo(
             with stages.stage("held-out predictions (PredictionService)"):
                 target = f"127.0.0.1:{stack.ports.services['prediction']}"
                 answers = _predict(target, heldout, trained, stages.say)
+            with stages.stage("train_mil (detector trunk + attention MIL)"):
+                mil_run = _train_mil(stack, out, train_manifest, run, chosen)
+            with stages.stage("held-out predictions, MIL pipeline (PredictionService)"):
+                mil_answers = demo_mil.predict_heldout(
+                    target, heldout, trained, mil_run.mil_model.name, stages.say
+                )
             report = _copy_report(options.store_url, run.analysis.report_key, out)
         finally:
             with stages.stage("local stack down"):
@@ -542,12 +607,28 @@ def run_demo(
     table = slide_table(heldout, answers)
     results = heldout_results(table, trained, chosen.cancer_target, chosen.biomarker_target)
     skipped_rows = [name for name in BIOMARKERS if name not in trained]
-    document = _write_results(out, table, results, chosen, run, stages.seconds, full, skipped_rows)
+    mil_table = slide_table(heldout[heldout["kind"] == "cancer"], mil_answers)
+    mil_table.to_csv(out / PREDICTIONS_MIL_CSV, index=False)
+    mil_results = heldout_results(mil_table, trained, chosen.cancer_target, chosen.biomarker_target)
+    mil = demo_mil.comparison(
+        results,
+        mil_results[1:],
+        demo_mil.calibration(mil_table, demo_mil.temperatures(mil_run.head.card_path), trained),
+    )
+    mil.update(
+        encoder_model=mil_run.encoder_model.model_dump(),
+        mil_model=mil_run.mil_model.model_dump(),
+        bags={"slides": mil_run.bags.slides, "patches": mil_run.bags.patches},
+        cross_validation=mil_run.head.cross_validation,
+    )
+    document = _write_results(
+        out, table, results, chosen, run, stages.seconds, full, skipped_rows, mil
+    )
     targets_met = document["targets_met"]
     answered = bool((table["status"] != "missing").all())
     ok = run_ok(answered, targets_met, require_targets)
     wall_s = round(time.perf_counter() - stages.started, 1)
-    stages.say("\n" + markdown_table(results))
+    stages.say("\n" + markdown_table(results) + "\n\n" + mil["markdown"])
     stages.say(
         "\nwhere to look:\n"
         f"  held-out table     {out / RESULTS_MD} (and {RESULTS_JSON})\n"
@@ -564,6 +645,7 @@ def run_demo(
         "cohort_reused": reuse,
         "out_dir": str(out),
         "results": document["results"],
+        "mil": document["mil"],
         "not_trained": skipped_rows,
         "run_id": run.run_id,
         "results_md": str(out / RESULTS_MD),

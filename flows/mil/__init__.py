@@ -1,0 +1,1 @@
+"""The encoder + attention-MIL pipeline as Prefect flows (``flows.mil.pipeline``)."""

@@ -1,0 +1,286 @@
+"""``train_mil``: a cohort's bags, a calibrated attention-MIL head, both served.
+
+Tasks, in order:
+
+``embed_cohort``
+    Every slide of the manifest embedded by one encoder from a local weights file
+    (:func:`services.mil.extract.embed_slide`: the QC'd grid at the encoder's
+    resolution), into ``{work_dir}/mil/bags/{encoder}/{slide_id}.h5`` and the store's
+    ``bags/{encoder}/{slide_id}.h5``. A bag already finished locally is kept, a
+    partial one continued: a rerun after a crash picks up where it stopped. A log
+    line every tenth of the slides.
+``train_head``
+    ``histomarker mil train`` on those bags (site-aware cross-validation by patient,
+    out-of-fold AUROC with bootstrap CIs, the final model with per-biomarker
+    temperatures, model card).
+``serve_models``
+    The encoder as ``encoder_<name>`` and the head as ``mil_<name>``: archives built,
+    published under ``models/`` with their cards, registered on TorchServe (the
+    version is the first 12 hex digits of the weights' or model file's sha256) and
+    recorded as deployed. The PredictionService then answers ``pipeline: MIL``.
+
+The tasks are not cached: the bags and the registrations live outside Prefect's
+results (the embedding resumes by itself).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.runtime.clients import torchserve_management
+from flows.runtime.policy import pipeline_task
+from flows.runtime.records import Record, Registration
+from flows.runtime.settings import FlowSettings
+
+#: What the serving records name as having deployed a version registered here.
+SOURCE = "train_mil"
+
+
+class EmbeddedCohort(Record):
+    """The bags of a cohort's slides.
+
+    Attributes:
+        encoder: Registry name of the encoder.
+        folder: Local folder of the bags (``.../bags/{encoder}``).
+        slides: Slides embedded (bags finished, empty ones included).
+        patches: Patches embedded over all slides.
+        seconds: Wall time of the task.
+    """
+
+    encoder: str
+    folder: str
+    slides: int
+    patches: int
+    seconds: float
+
+
+class TrainedHead(Record):
+    """A trained head: its file, card and cross-validated scores."""
+
+    model_path: str
+    card_path: str
+    cross_validation: list[dict[str, Any]]
+    seconds: float
+
+
+class MilRun(Record):
+    """What ``train_mil`` made and serves."""
+
+    bags: EmbeddedCohort
+    head: TrainedHead
+    encoder_model: Registration
+    mil_model: Registration
+
+
+@pipeline_task(cached=False, retries=0, task_run_name="embed-{encoder}")
+def embed_cohort(
+    manifest: str, encoder: str, weights: str, folder: str, tiny: bool = False
+) -> EmbeddedCohort:
+    """Embed every slide of ``manifest`` (module doc)."""
+    from services.cohort.manifest import Manifest
+    from services.encoders import load_encoder
+    from services.mil.bags import read_bag
+    from services.mil.extract import bag_key, embed_slide
+    from services.slide.prepare import PrepParams
+    from services.slide.qc import QcSettings, QcThresholds
+    from services.slide.reader import open_slide
+
+    log = get_run_logger()
+    began = time.perf_counter()
+    settings = FlowSettings()
+    table = Manifest.read(manifest)
+    loaded = load_encoder(encoder, weights, tiny=tiny)
+    params = PrepParams(qc=QcThresholds.from_settings(QcSettings()))
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = list(table.table.itertuples(index=False))
+    step = max(1, len(rows) // 10)
+    patches = 0
+    with settings.open_store() as store:
+        for number, row in enumerate(rows, start=1):
+            slide_id = str(row.slide_id)
+            path = out / f"{slide_id}.h5"
+            if not path.exists():
+                with open_slide(table.slide_file(str(row.slide_path))) as reader:
+                    embed_slide(reader, slide_id, loaded, path, params=params)
+            patches += read_bag(path).n_patches
+            store.put_file(bag_key(encoder, slide_id), path)
+            if number % step == 0 or number == len(rows):
+                log.info(
+                    "embedded %d of %d slides (%d patches) in %.0f s",
+                    number,
+                    len(rows),
+                    patches,
+                    time.perf_counter() - began,
+                )
+    return EmbeddedCohort(
+        encoder=encoder,
+        folder=str(out),
+        slides=len(rows),
+        patches=patches,
+        seconds=round(time.perf_counter() - began, 1),
+    )
+
+
+@pipeline_task(cached=False, retries=0, task_run_name="train-{head}")
+def train_head(
+    manifest: str,
+    bags: EmbeddedCohort,
+    out: str,
+    head: str = "abmil",
+    folds: int = 3,
+    epochs: int = 40,
+    cohort_name: str = "",
+    synthetic: bool | None = None,
+    seed: int = 0,
+) -> TrainedHead:
+    """``histomarker mil train MANIFEST BAGS OUT`` on the embedded cohort."""
+    from services.cli import build_parser
+    from services.mil.cli_mil import run_train
+
+    argv = [
+        "mil",
+        "train",
+        manifest,
+        bags.folder,
+        out,
+        "--head",
+        head,
+        "--encoder",
+        bags.encoder,
+        "--folds",
+        str(folds),
+        "--epochs",
+        str(epochs),
+        "--seed",
+        str(seed),
+        "--json",
+    ]
+    if cohort_name:
+        argv += ["--cohort-name", cohort_name]
+    if synthetic is not None:
+        argv.append("--synthetic" if synthetic else "--real")
+    result = run_train(build_parser().parse_args(argv))
+    get_run_logger().info("MIL head trained in %.0f s: %s", result["seconds"], result["model"])
+    return TrainedHead(
+        model_path=str(result["model"]),
+        card_path=str(Path(out) / "model_card.json"),
+        cross_validation=list(result["cross_validation"]),
+        seconds=float(result["seconds"]),
+    )
+
+
+def _register(settings: FlowSettings, name: str, version: str, key: str) -> Registration:
+    from services.inference.served_models import (
+        READY_TIMEOUT_S,
+        record_deployment,
+        register_version,
+    )
+
+    client = torchserve_management(settings)
+    try:
+        with settings.open_store() as store:
+            ready = register_version(
+                client,
+                store,
+                settings.torchserve_model_store,
+                name,
+                version,
+                key,
+                ready_timeout_s=READY_TIMEOUT_S,
+            )
+            record_deployment(store, name, version, key, source=SOURCE)
+    finally:
+        client.close()
+    return Registration(name=name, version=version, ready_workers=ready)
+
+
+@pipeline_task(cached=False, task_run_name="serve-{name}")
+def serve_models(
+    encoder: str, weights: str, head: TrainedHead, name: str, tiny: bool = False
+) -> tuple[Registration, Registration]:
+    """Archive, publish and register ``encoder_<encoder>`` and ``mil_<name>``."""
+    from services.encoders.weights_files import file_sha256
+    from services.inference.registry import archive_key
+    from services.mil.archive import (
+        build_encoder_mar,
+        build_mil_mar,
+        encoder_model_name,
+        mil_model_name,
+        publish_encoder,
+        publish_mil,
+    )
+
+    settings = FlowSettings()
+    encoder_version = file_sha256(Path(weights))[:12]
+    mil_version = file_sha256(Path(head.model_path))[:12]
+    with tempfile.TemporaryDirectory(prefix="mil-mar-") as folder:
+        encoder_mar = build_encoder_mar(
+            encoder, Path(weights), Path(folder), version=encoder_version, tiny=tiny
+        )
+        mil_mar = build_mil_mar(Path(head.model_path), Path(folder), name=name, version=mil_version)
+        with settings.open_store() as store:
+            publish_encoder(store, encoder_mar)
+            publish_mil(store, mil_mar)
+    served = []
+    for model, version in (
+        (encoder_model_name(encoder), encoder_version),
+        (mil_model_name(name), mil_version),
+    ):
+        served.append(_register(settings, model, version, archive_key(model, version)))
+        get_run_logger().info("%s %s serves", model, version)
+    return served[0], served[1]
+
+
+@flow(name="train_mil", log_prints=True)
+def train_mil(
+    manifest: str,
+    encoder: str,
+    weights: str,
+    *,
+    name: str = "",
+    head: str = "abmil",
+    folds: int = 3,
+    epochs: int = 40,
+    tiny: bool = False,
+    cohort_name: str = "",
+    synthetic: bool | None = None,
+    seed: int = 0,
+) -> MilRun:
+    """Embed the cohort, train and serve a MIL head (module doc).
+
+    Args:
+        manifest: The cohort manifest (CSV; slide paths relative to it).
+        encoder: Registry name of the encoder (``histomarker encoders``).
+        weights: Its local weights file (for ``detector``, the detector bundle's
+            ``weights.pt`` beside its ``model.json``).
+        name: The head's name (served as ``mil_<name>``); the head kind by default.
+        head: ``abmil`` or ``transmil``.
+        folds: Site-aware cross-validation folds.
+        epochs: Most epochs per fit.
+        tiny: The encoder's tiny variant (tests and CPU demos).
+        cohort_name: Cohort name for the model card (the manifest's folder by default).
+        synthetic: Whether the cohort is synthetic (None: decided from its ids).
+        seed: Seed of the folds and the fits.
+    """
+    settings = FlowSettings()
+    work = Path(settings.work_dir) / "mil"
+    bags = embed_cohort(manifest, encoder, weights, str(work / "bags" / encoder), tiny)
+    trained = train_head(
+        manifest,
+        bags,
+        str(work / f"head-{name or head}"),
+        head,
+        folds,
+        epochs,
+        cohort_name,
+        synthetic,
+        seed,
+    )
+    encoder_model, mil_model = serve_models(encoder, weights, trained, name or head, tiny)
+    return MilRun(bags=bags, head=trained, encoder_model=encoder_model, mil_model=mil_model)
