@@ -509,6 +509,18 @@ def _print_mil_predict(result: dict[str, Any]) -> None:
     print_predict(result)
 
 
+def _mil_publish(args: argparse.Namespace) -> dict[str, Any]:
+    from services.mil.cli_publish import run_publish
+
+    return run_publish(args)
+
+
+def _print_mil_publish(result: dict[str, Any]) -> None:
+    from services.mil.cli_publish import print_publish
+
+    print_publish(result)
+
+
 def _add_mil_arguments(mil: argparse.ArgumentParser) -> None:
     mil_sub = mil.add_subparsers(dest="mil_command", metavar="ACTION", required=True)
     train = mil_sub.add_parser(
@@ -551,7 +563,19 @@ def _add_mil_arguments(mil: argparse.ArgumentParser) -> None:
         help="write per-patch attention: x, y, width, height and one column per biomarker",
     )
     predict.set_defaults(handler=_mil_predict, human=_print_mil_predict)
-    for action in (train, predict):
+    publish = mil_sub.add_parser(
+        "publish", help="a head and its encoder into the store, for `models deploy`"
+    )
+    publish.add_argument("model", metavar="MODEL", help="a `mil train` model (mil_<head>.pt)")
+    publish.add_argument(
+        "--weights", required=True, metavar="FILE", help="the encoder weights it was trained on"
+    )
+    publish.add_argument("--name", default="", help="served as mil_<name> (default: the head's)")
+    publish.add_argument("--version", default="", help="default: 12 hex digits of each sha256")
+    publish.add_argument("--tiny", action="store_true", help="the encoder's tiny test variant")
+    publish.add_argument("--store-url", help="object store (default: HISTOMARKER_STORE_URL)")
+    publish.set_defaults(handler=_mil_publish, human=_print_mil_publish)
+    for action in (train, predict, publish):
         _add_json_flag(action)
 
 

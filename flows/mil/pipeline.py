@@ -260,7 +260,7 @@ def train_mil(
         weights: Its local weights file (for ``detector``, the detector bundle's
             ``weights.pt`` beside its ``model.json``).
         name: The head's name (served as ``mil_<name>``); the head kind by default.
-        head: ``abmil`` or ``transmil``.
+        head: ``abmil`` or ``transformer``.
         folds: Site-aware cross-validation folds.
         epochs: Most epochs per fit.
         tiny: The encoder's tiny variant (tests and CPU demos).
