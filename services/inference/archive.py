@@ -6,6 +6,8 @@ one, ``handler.py`` (``services/inference/handler.py``) and a copy of the few
 ``services`` modules the handler imports (``PACKED_MODULES``). TorchServe puts the
 unpacked model folder first on its worker's ``PYTHONPATH``, so the archive serves
 wherever torch, torchvision, numpy and Pillow are installed, without this repository.
+:func:`write_mar` (the archiver's call) also packs the encoder and MIL archives of
+:mod:`services.mil.archive`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -83,47 +86,89 @@ def build_mar(
     weights = bundle_folder / WEIGHTS_FILE
     if not weights.is_file():
         raise InvalidInput(f"bundle {bundle_folder} has no {WEIGHTS_FILE}")
+    extras = [bundle_folder / CONFIG_FILE]
+    if (bundle_folder / METRICS_FILE).is_file():
+        extras.append(bundle_folder / METRICS_FILE)
+    return write_mar(
+        out_dir,
+        model_name=name,
+        version=version or config.version,
+        handler=HANDLER_FILE,
+        serialized_file=weights,
+        extra_files=extras,
+        modules=PACKED_MODULES,
+        force=force,
+    )
+
+
+def write_mar(
+    out_dir: Path,
+    *,
+    model_name: str,
+    version: str,
+    handler: Path,
+    serialized_file: Path,
+    extra_files: Sequence[Path] = (),
+    modules: Sequence[str] = (),
+    force: bool = True,
+) -> Path:
+    """Run torch-model-archiver into ``{out_dir}/{model_name}.mar``, moved into place whole.
+
+    Args:
+        out_dir: Folder the archive is written to (created if missing).
+        model_name: Name TorchServe registers the model under (checked by the caller).
+        version: Archive version.
+        handler: The handler file; it becomes ``handler.py`` at the archive's root.
+        serialized_file: The weights file, at the archive's root under its own name.
+        extra_files: More files for the archive's root.
+        modules: Files relative to the repository root, packed at the same relative
+            paths (the ``services`` modules the handler imports).
+        force: Replace an existing archive of that name.
+
+    Returns:
+        Path of the written ``.mar``.
+
+    Raises:
+        FailedPrecondition: torch-model-archiver failed or the archive exists and
+            ``force`` is False.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{name}.mar"
+    target = out_dir / f"{model_name}.mar"
     if target.exists() and not force:
         raise FailedPrecondition(f"{target} exists; pass force=True to replace it")
     with tempfile.TemporaryDirectory(prefix="histomarker-mar-") as scratch:
         staging = Path(scratch)
         code = staging / "code"
-        for module in PACKED_MODULES:
+        for module in modules:
             (code / module).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO_ROOT / module, code / module)
-        extras = [bundle_folder / CONFIG_FILE, code]
-        if (bundle_folder / METRICS_FILE).is_file():
-            extras.append(bundle_folder / METRICS_FILE)
+        extras = [*extra_files, code] if modules else list(extra_files)
         build = staging / "build"
         build.mkdir()
-        _run_archiver(
-            [
-                "--model-name",
-                name,
-                "--version",
-                version or config.version,
-                "--handler",
-                str(HANDLER_FILE),
-                "--serialized-file",
-                str(weights),
-                "--extra-files",
-                ",".join(str(path) for path in extras),
-                "--export-path",
-                str(build),
-                "--force",
-            ],
-            # The archiver stages files in $TMPDIR/<model name>: a private TMPDIR
-            # keeps concurrent builds of one model apart.
-            tmp_dir=staging,
-        )
-        built = build / f"{name}.mar"
+        arguments = [
+            "--model-name",
+            model_name,
+            "--version",
+            version,
+            "--handler",
+            str(handler),
+            "--serialized-file",
+            str(serialized_file),
+            "--export-path",
+            str(build),
+            "--force",
+        ]
+        if extras:
+            arguments += ["--extra-files", ",".join(str(path) for path in extras)]
+        # The archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps
+        # concurrent builds of one model apart.
+        _run_archiver(arguments, tmp_dir=staging)
+        built = build / f"{model_name}.mar"
         if not built.is_file():
             raise FailedPrecondition(f"torch-model-archiver wrote no {built.name}")
         # Move into place whole: a reader never sees half an archive.
-        partial = out_dir / f".{name}.mar.partial-{os.getpid()}"
+        partial = out_dir / f".{model_name}.mar.partial-{os.getpid()}"
         shutil.copy2(built, partial)
         partial.replace(target)
     return target
