@@ -218,6 +218,6 @@ def _detector_spec(path: Path, spec: EncoderSpec, tiny: bool) -> EncoderSpec:
         spec,
         input_px=pre.input_px,
         mpp=method.mpp * method.input_px / pre.input_px,
-        mean=tuple(pre.mean),
-        std=tuple(pre.std),
+        mean=(pre.mean[0], pre.mean[1], pre.mean[2]),
+        std=(pre.std[0], pre.std[1], pre.std[2]),
     )

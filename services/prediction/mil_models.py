@@ -22,15 +22,8 @@ from services.common.errors import FailedPrecondition
 from services.common.objectstore import ObjectStore
 from services.inference.served_models import served_on_torchserve
 from services.inference.torchserve import RestClient, TorchServeGrpcClient
+from services.mil.archive import ENCODER_PREFIX, MIL_PREFIX, encoder_model_name
 from services.mil.scoring import BagPredictor, Embedder
-
-MIL_PREFIX = "mil_"
-ENCODER_PREFIX = "encoder_"
-
-
-def encoder_model_name(encoder: str) -> str:
-    """TorchServe name of an encoder: ``encoder_`` + registry name, ``-`` as ``_``."""
-    return ENCODER_PREFIX + encoder.replace("-", "_")
 
 
 class MilModels(Protocol):
