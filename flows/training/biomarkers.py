@@ -41,6 +41,7 @@ from flows.runtime.settings import FlowSettings
 from flows.training.config import ModelTraining, Selection, training_of
 from flows.training.discriminative import write_parquet
 from flows.training.ingest import read_cohort
+from flows.training.provenance import training_data
 from flows.training.serving import register_model
 from flows.training.split import untrainable_reason
 from flows.training.training import LabelledSlide, patch_table, train_model
@@ -206,8 +207,9 @@ def train_biomarkers(
             skipped.append(SkippedBiomarker(biomarker=biomarker, reason=reason))
             continue
         own = training_of(biomarker, training, biomarker_epochs or {})
+        card = training_data(labels, cohort.name, [s.slide_id for s in slides])
         model = train_model(
-            model_name_of(biomarker), BIOMARKER_CLASSES, own, slides, grid_overlap_px
+            model_name_of(biomarker), BIOMARKER_CLASSES, own, slides, grid_overlap_px, card
         )
         pending.append(register_model.submit(model))
         results.append(

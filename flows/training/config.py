@@ -88,6 +88,30 @@ class Analysis(Record):
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
 
+class OodConfig(Record):
+    """(ours) How the out-of-distribution reference is fitted
+    (``flows.training.ood_reference``): on the training cohort's slides, its threshold
+    on held-out ones of them; stored as ``ood.json`` beside the cancer detector, so
+    that the PredictionService refuses slides unlike any the models learned from."""
+
+    #: Fit and store one; False leaves the models without (every slide answered).
+    enabled: bool = True
+    #: Raw usable patches described per slide, evenly spread over its grid (the
+    #: PredictionService samples a new slide alike).
+    max_patches_per_slide: int = Field(default=32, ge=1, le=1024)
+    #: Most slides read in all (fit and calibration), whole patients drawn with
+    #: ``seed``: the cost (each slide is fetched and read) and the size of
+    #: ``ood.json`` (it holds the fit slides' descriptors) grow with it.
+    max_slides: int = Field(default=96, ge=15, le=10_000)
+    #: Share of those slides, by patient, that set the threshold instead of fitting.
+    calibration_fraction: float = Field(default=1 / 3, gt=0.0, lt=1.0)
+    #: Share of the calibration slides meant below the threshold before its margin
+    #: (``OodDetector.fit``).
+    answer_rate: float = Field(default=0.975, gt=0.5, lt=1.0)
+    #: Seed of the draw of patients.
+    seed: int = 0
+
+
 class PipelineConfig(Record):
     """Everything that decides a training run's results (and so its run id)."""
 
@@ -98,6 +122,7 @@ class PipelineConfig(Record):
     biomarker: ModelTraining = ModelTraining()
     selection: Selection = Selection()
     analysis: Analysis = Analysis()
+    ood: OodConfig = OodConfig()
     #: The biomarkers to train, in the method's order.
     biomarkers: tuple[str, ...] = BIOMARKERS
     #: Slides tiled (or scored) at once.

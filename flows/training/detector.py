@@ -1,4 +1,6 @@
-"""``train_cancer_detector``: the paper's split, then the stage-1 model on TorchServe."""
+"""``train_cancer_detector``: the paper's split, then the stage-1 model on TorchServe,
+with the out-of-distribution reference of the cohort's slides beside it
+(``flows.training.ood_reference``)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,10 @@ from prefect.artifacts import create_table_artifact
 
 from flows.runtime.policy import pipeline_task
 from flows.runtime.records import CohortRef, ModelRef, Record, Registration, TiledSlide
-from flows.training.config import ModelTraining
+from flows.training.config import ModelTraining, OodConfig
 from flows.training.ingest import read_cohort
+from flows.training.ood_reference import OodReference, fit_ood_reference
+from flows.training.provenance import training_data
 from flows.training.serving import register_model
 from flows.training.split import CohortSplit, paper_split
 from flows.training.training import LabelledSlide, train_model
@@ -19,11 +23,12 @@ DETECTOR_CLASSES = ("normal", "cancer")
 
 
 class DetectorResult(Record):
-    """The split and the served cancer detector."""
+    """The split, the served cancer detector and its OOD reference."""
 
     split: CohortSplit
     model: ModelRef
     registration: Registration
+    ood: OodReference = OodReference(reason="not fitted")
 
 
 @pipeline_task()
@@ -57,20 +62,27 @@ def train_cancer_detector(
     training: ModelTraining,
     split_seed: int = 0,
     grid_overlap_px: int = 0,
+    ood: OodConfig | None = None,
 ) -> DetectorResult:
-    """Split the cohort, train and calibrate the detector, store and serve it.
+    """Split the cohort, train and calibrate the detector, fit the OOD reference,
+    store and serve them.
 
     ``grid_overlap_px`` is the overlap of the 20x grid the slides were tiled on
     (``TilingConfig.overlap_px``): the detector's ``model.json`` records it, and the
-    PredictionService tiles new slides with it.
+    PredictionService tiles new slides with it. The model card states the cohort and
+    the detector's slides (``training_data``). ``ood`` says how the OOD reference is
+    fitted on the cohort's slides (``OodConfig()`` when None); it is stored beside
+    the detector before the detector is registered on TorchServe.
     """
+    ood = ood or OodConfig()
     split = split_cohort(cohort, split_seed)
-    model = train_model(
-        CANCER_DETECTOR,
-        DETECTOR_CLASSES,
-        training,
-        detector_slides(cohort, split, tiled),
-        grid_overlap_px,
+    slides = detector_slides(cohort, split, tiled)
+    card = training_data(read_cohort(cohort), cohort.name, [s.slide_id for s in slides])
+    model = train_model(CANCER_DETECTOR, DETECTOR_CLASSES, training, slides, grid_overlap_px, card)
+    reference = (
+        fit_ood_reference(cohort, tiled, ood, model)
+        if ood.enabled
+        else OodReference(reason="disabled by the configuration")
     )
     registration = register_model(model)
     create_table_artifact(
@@ -83,9 +95,16 @@ def train_cancer_detector(
                 "detector_slides": len(split.detector),
                 "biomarker_slides": len(split.biomarker),
                 "ready_workers": registration.ready_workers,
+                "ood_threshold": reference.threshold,
+                "ood_slides": f"{reference.fit_slides} fit + {reference.calibration_slides}"
+                if reference.key
+                else reference.reason,
             }
         ],
         key="cancer-detector",
-        description="The stage-1 cancer detector: calibration and validation AUROC.",
+        description=(
+            "The stage-1 cancer detector: calibration and validation AUROC, and the "
+            "out-of-distribution reference stored beside it."
+        ),
     )
-    return DetectorResult(split=split, model=model, registration=registration)
+    return DetectorResult(split=split, model=model, registration=registration, ood=reference)

@@ -1,6 +1,7 @@
 """``train_pipeline``: the whole training side of the method, flow after flow.
 
-ingest_cohort -> preprocess -> train_cancer_detector -> select_discriminative ->
+ingest_cohort -> preprocess -> train_cancer_detector (with the OOD reference of the
+cohort's slides) -> select_discriminative ->
 train_biomarkers -> analyze_features. The run's outputs go to ``runs/{run_id}/``,
 where the run id is a digest of the cohort's manifest and the configuration: a rerun
 of a run that crashed has the same id, its finished tasks are found in the cache
@@ -63,7 +64,7 @@ def train_pipeline(
     # Threads, or a Dask cluster when the settings ask for one (``flows.runtime.runners``).
     tiled = with_fanout_runner(preprocess)(cohort, config.tiling, config.max_concurrent_slides)
     detector = train_cancer_detector(
-        cohort, tiled, config.detector, config.split_seed, config.tiling.overlap_px
+        cohort, tiled, config.detector, config.split_seed, config.tiling.overlap_px, config.ood
     )
     cd_slides = select_discriminative(
         tiled,

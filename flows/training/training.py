@@ -5,13 +5,16 @@ the slides' patch indexes (``build_patch_table``), trains and calibrates with
 ``services.inference.training.train`` (resuming from its epoch checkpoint after a
 crash), packs the ``.mar`` and puts the bundle under ``models/{name}/{version}/``
 with ``model.json`` last. The version is a digest of the training inputs: the same
-patches and settings give the same version, so a rerun reuses it.
+patches and settings give the same version, so a rerun reuses it. The bundle's
+``model.json`` states what the model was trained on (``training_data``, from
+``flows.training.provenance``), and so does the archive's.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
+from typing import Any
 
 import pandas as pd
 from prefect import get_run_logger
@@ -22,7 +25,7 @@ from flows.runtime.settings import FlowSettings
 from flows.training.config import ModelTraining
 from services.common.objectstore import ObjectStore
 from services.inference.archive import build_mar
-from services.inference.bundle import METRICS_FILE
+from services.inference.bundle import METRICS_FILE, load_config, write_config
 from services.inference.dataset import build_patch_table
 from services.inference.registry import archive_key, publish_bundle
 from services.inference.training import TrainConfig, train
@@ -110,11 +113,15 @@ def train_model(
     training: ModelTraining,
     slides: list[LabelledSlide],
     grid_overlap_px: int,
+    training_data: dict[str, Any] | None = None,
 ) -> ModelRef:
     """Train, calibrate, archive and store one model (see the module docstring).
 
     ``grid_overlap_px`` is the overlap of the 20x grid the slides were tiled on
     (``TilingConfig.overlap_px``, px at 20x): the bundle records it for prediction.
+    ``training_data`` (cohort, synthetic, sites, n_slides, n_patients:
+    ``flows.training.provenance.training_data``) goes on the model card as it is;
+    None leaves it empty. It does not enter the version, which the weights decide.
     """
     logger = get_run_logger()
     settings = FlowSettings()
@@ -137,6 +144,8 @@ def train_model(
             progress=False,
             on_epoch_end=lambda record: logger.info("%s epoch %s", name, record),
         )
+        card = load_config(result.bundle_dir).with_training_data(training_data)
+        write_config(result.bundle_dir, card)  # before the archive, which packs it
         mar = build_mar(result.bundle_dir, work / "archive")
         prefix = publish_bundle(store, result.bundle_dir, mar)
         archive = archive_key(name, version)

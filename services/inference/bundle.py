@@ -10,9 +10,12 @@ In the object store it lives under ``models/{model_name}/{version}/``.
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +31,60 @@ METRICS_FILE = "metrics.json"
 #: Model names TorchServe and the object store accept: cancer_detector, biomarker_tp53...
 _MODEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")
+#: Keys of a model card's ``training_data`` (the proto's TrainingData).
+TRAINING_DATA_KEYS = ("cohort", "synthetic", "sites", "n_slides", "n_patients")
+
+
+def training_data_of(value: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A model card's ``training_data``, checked and in canonical form.
+
+    Args:
+        value: ``cohort`` (name, text), ``synthetic`` (True for the synthetic
+            generator's slides, False for real H&E, None when not known), ``sites``
+            (tissue source site codes, text), ``n_slides`` and ``n_patients`` (counts
+            behind the training and validation data, 0 when not known); any of them
+            may be left out. None or {} when nothing is known.
+
+    Returns:
+        {} when ``value`` is empty; else every key of :data:`TRAINING_DATA_KEYS`,
+        the sites sorted and without repeats.
+
+    Raises:
+        InvalidInput: Not a mapping, an unknown key, or a value of the wrong type.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidInput(f"training_data must be an object, got {type(value).__name__}")
+    if not value:
+        return {}
+    unknown = sorted(str(k) for k in value if k not in TRAINING_DATA_KEYS)
+    if unknown:
+        raise InvalidInput(
+            f"training_data has unknown keys {unknown}; use {', '.join(TRAINING_DATA_KEYS)}"
+        )
+    cohort = value.get("cohort", "")
+    if not isinstance(cohort, str):
+        raise InvalidInput(f"training_data.cohort must be text, got {cohort!r}")
+    synthetic = value.get("synthetic")
+    if synthetic is not None and not isinstance(synthetic, bool):
+        raise InvalidInput(
+            f"training_data.synthetic must be true, false or null, got {synthetic!r}"
+        )
+    sites = value.get("sites", [])
+    if isinstance(sites, str) or not isinstance(sites, list | tuple):
+        raise InvalidInput(f"training_data.sites must be a list of site codes, got {sites!r}")
+    if not all(isinstance(site, str) and site for site in sites):
+        raise InvalidInput(f"training_data.sites must be non-empty text, got {list(sites)!r}")
+    counts = {}
+    for key in ("n_slides", "n_patients"):
+        count = value.get(key, 0)
+        if isinstance(count, float) and math.isfinite(count) and count.is_integer():
+            count = int(count)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise InvalidInput(f"training_data.{key} must be a count >= 0, got {count!r}")
+        counts[key] = count
+    return {"cohort": cohort, "synthetic": synthetic, "sites": sorted(set(sites)), **counts}
 
 
 @dataclass(frozen=True)
@@ -56,6 +113,9 @@ class ModelConfig:
             slides were tiled on, px at the grid's magnification (0 = the plain,
             non-overlapping grid), so that prediction tiles new slides the same way.
             A ``model.json`` written before this field loads as 0.
+        training_data: What the model was trained on (:func:`training_data_of`:
+            cohort, synthetic, sites, n_slides, n_patients); {} when unknown, as a
+            ``model.json`` written before this field loads.
     """
 
     name: str
@@ -69,6 +129,8 @@ class ModelConfig:
     decision_threshold: float = 0.5
     stain_reference: str = ""
     grid_overlap_px: int = 0
+    # Not hashed: a dict cannot be, and the other fields name the model already.
+    training_data: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if not _MODEL_NAME.match(self.name):
@@ -90,6 +152,8 @@ class ModelConfig:
             raise InvalidInput(
                 f"grid_overlap_px must be a whole number of px >= 0, got {overlap!r}"
             )
+        # A copy in canonical form: the frozen config does not share the caller's dict.
+        object.__setattr__(self, "training_data", training_data_of(self.training_data))
 
     @property
     def num_classes(self) -> int:
@@ -97,6 +161,10 @@ class ModelConfig:
 
     def with_temperature(self, temperature: float) -> ModelConfig:
         return replace(self, temperature=float(temperature))
+
+    def with_training_data(self, training_data: Mapping[str, Any] | None) -> ModelConfig:
+        """The same config stating what the model was trained on."""
+        return replace(self, training_data=training_data_of(training_data))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -125,6 +193,15 @@ def save_bundle(
     # The config last: a folder with model.json is complete.
     (folder / CONFIG_FILE).write_text(config.to_json())
     return folder
+
+
+def write_config(folder: Path, config: ModelConfig) -> Path:
+    """Write (or replace) a bundle folder's ``model.json``; returns its path."""
+    path = folder / CONFIG_FILE
+    partial = path.with_name(f".{CONFIG_FILE}.part")
+    partial.write_text(config.to_json())
+    partial.replace(path)  # atomic: a reader never sees half a config
+    return path
 
 
 def load_config(folder: Path) -> ModelConfig:

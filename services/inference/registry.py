@@ -2,7 +2,10 @@
 
 A version folder holds the bundle's files (``weights.pt``, ``metrics.json``,
 ``reliability.png``...), the ``{model_name}.mar`` archive and, written last,
-``model.json``: a folder with ``model.json`` is complete. Kept apart from
+``model.json``: a folder with ``model.json`` is complete. The cancer detector's may
+also hold ``ood.json``, the out-of-distribution reference of the slides the models
+were trained on (:class:`services.inference.ood.OodDetector`), which training writes
+before the version is registered on TorchServe. Kept apart from
 :mod:`services.inference.bundle`, which the TorchServe archive packs and which must
 not need the object store.
 """
@@ -18,6 +21,8 @@ MODELS_PREFIX = "models"
 #: A version folder with this file is complete (``bundle.CONFIG_FILE``; not imported
 #: from there, which needs torch, so that reading the registry does not).
 COMPLETE_MARKER = "model.json"
+#: The out-of-distribution reference beside a model version (the cancer detector's).
+OOD_FILE = "ood.json"
 
 
 def model_prefix(name: str, version: str) -> str:
@@ -28,6 +33,11 @@ def model_prefix(name: str, version: str) -> str:
 def archive_key(name: str, version: str) -> str:
     """Store key of one model version's TorchServe archive: ``.../{name}.mar``."""
     return f"{model_prefix(name, version)}/{name}.mar"
+
+
+def ood_key(name: str, version: str) -> str:
+    """Store key of one model version's out-of-distribution reference: ``.../ood.json``."""
+    return f"{model_prefix(name, version)}/{OOD_FILE}"
 
 
 def stored_versions(store: ObjectStore, name: str) -> list[str]:

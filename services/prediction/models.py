@@ -19,6 +19,13 @@ is not usable (its threshold is unknown), and neither is a required model that i
 not registered: :meth:`ModelRegistry.deployment` raises FailedPrecondition naming
 every missing one. TorchServe down is Unavailable.
 
+The deployed cancer detector's version folder may hold ``ood.json``, the
+out-of-distribution reference training fitted on the training slides
+(:class:`~services.inference.ood.OodDetector`): a deployment carries it
+(:attr:`Deployment.ood`, None when that version has none) and the pipeline refuses
+slides far from the training slides with it. It is read once per stored version and
+content (its etag), not at every prediction.
+
 Scoring goes through the :class:`PatchScorer` interface: :class:`TorchServeScorer`
 (TorchServe's gRPC inference API, one ``.npy`` batch per request; a request that
 fails because TorchServe is down or busy — a worker that died mid-request answers
@@ -36,7 +43,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,8 +66,9 @@ from services.common.vocabulary import (
     model_name_of,
 )
 from services.inference.bundle import CONFIG_FILE, METRICS_FILE, ModelConfig, load_bundle
+from services.inference.ood import OodDetector
 from services.inference.preprocess import shrink_to_input
-from services.inference.registry import MODELS_PREFIX, archive_key, model_prefix
+from services.inference.registry import MODELS_PREFIX, OOD_FILE, archive_key, model_prefix, ood_key
 from services.inference.serving_io import encode_npy, patch_outputs, predict, to_batch
 from services.inference.torchserve import RestClient, TorchServeGrpcClient
 
@@ -98,6 +106,13 @@ class DeployedModel:
     serving: bool = True
 
     @property
+    def training_data(self) -> dict[str, Any]:
+        """What the model was trained on, as its model card says (``ModelConfig.
+        training_data``: cohort, synthetic, sites, n_slides, n_patients); {} when it
+        does not say."""
+        return dict(self.config.training_data)
+
+    @property
     def threshold(self) -> float:
         """The model's decision threshold on the calibrated probability (0-1): the
         cancer confidence for the detector, the slide-call threshold for a biomarker."""
@@ -129,10 +144,18 @@ class DeployedModel:
 
 @dataclass(frozen=True)
 class Deployment:
-    """The models one prediction uses: the detector and the requested biomarkers'."""
+    """The models one prediction uses: the detector and the requested biomarkers'.
+
+    Attributes:
+        cancer: The cancer detector.
+        biomarkers: Biomarker name -> its model.
+        ood: The out-of-distribution reference stored beside the detector's version
+            (``ood.json``); None when there is none (the slides are not checked).
+    """
 
     cancer: DeployedModel
     biomarkers: Mapping[str, DeployedModel]
+    ood: OodDetector | None = field(default=None, compare=False, repr=False)
 
     def versions(self) -> dict[str, str]:
         """Model name -> version, for hashes and records."""
@@ -203,12 +226,23 @@ class LocalScorer:
     """Scores with bundles loaded in this process, exactly as the handler does.
 
     Args:
-        bundles: Model name -> bundle folder (``weights.pt`` and ``model.json``).
+        bundles: Model name -> bundle folder (``weights.pt`` and ``model.json``; the
+            cancer detector's may hold ``ood.json``, its deployment's OOD reference).
     """
+
+    #: The detector folder's OOD reference (a class default: none unless loaded).
+    _ood: OodDetector | None = None
 
     def __init__(self, bundles: Mapping[str, Path]) -> None:
         self._models = {name: load_bundle(Path(folder)) for name, folder in bundles.items()}
         self._lock = threading.Lock()  # one forward pass at a time: torch threads itself
+        detector = bundles.get(CANCER_DETECTOR)
+        reference = Path(detector) / OOD_FILE if detector is not None else None
+        self._ood = (
+            OodDetector.from_json(reference.read_text())
+            if reference is not None and reference.is_file()
+            else None
+        )
 
     def config(self, name: str) -> ModelConfig:
         """The loaded config of a model."""
@@ -229,15 +263,20 @@ class LocalScorer:
         return {name: _local_model(name, cfg) for name, (_, cfg) in self._models.items()}, []
 
     def deployment(self, biomarkers: Sequence[str] = BIOMARKERS) -> Deployment:
-        """The loaded models as a deployment (FailedPrecondition naming missing ones)."""
-        return _deployment(self.deployed()[0], biomarkers)
+        """The loaded models as a deployment (FailedPrecondition naming missing ones),
+        with the detector folder's OOD reference when it has one."""
+        return _deployment(self.deployed()[0], biomarkers, self._ood)
 
 
 def _local_model(name: str, config: ModelConfig) -> DeployedModel:
     return DeployedModel(name, config.version, biomarker_of_model(name), config)
 
 
-def _deployment(models: Mapping[str, DeployedModel], biomarkers: Sequence[str]) -> Deployment:
+def _deployment(
+    models: Mapping[str, DeployedModel],
+    biomarkers: Sequence[str],
+    ood: OodDetector | None = None,
+) -> Deployment:
     wanted = [CANCER_DETECTOR, *(model_name_of(b) for b in biomarkers)]
     missing = [name for name in wanted if name not in models]
     if missing:
@@ -248,6 +287,7 @@ def _deployment(models: Mapping[str, DeployedModel], biomarkers: Sequence[str]) 
     return Deployment(
         cancer=models[CANCER_DETECTOR],
         biomarkers={b: models[model_name_of(b)] for b in biomarkers},
+        ood=ood,
     )
 
 
@@ -266,6 +306,8 @@ class ModelRegistry:
         self.ttl_s = ttl_s
         self._lock = threading.Lock()
         self._cached: tuple[float, dict[str, DeployedModel], list[str]] | None = None
+        # ood.json key -> (its etag, the reference): parsed once per content.
+        self._ood: dict[str, tuple[str, OodDetector]] = {}
 
     def deployed(self) -> tuple[dict[str, DeployedModel], list[str]]:
         """The usable models by name, and the problems of registered but unusable ones.
@@ -290,9 +332,13 @@ class ModelRegistry:
     def deployment(self, biomarkers: Sequence[str] = BIOMARKERS) -> Deployment:
         """The models a prediction of ``biomarkers`` needs.
 
+        The deployment carries the detector version's OOD reference (``ood.json``)
+        when the store holds one.
+
         Raises:
             FailedPrecondition: A required model is not registered on TorchServe or
-                not stored; the message names each.
+                not stored, the message naming each; or the detector's ``ood.json``
+                is not a valid reference.
             Unavailable: TorchServe cannot be reached, or a required model has no
                 READY worker.
         """
@@ -307,7 +353,32 @@ class ModelRegistry:
         ]
         if idle:
             raise Unavailable(f"TorchServe has no READY worker for {', '.join(idle)}")
-        return deployment
+        ood = self.ood_reference(deployment.cancer)
+        return deployment if ood is None else replace(deployment, ood=ood)
+
+    def ood_reference(self, model: DeployedModel) -> OodDetector | None:
+        """The OOD reference stored beside a model version (``ood.json``), or None.
+
+        Raises:
+            FailedPrecondition: The stored reference is not a valid one (refusing to
+                predict beats answering every slide unchecked).
+        """
+        key = ood_key(model.name, model.version)
+        try:
+            etag = self.store.stat(key).etag
+        except NotFound:
+            return None
+        with self._lock:
+            cached = self._ood.get(key)
+        if cached is not None and cached[0] == etag:
+            return cached[1]
+        try:
+            reference = OodDetector.from_json(self.store.get_bytes(key).decode())
+        except (InvalidInput, UnicodeDecodeError) as exc:
+            raise FailedPrecondition(f"{key} is not a valid OOD reference: {exc}") from None
+        with self._lock:
+            self._ood[key] = (etag, reference)
+        return reference
 
     def _discover(self) -> tuple[dict[str, DeployedModel], list[str]]:
         answer = self.management.json("GET", "/models?limit=1000")

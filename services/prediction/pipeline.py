@@ -5,7 +5,15 @@ tiling uses too (:func:`services.slide.prepare.prepare_slide`: masks and their Q
 verdict; 20x patches on the usable tissue, on the grid the models were trained on,
 plain or overlapping by ``grid.overlap_px``; the slide's stain matrix, once). A
 slide whose QC verdict is ``fail`` (too little usable tissue, or mostly artifact)
-gets status ``qc_failed`` and no calls. Then ``cancer_detection`` (20x patches, read
+gets status ``qc_failed`` and no calls. When the deployment has an out-of-distribution
+reference (the ``ood.json`` training stored beside the cancer detector), the slide is
+measured against the training slides
+(:func:`services.prediction.ood_check.check_slide_ood`: stain, texture and nucleus
+statistics of some raw usable patches, 32 by default); one beyond the reference's
+threshold gets status ``out_of_distribution``, with the distance and threshold and no
+calls, unless ``answer_out_of_distribution`` asks for the calls anyway (the result
+still records the measurement). Every result carries the detector's
+``training_data`` (its model card's). Then ``cancer_detection`` (20x patches, read
 and normalized, scored by ``cancer_detector``; kept when the calibrated cancer
 probability is above the threshold, 0.9 by default) -> ``high_res`` (each kept patch
 becomes four 40x patches, its quadrants: the native 40x level, or Lanczos x2 of the
@@ -31,7 +39,8 @@ when upsampled, never depend on which request finished first.
 
 Outputs go to the object store under ``runs/predictions/{slide_id}/{params_hash}/``
 where the hash covers the slide's content digest, the parameters, the stain
-reference and the model versions::
+reference, the model versions and the OOD reference (its threshold and fit summary;
+``answer_out_of_distribution`` only counts when there is a reference)::
 
     tissue.png, tissue.json, ...   the tissue masks (``slide.prepare.store_masks``)
     patches.parquet                one row per 40x window scored: slide_id, x, y,
@@ -65,11 +74,13 @@ from services.inference.serving_io import MAX_PATCHES_PER_REQUEST
 from services.prediction.engine import ScoringEngine, aggregate, patch_table
 from services.prediction.heatmaps import render_heatmap, slide_thumbnail
 from services.prediction.models import Deployment, PatchScorer
+from services.prediction.ood_check import check_slide_ood, refusal_message
 from services.prediction.progress import STAGE_START, Reporter
 from services.prediction.results import (
     STATUS_NO_CANCER,
     STATUS_NO_TISSUE,
     STATUS_OK,
+    STATUS_OOD,
     STATUS_QC_FAILED,
     ProgressFn,
     SlidePredictionResult,
@@ -81,7 +92,7 @@ from services.slide.reader import SlideReader
 from services.slide.stain import StainMatrix
 
 #: Bump when outputs or algorithms change (part of the hash).
-PIPELINE_VERSION = 3
+PIPELINE_VERSION = 4
 RUNS_PREFIX = "runs/predictions"
 PREDICTION_JSON = "prediction.json"
 PATCH_TABLE = "patches.parquet"
@@ -109,6 +120,9 @@ class PredictionParams(PrepParams):
         max_in_flight: Scoring requests in flight at once.
         reader_threads: Threads reading, normalizing and upsampling patches.
         read_ahead_batches: 20x batches read ahead of the cancer detector.
+        answer_out_of_distribution: Make the calls even for a slide the deployment's
+            OOD reference finds out of distribution (the status is then ``ok`` and
+            the result still records the distance).
     """
 
     biomarkers: tuple[str, ...] = BIOMARKERS
@@ -121,6 +135,7 @@ class PredictionParams(PrepParams):
     max_in_flight: int = 4
     reader_threads: int = 2
     read_ahead_batches: int = 4
+    answer_out_of_distribution: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -157,9 +172,17 @@ def prediction_digest(
     reference: StainMatrix | None,
     slide_digest: str,
 ) -> str:
-    """The hash naming a prediction's outputs."""
-    scoring = ("batch_size", "max_in_flight", "reader_threads", "read_ahead_batches")
+    """The hash naming a prediction's outputs.
+
+    The OOD reference counts by its threshold and fit summary (its JSON is large);
+    ``answer_out_of_distribution`` only when there is a reference, as without one
+    it changes nothing.
+    """
+    scoring = {"batch_size", "max_in_flight", "reader_threads", "read_ahead_batches"}
+    if deployment.ood is None:
+        scoring.add("answer_out_of_distribution")
     decisive = {k: v for k, v in asdict(params).items() if k not in scoring}
+    ood = deployment.ood
     return params_hash(
         decisive,
         {
@@ -167,6 +190,9 @@ def prediction_digest(
             "reference": None if reference is None else reference.to_json(),
             "slide": slide_digest,
             "version": PIPELINE_VERSION,
+            "ood": None
+            if ood is None
+            else {"method": ood.method, "threshold": ood.threshold, "training": ood.training},
         },
     )
 
@@ -199,7 +225,8 @@ def predict_slide(
         budget: Deadline and cancellation, checked between batches.
 
     Returns:
-        The result; ``no_tissue`` and ``no_cancer_patches`` are answers, not errors.
+        The result; ``no_tissue``, ``qc_failed``, ``out_of_distribution`` and
+        ``no_cancer_patches`` are answers, not errors.
 
     Raises:
         InvalidInput: A slide coarser than 20x, or bad parameters.
@@ -251,6 +278,7 @@ def predict_slide(
     store_masks(store, prefix, masks)
     wall["tissue"] += time.perf_counter() - t
     budget.check()
+    measured: dict[str, Any] = {}  # the OOD check's entry, once made
 
     def result(status: str, message: str, **extra: Any) -> SlidePredictionResult:
         return SlidePredictionResult(
@@ -269,6 +297,8 @@ def predict_slide(
             prefix=prefix,
             tissue_mask_key=f"{prefix}/tissue.png",
             qc=prepared.qc.as_dict(),
+            training_data=deployment.cancer.training_data,
+            out_of_distribution=dict(measured),
             **extra,
         )
 
@@ -281,6 +311,14 @@ def predict_slide(
             "the slide failed QC, no biomarker calls: " + "; ".join(prepared.qc.reasons),
         )
         return _finish(store, out, started, wall, {}, {}, report)
+    if deployment.ood is not None:
+        t = time.perf_counter()
+        measured.update(check_slide_ood(reader, prepared, deployment.ood, params.grid))
+        wall["ood"] = time.perf_counter() - t
+        budget.check()
+        if measured["out_of_distribution"] and not params.answer_out_of_distribution:
+            out = result(STATUS_OOD, refusal_message(measured))
+            return _finish(store, out, started, wall, {}, {}, report)
 
     hi_source = choose_source(reader, params.high_res_policy, params.grid.target_mpp / 2)
 
