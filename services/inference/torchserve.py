@@ -428,15 +428,19 @@ class TorchServeGrpcClient:
             Unauthenticated: Missing or wrong token.
             Unavailable: TorchServe is down or failed.
         """
-        request = self._messages.PredictionsRequest(
-            model_name=model_name, model_version=model_version, input={"data": data}
-        )
-        response = self._call(self._stub.Predictions, request)
-        answer = json.loads(response.prediction)
+        answer = json.loads(self.predict_raw(model_name, data, model_version))
         # gRPC answers a request the handler rejected with OK and the error body.
         if isinstance(answer, dict) and isinstance(answer.get("error"), str):
             raise error_from_output(answer)
         return answer
+
+    def predict_raw(self, model_name: str, data: bytes, model_version: str = "") -> bytes:
+        """One prediction, its answer as TorchServe sent it (an encoder answers
+        ``.npy`` bytes, not JSON). Raises as :meth:`predict`."""
+        request = self._messages.PredictionsRequest(
+            model_name=model_name, model_version=model_version, input={"data": data}
+        )
+        return bytes(self._call(self._stub.Predictions, request).prediction)
 
     def close(self) -> None:
         self._channel.close()

@@ -170,7 +170,7 @@ class TorchServeEmbedder:
     def _embed_request(self, patches: np.ndarray) -> np.ndarray:
         data = encode_patches(patches)
         answer = with_retries(
-            lambda: predict_bytes(self.client, self.model_name, data, self.version),
+            lambda: self.client.predict_raw(self.model_name, data, self.version),
             f"embedding with {self.model_name}",
             self.retry_delays_s,
         )
@@ -241,25 +241,6 @@ class TorchServeBagPredictor:
             self.retry_delays_s,
         )
         return decode_mil_output(answer, self.tasks, len(bag))
-
-
-def predict_bytes(
-    client: TorchServeGrpcClient, model_name: str, data: bytes, model_version: str = ""
-) -> bytes:
-    """One prediction whose answer is returned as TorchServe sent it (bytes).
-
-    ``TorchServeGrpcClient.predict`` parses the answer as JSON; an encoder answers
-    ``.npy`` bytes. Same request, token and gRPC error mapping as that method.
-
-    Raises:
-        InvalidInput: TorchServe refused the request.
-        Unauthenticated: Missing or wrong token.
-        Unavailable: TorchServe is down or failed.
-    """
-    request = client._messages.PredictionsRequest(
-        model_name=model_name, model_version=model_version, input={"data": data}
-    )
-    return bytes(client._call(client._stub.Predictions, request).prediction)
 
 
 def with_retries(call: Callable[[], T], what: str, delays_s: Sequence[float]) -> T:

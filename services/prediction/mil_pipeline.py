@@ -146,16 +146,6 @@ def check_bag(bag: Bag, predictor: BagPredictor) -> None:
         )
 
 
-def ood_message(decision: dict[str, Any]) -> str:
-    """One line saying why a slide got no calls for being out of distribution."""
-    return (
-        f"the slide is out of the models' training distribution (distance "
-        f"{decision.get('distance', float('nan')):.3g} > threshold "
-        f"{decision.get('threshold', float('nan')):.3g}): no biomarker calls; ask for "
-        "them anyway with answer_out_of_distribution"
-    )
-
-
 def _missing_tasks(predictor: BagPredictor, biomarkers: tuple[str, ...]) -> None:
     missing = [b for b in biomarkers if b not in predictor.tasks]
     if missing:
@@ -352,7 +342,7 @@ def predict_slide_mil(
         )
         return _finish(store, out, started, wall, report)
     if ood is not None:
-        from services.prediction.ood_check import check_slide_ood
+        from services.prediction.ood_check import check_slide_ood, refusal_message
 
         t = time.perf_counter()
         decision = check_slide_ood(reader, prepared, ood, prep.grid)
@@ -360,7 +350,7 @@ def predict_slide_mil(
         base["out_of_distribution"] = decision
         if decision.get("out_of_distribution") and not params.answer_out_of_distribution:
             out = SlidePredictionResult(
-                status=STATUS_OOD, message=ood_message(decision), biomarkers=[], **base
+                status=STATUS_OOD, message=refusal_message(decision), biomarkers=[], **base
             )
             return _finish(store, out, started, wall, report)
 

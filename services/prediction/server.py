@@ -287,19 +287,16 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             settings.max_concurrent_predictions, settings.max_queued_predictions
         )
         inference_token, management_token = _tokens(settings)
-        client = None
-        if scorer is None or mil_models is None:
-            client = TorchServeGrpcClient(
-                settings.torchserve_grpc_target, inference_token, settings.torchserve_timeout_s
-            )
-        self.scorer = scorer or TorchServeScorer(client)  # type: ignore[arg-type]
+        # One TorchServe client for the patch scorer and the MIL models (it connects
+        # on first use).
+        client = TorchServeGrpcClient(
+            settings.torchserve_grpc_target, inference_token, settings.torchserve_timeout_s
+        )
+        self.scorer = scorer or TorchServeScorer(client)
         management = _management_client(settings, management_token)
         self.registry = registry or ModelRegistry(self.store, management, settings.model_cache_s)
         self.mil_models: MilModels = mil_models or ServedMilModels(
-            self.store,
-            management,
-            client,
-            settings.model_cache_s,  # type: ignore[arg-type]
+            self.store, management, client, settings.model_cache_s
         )
         #: Finished predictions by status name (OK, CANCELLED, ...): for tests and logs.
         self.outcomes: Counter[str] = Counter()
@@ -333,6 +330,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             batch_size=self.settings.batch_size,
             max_in_flight=self.settings.max_in_flight,
             reader_threads=self.settings.reader_threads,
+            answer_out_of_distribution=options.answer_out_of_distribution,
         )
 
     def _pipeline(self, options: prediction_pb2.PredictionOptions) -> str:
@@ -397,9 +395,13 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         return paper_job
 
     def _ood(self) -> Any:
-        """The deployed out-of-distribution reference (beside the cancer detector),
-        None when there is none."""
-        return None
+        """The out-of-distribution reference stored beside the deployed cancer
+        detector, None when there is none (or no detector is deployed: a MIL-only
+        service then answers unchecked)."""
+        try:
+            return self.registry.deployment(()).ood
+        except FailedPrecondition:
+            return None
 
     def _reference(self, trained_with: str = "") -> StainMatrix | None:
         """The stain reference: the service's setting, else the one the models were
@@ -614,6 +616,8 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             info.archive.CopyFrom(self._ref(model.archive_key))
         if model.trained_at is not None:
             info.trained_at.FromDatetime(model.trained_at)
+        if model.training_data:  # unset when the model card does not say
+            info.training_data.CopyFrom(training_data_message(model.training_data))
         return info
 
     # -- RPCs ------------------------------------------------------------------------

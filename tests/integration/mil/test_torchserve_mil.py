@@ -51,7 +51,6 @@ from services.mil.remote import (
     TorchServeBagPredictor,
     TorchServeEmbedder,
     load_card,
-    predict_bytes,
 )
 from services.mil.serving_io import (
     decode_bag,
@@ -311,7 +310,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_answering(
         client.predict(MIL_MODEL, encode_bag(nan))
     with pytest.raises(InvalidInput, match=r"the bag is empty \(N = 0\)"):
         server.predict_rest(MIL_MODEL, encode_bag(np.zeros((0, DIM), np.float32)))
-    wrong_kind = predict_bytes(client, ENCODER_MODEL, encode_bag(good), VERSION)
+    wrong_kind = client.predict_raw(ENCODER_MODEL, encode_bag(good), VERSION)
     with pytest.raises(InvalidInput, match="patches must be uint8, got float32"):
         decode_embeddings(wrong_kind, len(good), DIM)
     # The clients check before sending.
@@ -337,7 +336,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_answering(
     # Both models still answer, on their one worker each.
     assert predictor.predict(good).probabilities.keys() == set(BIOMARKERS)
     assert embedder.embed(_patches(2, 32, seed=7)).shape == (2, DIM)
-    raw = predict_bytes(client, ENCODER_MODEL, encode_patches(_patches(2, 32, seed=7)))
+    raw = client.predict_raw(ENCODER_MODEL, encode_patches(_patches(2, 32, seed=7)))
     assert decode_embeddings(raw, 2, DIM).shape == (2, DIM)
     for name in (ENCODER_MODEL, MIL_MODEL):
         assert [w["status"] for w in server.describe(name)["workers"]] == ["READY"]

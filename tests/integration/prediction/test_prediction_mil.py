@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_models import untrained_scorer
 
 from services import cli
 from services.common.grpc_client import open_channel
@@ -76,7 +77,10 @@ def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Object
         slide_cache_dir=root / "cache",
         qc_min_usable_mm2=QC_MIN_USABLE_MM2,
     )
-    servicer = PredictionServicer(config, mil_models=models)
+    # The paper's models (tiny, untrained) are deployed too: the MIL pipeline takes the
+    # out-of-distribution reference beside the cancer detector when there is one.
+    registry = untrained_scorer(root / "bundles")
+    servicer = PredictionServicer(config, registry=registry, mil_models=models)  # type: ignore[arg-type]
     binding = ServiceBinding(
         SERVICE_NAME, servicer, prediction_pb2_grpc.add_PredictionServiceServicer_to_server
     )
