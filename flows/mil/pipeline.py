@@ -79,13 +79,20 @@ class MilRun(Record):
 
 @pipeline_task(cached=False, retries=0, task_run_name="embed-{encoder}")
 def embed_cohort(
-    manifest: str, encoder: str, weights: str, folder: str, tiny: bool = False
+    manifest: str,
+    encoder: str,
+    weights: str,
+    folder: str,
+    tiny: bool = False,
+    overlap: float = 0.0,
 ) -> EmbeddedCohort:
-    """Embed every slide of ``manifest`` (module doc)."""
+    """Embed every slide of ``manifest`` (module doc); neighbouring patches overlap
+    by ``overlap`` of their side (0-0.9)."""
     from services.cohort.manifest import Manifest
     from services.encoders import load_encoder
     from services.mil.bags import read_bag
     from services.mil.extract import bag_key, embed_slide
+    from services.slide.grid import GridParams
     from services.slide.prepare import PrepParams
     from services.slide.qc import QcSettings, QcThresholds
     from services.slide.reader import open_slide
@@ -95,7 +102,11 @@ def embed_cohort(
     settings = FlowSettings()
     table = Manifest.read(manifest)
     loaded = load_encoder(encoder, weights, tiny=tiny)
-    params = PrepParams(qc=QcThresholds.from_settings(QcSettings()))
+    side = loaded.spec.input_px
+    params = PrepParams(
+        grid=GridParams(overlap_px=min(round(overlap * side), side - 1)),
+        qc=QcThresholds.from_settings(QcSettings()),
+    )
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     rows = list(table.table.itertuples(index=False))
@@ -251,6 +262,7 @@ def train_mil(
     cohort_name: str = "",
     synthetic: bool | None = None,
     seed: int = 0,
+    overlap: float = 0.0,
 ) -> MilRun:
     """Embed the cohort, train and serve a MIL head (module doc).
 
@@ -267,10 +279,12 @@ def train_mil(
         cohort_name: Cohort name for the model card (the manifest's folder by default).
         synthetic: Whether the cohort is synthetic (None: decided from its ids).
         seed: Seed of the folds and the fits.
+        overlap: Share of a patch side neighbouring patches overlap (the head's card
+            records it, and the PredictionService tiles new slides the same way).
     """
     settings = FlowSettings()
     work = Path(settings.work_dir) / "mil"
-    bags = embed_cohort(manifest, encoder, weights, str(work / "bags" / encoder), tiny)
+    bags = embed_cohort(manifest, encoder, weights, str(work / "bags" / encoder), tiny, overlap)
     trained = train_head(
         manifest,
         bags,

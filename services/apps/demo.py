@@ -83,6 +83,8 @@ class DemoScale:
         mil_head: The MIL head of the second pipeline (``abmil`` or ``transmil``).
         mil_folds: Its site-aware cross-validation folds.
         mil_epochs: Most epochs per fit of it.
+        mil_overlap: Share of a patch side its neighbouring patches overlap (a tiny
+            slide has four to six 20x patches on the plain grid, too few instances).
     """
 
     name: str
@@ -100,6 +102,7 @@ class DemoScale:
     mil_head: str = "abmil"
     mil_folds: int = 3
     mil_epochs: int = 40
+    mil_overlap: float = 0.5
 
     def cohort_settings(self) -> dict[str, Any]:
         """What decides the cohort's files (a rerun reuses a cohort with the same)."""
@@ -369,6 +372,7 @@ def _train_mil(stack: Any, out: Path, train_manifest: Path, run: Any, scale: Dem
             cohort_name=COHORT_NAME,
             synthetic=True,
             seed=scale.split_seed,
+            overlap=scale.mil_overlap,
         )
 
 

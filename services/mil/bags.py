@@ -309,6 +309,24 @@ def read_bag(path: str | os.PathLike[str]) -> Bag:
     return Bag(f, c, **_check_attributes(str(source), attrs))
 
 
+def grid_overlap(bag: Bag) -> float | None:
+    """The share (0-1) of a patch side that neighbouring patches of the bag's grid
+    overlap, read from its coordinates: 1 - the smallest step between patches / the
+    patch's level-0 side, to 0.01. None for a bag of fewer than two patches, or one
+    whose level-0 resolution is unknown (a merged bag of several scanners)."""
+    if bag.n_patches < 2 or not np.isfinite(bag.level0_mpp) or bag.level0_mpp <= 0:
+        return None
+    side = bag.patch_px * bag.patch_mpp / bag.level0_mpp
+    steps = []
+    for axis in (0, 1):
+        values = np.unique(bag.coords[:, axis])
+        if len(values) > 1:
+            steps.append(float(np.diff(values).min()))
+    if not steps:
+        return None
+    return round(float(np.clip(1.0 - min(steps) / side, 0.0, 0.99)), 2)
+
+
 def merge_bags(bags: Sequence[Bag], bag_id: str | None = None) -> Bag:
     """One bag of all patches of several slides (e.g. one patient's).
 

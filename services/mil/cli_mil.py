@@ -443,6 +443,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     with _epoch_bar("final model", quiet) as bar:
         model, final = _train_on(cohort, cohort.patient_ids, settings, data, bar)
 
+    model.grid_overlap = _grid_overlap(cohort.bags)
     out.mkdir(parents=True, exist_ok=True)
     model_path = model.save(out / f"mil_{args.head}.pt")
     _write_oof(out / "oof_predictions.csv", cohort, oof)
@@ -525,6 +526,15 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - began, 1),
         }
     )
+
+
+def _grid_overlap(bags: Sequence[Any]) -> float:
+    """The median grid overlap of the training bags (0 when none says): prediction
+    tiles a new slide the same way."""
+    from services.mil.bags import grid_overlap
+
+    found = [o for o in (grid_overlap(b) for b in bags) if o is not None]
+    return round(float(np.median(found)), 2) if found else 0.0
 
 
 def _check_sites(table: Any, folds: int) -> None:

@@ -24,6 +24,9 @@ per-task attention maps for heatmaps. It is saved as one file
     The training settings, per-epoch history and the epoch kept.
 ``calibration``
     :class:`~services.mil.calibration.TaskCalibration` per task, as dicts.
+``grid_overlap``
+    The share of a patch side neighbouring patches of the training bags overlapped
+    (prediction tiles a new slide the same way).
 ``validation``
     {"logits", "labels"}: validation logits and labels (NaN = unknown) as tensors,
     so reliability diagrams can be drawn again from the file.
@@ -114,6 +117,7 @@ class FittedMIL:
     calibration: list[TaskCalibration] = field(default_factory=list)
     validation_logits: np.ndarray | None = None
     validation_labels: np.ndarray | None = None
+    grid_overlap: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.temperatures) != len(self.tasks):
@@ -221,6 +225,7 @@ class FittedMIL:
             "training_data": dict(self.training_data),
             "training": dict(self.training),
             "calibration": [c.as_dict() for c in self.calibration],
+            "grid_overlap": float(self.grid_overlap),
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -278,6 +283,7 @@ class FittedMIL:
             calibration=[TaskCalibration(**c) for c in state["calibration"]],
             validation_logits=_array_or_none(validation.get("logits")),
             validation_labels=_array_or_none(validation.get("labels")),
+            grid_overlap=float(state.get("grid_overlap", 0.0)),
         )
 
 

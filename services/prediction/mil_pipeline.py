@@ -58,7 +58,7 @@ from services.prediction.results import (
     SlidePredictionResult,
     TopPatch,
 )
-from services.slide.grid import params_hash
+from services.slide.grid import GridParams, params_hash
 from services.slide.prepare import PrepParams, prepare_slide, store_masks
 from services.slide.reader import SlideReader
 
@@ -84,6 +84,9 @@ class MilParams(PrepParams):
         answer_out_of_distribution: Make the calls even for a slide beyond the OOD
             threshold.
         batch_size: Patches per encoder request.
+        grid_overlap: Share (0-0.9) of a patch side neighbours overlap; None takes the
+            head's (its card's ``grid_overlap``, measured on its training bags), so a
+            slide is tiled as the bags the head learned from.
     """
 
     biomarkers: tuple[str, ...] = BIOMARKERS
@@ -91,9 +94,12 @@ class MilParams(PrepParams):
     heatmaps: bool = True
     answer_out_of_distribution: bool = False
     batch_size: int = 32
+    grid_overlap: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.grid_overlap is not None and not 0.0 <= self.grid_overlap <= 0.9:
+            raise InvalidInput(f"grid_overlap must be within 0-0.9, got {self.grid_overlap}")
         unknown = [b for b in self.biomarkers if b not in BIOMARKERS]
         if unknown or not self.biomarkers or len(set(self.biomarkers)) != len(self.biomarkers):
             raise InvalidInput(
@@ -104,6 +110,16 @@ class MilParams(PrepParams):
             raise InvalidInput(f"top_k must be within 1-64, got {self.top_k}")
         if not 1 <= self.batch_size <= 256:
             raise InvalidInput(f"batch_size must be within 1-256, got {self.batch_size}")
+
+
+def mil_grid(embedder: Embedder, predictor: BagPredictor, params: MilParams) -> GridParams:
+    """The grid at the encoder's resolution and side, overlapping as the head's
+    training bags did (or as ``params.grid_overlap`` says)."""
+    overlap = params.grid_overlap
+    if overlap is None:
+        overlap = float(predictor.card.get("grid_overlap") or 0.0)
+    grid = encoder_grid(embedder, params.grid)
+    return replace(grid, overlap_px=min(round(overlap * grid.patch_px), grid.patch_px - 1))
 
 
 def check_pair(embedder: Embedder, predictor: BagPredictor) -> None:
@@ -305,7 +321,7 @@ def predict_slide_mil(
     report = Reporter(progress)
     check_pair(embedder, predictor)
     _missing_tasks(predictor, params.biomarkers)
-    prep = replace(params, grid=encoder_grid(embedder, params.grid))
+    prep = replace(params, grid=mil_grid(embedder, predictor, params))
     digest = _digest(prep, _models(embedder, predictor, None), slide_digest)
     prefix = f"{RUNS_PREFIX}/{slide_id}/{digest}"
     wall: dict[str, float] = {}

@@ -119,6 +119,7 @@ def test_train_writes_the_model_card_table_and_figures(trained: tuple[Path, dict
     for task in BIOMARKERS:
         assert (out / f"reliability_{task}.png").stat().st_size > 1000
     card = json.loads((out / "model_card.json").read_text())
+    assert card["grid_overlap"] == 0.0  # the bags' patches side by side, as written
     assert card["encoder"]["name"] == ENCODER and card["encoder"]["sha256"] == SHA
     assert card["encoder"]["licence"] == "CC-BY-NC-ND-4.0"
     assert card["head"]["name"] == "abmil"

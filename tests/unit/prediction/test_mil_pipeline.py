@@ -18,7 +18,7 @@ from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.objectstore import ObjectStore, open_store
 from services.common.vocabulary import BIOMARKERS
 from services.encoders import build_encoder, load_encoder
-from services.mil.bags import read_bag
+from services.mil.bags import grid_overlap, read_bag
 from services.mil.model import TrainingData
 from services.mil.scoring import LocalBagPredictor, LocalEmbedder
 from services.mil.train import train_mil
@@ -145,3 +145,19 @@ def test_a_bag_or_encoder_the_head_does_not_read_is_refused(
         predict_slide_mil(reader, "s3", store, other, predictor, PARAMS)
     empty = replace(bag, features=bag.features[:0], coords=bag.coords[:0])
     assert predict_from_bag(empty, store, predictor).status == "no_tissue"
+
+
+def test_a_slide_is_tiled_with_the_overlap_of_the_heads_training_bags(
+    slide_path: Path, embedder: LocalEmbedder, predictor: LocalBagPredictor, store: ObjectStore
+) -> None:
+    params = replace(PARAMS, max_patches=0, heatmaps=False)
+    counts = {}
+    for overlap in (0.0, 0.5):
+        predictor.card["grid_overlap"] = overlap
+        with open_slide(slide_path) as reader:
+            result = predict_slide_mil(reader, f"o{overlap}", store, embedder, predictor, params)
+        bag = read_bag(_local(store, result.bag_key, slide_path.parent / f"o{overlap}.h5"))
+        assert grid_overlap(bag) == overlap
+        counts[overlap] = bag.n_patches
+    predictor.card.pop("grid_overlap")
+    assert counts[0.5] > 3 * counts[0.0]  # half-overlapping: about four times the patches
