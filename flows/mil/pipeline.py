@@ -25,17 +25,16 @@ results (the embedding resumes by itself).
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.runtime.clients import torchserve_management
 from flows.runtime.policy import pipeline_task
 from flows.runtime.records import Record, Registration
 from flows.runtime.settings import FlowSettings
+from flows.training.serving import register_and_record
 
 #: What the serving records name as having deployed a version registered here.
 SOURCE = "train_mil"
@@ -186,65 +185,22 @@ def train_head(
     )
 
 
-def _register(settings: FlowSettings, name: str, version: str, key: str) -> Registration:
-    from services.inference.served_models import (
-        READY_TIMEOUT_S,
-        record_deployment,
-        register_version,
-    )
-
-    client = torchserve_management(settings)
-    try:
-        with settings.open_store() as store:
-            ready = register_version(
-                client,
-                store,
-                settings.torchserve_model_store,
-                name,
-                version,
-                key,
-                ready_timeout_s=READY_TIMEOUT_S,
-            )
-            record_deployment(store, name, version, key, source=SOURCE)
-    finally:
-        client.close()
-    return Registration(name=name, version=version, ready_workers=ready)
-
-
 @pipeline_task(cached=False, task_run_name="serve-{name}")
 def serve_models(
     encoder: str, weights: str, head: TrainedHead, name: str, tiny: bool = False
 ) -> tuple[Registration, Registration]:
     """Archive, publish and register ``encoder_<encoder>`` and ``mil_<name>``."""
-    from services.encoders.weights_files import file_sha256
     from services.inference.registry import archive_key
-    from services.mil.archive import (
-        build_encoder_mar,
-        build_mil_mar,
-        encoder_model_name,
-        mil_model_name,
-        publish_encoder,
-        publish_mil,
-    )
+    from services.mil.archive import publish_head_and_encoder
 
     settings = FlowSettings()
-    encoder_version = file_sha256(Path(weights))[:12]
-    mil_version = file_sha256(Path(head.model_path))[:12]
-    with tempfile.TemporaryDirectory(prefix="mil-mar-") as folder:
-        encoder_mar = build_encoder_mar(
-            encoder, Path(weights), Path(folder), version=encoder_version, tiny=tiny
+    with settings.open_store() as store:
+        published = publish_head_and_encoder(
+            store, Path(head.model_path), encoder, Path(weights), name=name, tiny=tiny
         )
-        mil_mar = build_mil_mar(Path(head.model_path), Path(folder), name=name, version=mil_version)
-        with settings.open_store() as store:
-            publish_encoder(store, encoder_mar)
-            publish_mil(store, mil_mar)
     served = []
-    for model, version in (
-        (encoder_model_name(encoder), encoder_version),
-        (mil_model_name(name), mil_version),
-    ):
-        served.append(_register(settings, model, version, archive_key(model, version)))
-        get_run_logger().info("%s %s serves", model, version)
+    for model, version, _ in published:
+        served.append(register_and_record(model, version, archive_key(model, version), SOURCE))
     return served[0], served[1]
 
 

@@ -25,7 +25,7 @@ from services.inference.served_models import (
     register_version,
 )
 
-__all__ = ["READY_TIMEOUT_S", "register_model"]
+__all__ = ["READY_TIMEOUT_S", "register_and_record", "register_model"]
 
 #: What the serving records name as having deployed a version registered here.
 SOURCE = "train_pipeline"
@@ -35,9 +35,14 @@ SOURCE = "train_pipeline"
 def register_model(model: ModelRef) -> Registration:
     """Serve a stored model version on TorchServe as the model's default version,
     and record it as the model's deployed version."""
+    return register_and_record(model.name, model.version, model.archive_key, SOURCE)
+
+
+def register_and_record(name: str, version: str, archive_key: str, source: str) -> Registration:
+    """Register a stored version on TorchServe as the model's default, wait for it to
+    be READY, and record it as deployed by ``source`` (in a flow run: logs there)."""
     settings = FlowSettings()
     client = torchserve_management(settings)
-    name, version = model.name, model.version
     try:
         with settings.open_store() as store:
             ready = register_version(
@@ -46,10 +51,10 @@ def register_model(model: ModelRef) -> Registration:
                 settings.torchserve_model_store,
                 name,
                 version,
-                model.archive_key,
+                archive_key,
                 ready_timeout_s=READY_TIMEOUT_S,
             )
-            record = record_deployment(store, name, version, model.archive_key, source=SOURCE)
+            record = record_deployment(store, name, version, archive_key, source=source)
     finally:
         client.close()
     get_run_logger().info(

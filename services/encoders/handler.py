@@ -23,6 +23,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from services.common.errors import FailedPrecondition
 from services.encoders.loading import LoadedEncoder, load_encoder
+from services.inference.serving_io import worker_device
 from services.mil.serving_io import (
     BAD_REQUEST,
     EMBED_BATCH_SIZE,
@@ -50,11 +51,7 @@ class EncoderHandler(BaseHandler):
     def initialize(self, context: Any) -> None:
         """Load the encoder of the model folder (:func:`load_archived_encoder`)."""
         properties = context.system_properties
-        gpu_id = properties.get("gpu_id")
-        if torch.cuda.is_available() and gpu_id is not None:
-            self.device = torch.device(f"cuda:{gpu_id}")
-        else:
-            self.device = torch.device("cpu")
+        self.device = worker_device(properties)
         self.manifest = context.manifest
         self.encoder = load_archived_encoder(Path(properties["model_dir"]), self.device)
         self.initialized = True

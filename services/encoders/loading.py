@@ -70,17 +70,7 @@ class LoadedEncoder:
         """
         from services.inference.preprocess import PreprocessConfig, to_input
 
-        if (
-            not isinstance(patches, np.ndarray)
-            or patches.dtype != np.uint8
-            or patches.ndim != 4
-            or patches.shape[-1] != 3
-        ):
-            shape = getattr(patches, "shape", None)
-            raise InvalidInput(
-                f"patches must be a uint8 (N, H, W, 3) RGB array; got {shape} "
-                f"{getattr(patches, 'dtype', type(patches).__name__)}"
-            )
+        require_rgb_patches(patches)
         if batch_size < 1:
             raise InvalidInput(f"batch_size must be at least 1, got {batch_size}")
         spec = self.spec
@@ -112,6 +102,21 @@ class LoadedEncoder:
         }
 
 
+def require_rgb_patches(patches: Any) -> None:
+    """InvalidInput unless ``patches`` is a uint8 (N, H, W, 3) RGB array."""
+    if (
+        not isinstance(patches, np.ndarray)
+        or patches.dtype != np.uint8
+        or patches.ndim != 4
+        or patches.shape[-1] != 3
+    ):
+        shape = getattr(patches, "shape", None)
+        raise InvalidInput(
+            f"patches must be a uint8 (N, H, W, 3) RGB array; got {shape} "
+            f"{getattr(patches, 'dtype', type(patches).__name__)}"
+        )
+
+
 def load_encoder(
     name: str,
     weights_path: Path | str,
@@ -137,8 +142,8 @@ def load_encoder(
         FailedPrecondition: The file does not exist.
     """
     path = Path(weights_path)
+    spec = effective_spec(name, path, tiny=tiny)  # an unknown name first
     require_file(path)
-    spec = effective_spec(name, path, tiny=tiny)
     state = adapt_state_dict(name, read_state_dict(path))
     module = build_encoder(name, device="meta", tiny=tiny)
     _check_fit(module, state, name, path)

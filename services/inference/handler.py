@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from services.inference.bundle import ModelConfig, load_bundle
@@ -23,6 +22,7 @@ from services.inference.serving_io import (
     batch_responses,
     predict_by_request,
     prepare_batch,
+    worker_device,
 )
 
 #: HTTP status of a request whose payload was rejected.
@@ -42,11 +42,7 @@ class PatchClassifierHandler(BaseHandler):
     def initialize(self, context: Any) -> None:
         """Load ``weights.pt`` and ``model.json`` from the model folder."""
         properties = context.system_properties
-        gpu_id = properties.get("gpu_id")
-        if torch.cuda.is_available() and gpu_id is not None:
-            self.device = torch.device(f"cuda:{gpu_id}")
-        else:
-            self.device = torch.device("cpu")
+        self.device = worker_device(properties)
         self.manifest = context.manifest
         self.model, self.config = load_bundle(Path(properties["model_dir"]), self.device)
         self.initialized = True

@@ -46,6 +46,15 @@ _NPY_MAGIC = b"\x93NUMPY"
 PatchOutput = dict[str, Any]
 
 
+def worker_device(properties: Mapping[str, Any]) -> torch.device:
+    """The device a TorchServe worker runs on: its GPU when TorchServe gave it one
+    (``gpu_id`` in the context's system properties) and CUDA is there, else the CPU."""
+    gpu_id = properties.get("gpu_id")
+    if torch.cuda.is_available() and gpu_id is not None:
+        return torch.device(f"cuda:{gpu_id}")
+    return torch.device("cpu")
+
+
 def request_payload(row: Mapping[str, Any]) -> Any:
     """The payload of one TorchServe request row (``data`` or ``body``).
 

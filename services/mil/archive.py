@@ -399,3 +399,35 @@ def _publish(store: ObjectStore, mar: Path, card: dict[str, Any]) -> str:
         f"{prefix}/{COMPLETE_MARKER}", text.encode("utf-8"), content_type="application/json"
     )
     return prefix
+
+
+def publish_head_and_encoder(
+    store: ObjectStore,
+    model_file: Path,
+    encoder: str,
+    weights: Path,
+    *,
+    name: str,
+    tiny: bool = False,
+    version: str = "",
+) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
+    """Build and publish ``encoder_<encoder>`` with ``weights`` and ``mil_<name>`` with
+    the head in ``model_file``. The versions are ``version``, or else the first 12 hex
+    digits of the weights' and of the model file's sha256.
+
+    Returns:
+        (model name, version, prefix) of the encoder, then of the head.
+    """
+    encoder_version = version or file_sha256(weights)[:12]
+    mil_version = version or file_sha256(model_file)[:12]
+    with tempfile.TemporaryDirectory(prefix="mil-publish-") as folder:
+        encoder_mar = build_encoder_mar(
+            encoder, weights, Path(folder), version=encoder_version, tiny=tiny
+        )
+        mil_mar = build_mil_mar(model_file, Path(folder), name=name, version=mil_version)
+        encoder_prefix = publish_encoder(store, encoder_mar)
+        mil_prefix = publish_mil(store, mil_mar)
+    return (
+        (encoder_model_name(encoder), encoder_version, encoder_prefix),
+        (mil_model_name(name), mil_version, mil_prefix),
+    )

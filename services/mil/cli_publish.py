@@ -13,7 +13,6 @@ The answer lists the two ``histomarker models deploy`` commands that serve them.
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,7 @@ def run_publish(args: argparse.Namespace) -> dict[str, Any]:
     """Run the subcommand (module docstring)."""
     from services.common.objectstore import open_store
     from services.encoders.weights_files import file_sha256, require_file
-    from services.mil.archive import (
-        build_encoder_mar,
-        build_mil_mar,
-        encoder_model_name,
-        mil_model_name,
-        publish_encoder,
-        publish_mil,
-    )
+    from services.mil.archive import publish_head_and_encoder
     from services.mil.model import FittedMIL
 
     model_path = Path(args.model)
@@ -47,19 +39,18 @@ def run_publish(args: argparse.Namespace) -> dict[str, Any]:
             f"{weights} (sha256 {digest[:12]}...) is not the {model.encoder} weights "
             f"{model_path.name} was trained on ({model.encoder_sha256[:12]}...)"
         )
-    name = args.name or model.head_name
-    encoder_version = args.version or digest[:12]
-    mil_version = args.version or file_sha256(model_path)[:12]
     store = open_store(args.store_url or ServiceSettings().store_url)
-    with tempfile.TemporaryDirectory(prefix="mil-publish-") as folder:
-        encoder_mar = build_encoder_mar(
-            model.encoder, weights, Path(folder), version=encoder_version, tiny=args.tiny
+    (encoder_model, encoder_version, encoder_prefix), (head_model, mil_version, mil_prefix) = (
+        publish_head_and_encoder(
+            store,
+            model_path,
+            model.encoder,
+            weights,
+            name=args.name or model.head_name,
+            tiny=args.tiny,
+            version=args.version,
         )
-        mil_mar = build_mil_mar(model_path, Path(folder), name=name, version=mil_version)
-        encoder_prefix = publish_encoder(store, encoder_mar)
-        mil_prefix = publish_mil(store, mil_mar)
-    encoder_model = encoder_model_name(model.encoder)
-    head_model = mil_model_name(name)
+    )
     return {
         "store_url": store.url,
         "encoder": {"model": encoder_model, "version": encoder_version, "prefix": encoder_prefix},

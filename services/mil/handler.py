@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from ts.torch_handler.base_handler import BaseHandler
 
+from services.inference.serving_io import worker_device
 from services.mil.model import FittedMIL
 from services.mil.serving_io import (
     BAD_REQUEST,
@@ -48,11 +48,7 @@ class MilHandler(BaseHandler):
     def initialize(self, context: Any) -> None:
         """Load ``mil.pt`` from the model folder."""
         properties = context.system_properties
-        gpu_id = properties.get("gpu_id")
-        if torch.cuda.is_available() and gpu_id is not None:
-            self.device = torch.device(f"cuda:{gpu_id}")
-        else:
-            self.device = torch.device("cpu")
+        self.device = worker_device(properties)
         self.manifest = context.manifest
         folder = Path(properties["model_dir"])
         self.mil = FittedMIL.load(folder / MIL_MODEL_FILE, device=str(self.device))

@@ -97,6 +97,28 @@ class MilPrediction:
     attention: dict[str, np.ndarray]
 
 
+def check_bag_fits(
+    bag: Bag, encoder: str | None, encoder_sha256: str | None, in_dim: int, reader: str
+) -> None:
+    """InvalidInput unless ``bag`` holds embeddings of ``encoder`` (None: any), made
+    with the weights ``encoder_sha256`` (None or "": not recorded) and ``in_dim`` wide
+    (an empty bag has no width to check); ``reader`` names the head in the message."""
+    if encoder is not None and bag.encoder != encoder:
+        raise InvalidInput(
+            f"bag {bag.slide_id} holds {bag.encoder} embeddings; {reader} reads {encoder}"
+        )
+    if encoder_sha256 and bag.encoder_sha256 != encoder_sha256:
+        raise InvalidInput(
+            f"bag {bag.slide_id} was embedded with other {bag.encoder} weights "
+            f"(sha256 {bag.encoder_sha256[:12] or 'none'}; {reader} was trained on "
+            f"{encoder_sha256[:12]})"
+        )
+    if bag.n_patches and bag.feature_dim != in_dim:
+        raise InvalidInput(
+            f"bag {bag.slide_id} has width {bag.feature_dim}; {reader} reads {in_dim}"
+        )
+
+
 @dataclass
 class FittedMIL:
     """A trained head with its temperatures and model-card facts.
@@ -129,21 +151,7 @@ class FittedMIL:
     def check_bag(self, bag: Bag) -> None:
         """InvalidInput unless ``bag`` holds embeddings of this model's encoder, its
         weights (when recorded) and its width."""
-        if self.encoder is not None and bag.encoder != self.encoder:
-            raise InvalidInput(
-                f"bag {bag.slide_id} holds {bag.encoder} embeddings; this model reads "
-                f"{self.encoder}"
-            )
-        if self.encoder_sha256 and bag.encoder_sha256 != self.encoder_sha256:
-            raise InvalidInput(
-                f"bag {bag.slide_id} was embedded with other {bag.encoder} weights "
-                f"(sha256 {bag.encoder_sha256[:12] or 'none'}, model "
-                f"{self.encoder_sha256[:12]})"
-            )
-        if bag.feature_dim != self.in_dim:
-            raise InvalidInput(
-                f"bag {bag.slide_id} has width {bag.feature_dim}; this model reads {self.in_dim}"
-            )
+        check_bag_fits(bag, self.encoder, self.encoder_sha256, self.in_dim, "this model")
 
     def _features(self, bag: BagInput) -> torch.Tensor:
         if isinstance(bag, Bag):

@@ -31,6 +31,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.objectstore import ObjectStore
+from services.encoders.loading import require_rgb_patches
 from services.inference.preprocess import shrink_to_input
 from services.inference.registry import COMPLETE_MARKER, model_prefix
 from services.inference.torchserve import TorchServeGrpcClient
@@ -143,17 +144,7 @@ class TorchServeEmbedder:
             InvalidInput: Not uint8 RGB patches, or TorchServe rejected them.
             Unavailable: TorchServe is down or failed, after the retries.
         """
-        if (
-            not isinstance(patches, np.ndarray)
-            or patches.dtype != np.uint8
-            or patches.ndim != 4
-            or patches.shape[-1] != 3
-        ):
-            shape = getattr(patches, "shape", None)
-            raise InvalidInput(
-                f"patches must be a uint8 (N, H, W, 3) RGB array; got {shape} "
-                f"{getattr(patches, 'dtype', type(patches).__name__)}"
-            )
+        require_rgb_patches(patches)
         if len(patches) == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         # Shrunk here as the handler would: the same answer, less to send.

@@ -44,6 +44,7 @@ from services.common.objectstore import ObjectStore
 from services.common.vocabulary import BIOMARKERS
 from services.mil.bags import Bag, read_bag
 from services.mil.extract import bag_key, embed_grid, encoder_grid
+from services.mil.model import check_bag_fits
 from services.mil.scoring import BagPredictor, Embedder
 from services.prediction.heatmaps import render_heatmap, slide_thumbnail
 from services.prediction.progress import Reporter
@@ -57,6 +58,7 @@ from services.prediction.results import (
     ProgressFn,
     SlidePredictionResult,
     TopPatch,
+    check_request,
 )
 from services.slide.grid import GridParams, params_hash
 from services.slide.prepare import PrepParams, prepare_slide, store_masks
@@ -98,16 +100,9 @@ class MilParams(PrepParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_request(self.biomarkers, self.top_k)
         if self.grid_overlap is not None and not 0.0 <= self.grid_overlap <= 0.9:
             raise InvalidInput(f"grid_overlap must be within 0-0.9, got {self.grid_overlap}")
-        unknown = [b for b in self.biomarkers if b not in BIOMARKERS]
-        if unknown or not self.biomarkers or len(set(self.biomarkers)) != len(self.biomarkers):
-            raise InvalidInput(
-                f"biomarkers must be distinct names of {', '.join(BIOMARKERS)}; "
-                f"got {list(self.biomarkers)}"
-            )
-        if not 1 <= self.top_k <= 64:
-            raise InvalidInput(f"top_k must be within 1-64, got {self.top_k}")
         if not 1 <= self.batch_size <= 256:
             raise InvalidInput(f"batch_size must be within 1-256, got {self.batch_size}")
 
@@ -144,22 +139,9 @@ def check_pair(embedder: Embedder, predictor: BagPredictor) -> None:
 
 def check_bag(bag: Bag, predictor: BagPredictor) -> None:
     """InvalidInput unless ``bag`` holds embeddings the head reads."""
-    if predictor.encoder is not None and bag.encoder != predictor.encoder:
-        raise InvalidInput(
-            f"bag {bag.slide_id} holds {bag.encoder} embeddings; {predictor.model_name} "
-            f"reads {predictor.encoder}"
-        )
-    if predictor.encoder_sha256 and bag.encoder_sha256 != predictor.encoder_sha256:
-        raise InvalidInput(
-            f"bag {bag.slide_id} was made with {bag.encoder} weights "
-            f"{bag.encoder_sha256[:12] or '(random)'}...; {predictor.model_name} was trained "
-            f"on {predictor.encoder_sha256[:12]}..."
-        )
-    if bag.n_patches and bag.feature_dim != predictor.in_dim:
-        raise InvalidInput(
-            f"bag {bag.slide_id} has width {bag.feature_dim}; "
-            f"{predictor.model_name} reads {predictor.in_dim}"
-        )
+    check_bag_fits(
+        bag, predictor.encoder, predictor.encoder_sha256, predictor.in_dim, predictor.model_name
+    )
 
 
 def _missing_tasks(predictor: BagPredictor, biomarkers: tuple[str, ...]) -> None:

@@ -84,6 +84,7 @@ from services.prediction.results import (
     STATUS_QC_FAILED,
     ProgressFn,
     SlidePredictionResult,
+    check_request,
 )
 from services.slide.grid import footprint_px, params_hash
 from services.slide.highres import HighResSource, choose_source
@@ -143,14 +144,7 @@ class PredictionParams(PrepParams):
             raise InvalidInput(
                 f"stain method {self.stain_method!r} has no stain matrix; use vahadane or macenko"
             )
-        unknown = [b for b in self.biomarkers if b not in BIOMARKERS]
-        if unknown or not self.biomarkers or len(set(self.biomarkers)) != len(self.biomarkers):
-            raise InvalidInput(
-                f"biomarkers must be distinct names of {', '.join(BIOMARKERS)}; "
-                f"got {list(self.biomarkers)}"
-            )
-        if not 1 <= self.top_k <= 64:
-            raise InvalidInput(f"top_k must be within 1-64, got {self.top_k}")
+        check_request(self.biomarkers, self.top_k)
         if self.cancer_confidence is not None and not 0.0 <= self.cancer_confidence <= 1.0:
             raise InvalidInput(
                 f"cancer_confidence must be a 0-1 probability, got {self.cancer_confidence}"

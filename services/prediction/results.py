@@ -8,6 +8,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from services.common.errors import InvalidInput
+from services.common.vocabulary import BIOMARKERS
+
 #: Statuses of a result (the proto's PredictionStatus).
 STATUS_OK = "ok"
 STATUS_NO_TISSUE = "no_tissue"
@@ -18,6 +21,18 @@ STATUS_OOD = "out_of_distribution"
 #: Pipelines (the proto's PredictionPipeline).
 PIPELINE_PAPER = "paper"
 PIPELINE_MIL = "mil"
+
+
+def check_request(biomarkers: tuple[str, ...], top_k: int) -> None:
+    """InvalidInput unless ``biomarkers`` are distinct names of ``BIOMARKERS`` (at least
+    one) and ``top_k`` is within 1-64: what both pipelines are asked for."""
+    unknown = [b for b in biomarkers if b not in BIOMARKERS]
+    if unknown or not biomarkers or len(set(biomarkers)) != len(biomarkers):
+        raise InvalidInput(
+            f"biomarkers must be distinct names of {', '.join(BIOMARKERS)}; got {list(biomarkers)}"
+        )
+    if not 1 <= top_k <= 64:
+        raise InvalidInput(f"top_k must be within 1-64, got {top_k}")
 
 
 @dataclass(frozen=True)
