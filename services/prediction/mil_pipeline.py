@@ -60,7 +60,7 @@ from services.prediction.results import (
     TopPatch,
     check_request,
 )
-from services.slide.grid import GridParams, params_hash
+from services.slide.grid import GridParams, params_hash, patch_grid
 from services.slide.prepare import PrepParams, prepare_slide, store_masks
 from services.slide.reader import SlideReader
 
@@ -343,7 +343,21 @@ def predict_slide_mil(
         from services.prediction.ood_check import check_slide_ood, refusal_message
 
         t = time.perf_counter()
-        decision = check_slide_ood(reader, prepared, ood, prep.grid)
+        # The reference describes 20x patches of the paper's grid: lay that grid on
+        # the same usable tissue, whatever the encoder's patches are.
+        paper = GridParams()
+        ood_grid = patch_grid(
+            reader.dimensions,
+            float(reader.mpp[0]),
+            prepared.usable,
+            prepared.masks.downsample,
+            paper,
+        )
+        decision = (
+            {}
+            if ood_grid.empty  # less tissue than one 20x patch: nothing to compare
+            else check_slide_ood(reader, replace(prepared, grid=ood_grid), ood, paper)
+        )
         wall["ood"] = time.perf_counter() - t
         base["out_of_distribution"] = decision
         if decision.get("out_of_distribution") and not params.answer_out_of_distribution:

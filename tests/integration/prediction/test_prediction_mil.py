@@ -15,11 +15,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-import numpy as np
 import pandas as pd
 import pytest
-import torch
-from safetensors.torch import save_file
+from tiny_mil import tiny_embedder, tiny_head
 from tiny_models import untrained_scorer
 
 from services import cli
@@ -27,11 +25,7 @@ from services.common.grpc_client import open_channel
 from services.common.grpc_server import ServiceBinding, create_server
 from services.common.objectstore import ObjectStore, open_store
 from services.common.stubs.histomarker.v1 import common_pb2, prediction_pb2, prediction_pb2_grpc
-from services.common.vocabulary import BIOMARKERS
-from services.encoders import build_encoder, load_encoder
 from services.mil.model import TrainingData
-from services.mil.scoring import LocalBagPredictor, LocalEmbedder
-from services.mil.train import train_mil
 from services.prediction.mil_models import LocalMilModels
 from services.prediction.server import SERVICE_NAME, PredictionServicer, PredictionSettings
 from services.synth.cohort import generate_cohort
@@ -50,26 +44,10 @@ def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Object
     store.put_file(
         SLIDE_KEY, root / "cohort" / manifest[manifest["kind"] == "cancer"].iloc[0]["slide_path"]
     )
-    torch.manual_seed(0)
-    weights = root / "uni-tiny.safetensors"
-    save_file(
-        {k: v.contiguous() for k, v in build_encoder("uni", tiny=True).state_dict().items()},
-        str(weights),
-    )
-    embedder = LocalEmbedder(load_encoder("uni", weights, tiny=True))
-    rng = np.random.default_rng(1)
-    bags = [rng.normal(size=(20, embedder.embed_dim)).astype(np.float32) for _ in range(12)]
-    labels = (rng.random((12, len(BIOMARKERS))) < 0.5).astype(np.float64)
-    model = train_mil(
-        bags[:8],
-        labels[:8],
-        bags[8:],
-        labels[8:],
-        epochs=2,
-        data=TrainingData(cohort="synthetic-seed-3", synthetic=True, sites=("S1",), n_slides=12),
-    )
-    model.encoder, model.encoder_sha256 = "uni", embedder.sha256
-    models = LocalMilModels({"mil_unit": LocalBagPredictor(model, "unit")}, {"uni": embedder})
+    embedder = tiny_embedder(root)
+    data = TrainingData(cohort="synthetic-seed-3", synthetic=True, sites=("S1",), n_slides=12)
+    head = tiny_head(embedder, "unit", data, seed=1)
+    models = LocalMilModels({"mil_unit": head}, {"uni": embedder})
     config = PredictionSettings(
         host="127.0.0.1",
         port=0,

@@ -8,20 +8,16 @@ import io
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-import torch
-from safetensors.torch import save_file
+from tiny_mil import tiny_embedder, tiny_head
 
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.objectstore import ObjectStore, open_store
 from services.common.vocabulary import BIOMARKERS
-from services.encoders import build_encoder, load_encoder
 from services.mil.bags import grid_overlap, read_bag
 from services.mil.model import TrainingData
 from services.mil.scoring import LocalBagPredictor, LocalEmbedder
-from services.mil.train import train_mil
 from services.prediction.mil_pipeline import MilParams, predict_from_bag, predict_slide_mil
 from services.prediction.results import ProgressEvent
 from services.slide.qc import QcThresholds
@@ -34,29 +30,13 @@ PARAMS = MilParams(qc=QcThresholds(min_usable_mm2=QC_MIN_USABLE_MM2), max_patche
 
 @pytest.fixture(scope="module")
 def embedder(tmp_path_factory: pytest.TempPathFactory) -> LocalEmbedder:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("enc") / "uni-tiny.safetensors"
-    state = build_encoder("uni", tiny=True).state_dict()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return LocalEmbedder(load_encoder("uni", path, tiny=True))
+    return tiny_embedder(tmp_path_factory.mktemp("enc"))
 
 
 @pytest.fixture(scope="module")
 def predictor(embedder: LocalEmbedder) -> LocalBagPredictor:
-    rng = np.random.default_rng(0)
-    dim = embedder.embed_dim
-    bags = [rng.normal(size=(int(rng.integers(10, 30)), dim)).astype(np.float32) for _ in range(16)]
-    labels = (rng.random((16, len(BIOMARKERS))) < 0.5).astype(np.float64)
-    model = train_mil(
-        bags[:10],
-        labels[:10],
-        bags[10:],
-        labels[10:],
-        epochs=2,
-        data=TrainingData(cohort="unit-test", synthetic=True, sites=("A", "B"), n_slides=16),
-    )
-    model.encoder, model.encoder_sha256 = embedder.encoder, embedder.sha256
-    return LocalBagPredictor(model, "unit")
+    data = TrainingData(cohort="unit-test", synthetic=True, sites=("A", "B"), n_slides=16)
+    return tiny_head(embedder, "unit", data)
 
 
 @pytest.fixture(scope="module")

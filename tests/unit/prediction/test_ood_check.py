@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from realdata import realdata
+from tiny_mil import tiny_embedder, tiny_head
 from tiny_models import untrained_scorer
 
 from services.common.errors import InvalidInput
@@ -26,6 +27,7 @@ from services.common.objectstore import ObjectStore, open_store
 from services.common.vocabulary import CANCER_DETECTOR
 from services.inference.ood import PATCH_FEATURES, OodDetector
 from services.inference.registry import OOD_FILE
+from services.prediction.mil_pipeline import MilParams, predict_slide_mil
 from services.prediction.models import Deployment, LocalScorer
 from services.prediction.ood_check import (
     BASIS,
@@ -261,3 +263,24 @@ def test_a_local_scorer_serves_the_reference_beside_its_detector(
     deployment = LocalScorer(folders).deployment()
     assert isinstance(deployment, Deployment) and deployment.ood is not None
     assert deployment.ood.threshold == detector.threshold
+
+
+def test_the_mil_pipeline_refuses_too_and_answers_when_asked(
+    cmu1: Path, slides: list[Path], detector: OodDetector, store: ObjectStore, tmp_path: Path
+) -> None:
+    embedder = tiny_embedder(tmp_path)
+    head = tiny_head(embedder)
+    params = MilParams(qc=PARAMS.qc, max_patches=64, heatmaps=False)
+    with open_slide(cmu1) as reader:
+        refused = predict_slide_mil(reader, "CMU-1", store, embedder, head, params, ood=detector)
+    assert refused.status == "out_of_distribution" and refused.biomarkers == []
+    assert refused.out_of_distribution["out_of_distribution"] is True
+    assert refused.bag_key == "" and not store.exists("bags/uni/CMU-1.h5")  # nothing embedded
+    asked = replace(params, answer_out_of_distribution=True)
+    with open_slide(cmu1) as reader:
+        answered = predict_slide_mil(reader, "CMU-1", store, embedder, head, asked, ood=detector)
+    assert answered.status == "ok" and len(answered.biomarkers) == 6
+    assert answered.out_of_distribution == refused.out_of_distribution
+    with open_slide(slides[7]) as reader:  # a synthetic slide the reference never saw
+        fine = predict_slide_mil(reader, "syn", store, embedder, head, params, ood=detector)
+    assert fine.status == "ok" and fine.out_of_distribution["out_of_distribution"] is False
