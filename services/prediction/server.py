@@ -349,11 +349,15 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             batch_size=self.settings.encoder_batch_size,
         )
 
-    def _plan(self, options: prediction_pb2.PredictionOptions) -> Job:
-        """Check the options and find the models (errors before queueing); returns
-        the job that predicts one slide with them."""
+    def _plan(
+        self, options: prediction_pb2.PredictionOptions, before_models: Callable[[], Any]
+    ) -> Job:
+        """Check the options, call ``before_models`` (the slide's NOT_FOUND comes before
+        the models' FAILED_PRECONDITION), find the models; returns the job that
+        predicts one slide with them. Every error comes before queueing."""
         if self._pipeline(options) == PIPELINE_MIL:
             mil = self._mil_params(options)
+            before_models()
             embedder, head = self.mil_models.pair(options.mil_model)
             check_pair(embedder, head)
 
@@ -381,6 +385,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
 
             return mil_job
         params = self._params(options)
+        before_models()
         self.registry.deployment(params.biomarkers)
 
         def paper_job(
@@ -488,8 +493,9 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             raise InvalidInput("slide: the slide's object reference is required")
         key = self._key(request.slide.object, "slide.object")
         slide_id = slide_id_for(request.slide.slide_id, key)
-        job = self._plan(request.options)  # INVALID_ARGUMENT, FAILED_PRECONDITION first
-        info = self.store.stat(key)  # NOT_FOUND before queueing
+        stat: list[Any] = []
+        job = self._plan(request.options, lambda: stat.append(self.store.stat(key)))
+        info = stat[0]
         budget = self._budget(context)
 
         def waiting(count: int) -> None:
@@ -630,8 +636,8 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             raise InvalidInput("bag: the bag's object reference is required")
         key = self._key(request.bag, "bag")
         params = self._mil_params(request.options)
+        info = self.store.stat(key)  # NOT_FOUND before the head's FAILED_PRECONDITION
         head = self.mil_models.head(request.options.mil_model)
-        info = self.store.stat(key)  # NOT_FOUND
         if request.bag.HasField("sha256") and info.sha256 and info.sha256 != request.bag.sha256:
             raise InvalidInput(f"bag {key}: its sha256 is {info.sha256}, not {request.bag.sha256}")
 
@@ -696,7 +702,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             raise InvalidInput("metadata.sha256 must be 64 lowercase hex characters")
         slide_id = slide_id_for(meta.slide_id, name)
         key = f"slides/{slide_id}.{extension}"
-        job = self._plan(meta.options)
+        job = self._plan(meta.options, lambda: None)
         budget = self._budget(context)
 
         def work() -> Any:

@@ -15,10 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from badinputs import tiled_slide
 from hypothesis import strategies as st
 from protofuzz import check_arbitrary_requests, check_unparsable_bytes, messages, mutations
+from tiny_mil import tiny_embedder, tiny_head
 from tiny_models import untrained_scorer
 
 from services.common.grpc_client import open_channel
@@ -26,12 +28,21 @@ from services.common.grpc_server import ServiceBinding, create_server
 from services.common.objectstore import ObjectStore, open_store
 from services.common.objectstore.filesystem import TEMP_PREFIX
 from services.common.stubs.histomarker.v1 import common_pb2, prediction_pb2, prediction_pb2_grpc
+from services.mil.bags import write_bag
+from services.prediction.mil_models import LocalMilModels
 from services.prediction.server import PredictionServicer, PredictionSettings
 
 SERVICE = prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"]
 SLIDE_KEY = "slides/FUZZ-1.tiff"
 #: Requests that predict take seconds each: fewer examples than the other services.
-EXAMPLES = {"ListModels": 60, "PredictSlide": 25, "PredictSlideStream": 25, "UploadAndPredict": 25}
+EXAMPLES = {
+    "ListModels": 60,
+    "PredictSlide": 25,
+    "PredictSlideStream": 25,
+    "UploadAndPredict": 25,
+    "PredictFromBag": 40,
+}
+BAG_KEY = "bags/uni/FUZZ-1.h5"
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +63,27 @@ def service(
         max_concurrent_predictions=1,
         max_queued_predictions=2,
     )
-    servicer = PredictionServicer(settings, scorer=scorer, registry=scorer)  # type: ignore[arg-type]
+    embedder = tiny_embedder(root)
+    head = tiny_head(embedder)
+    rng = np.random.default_rng(0)
+    bag = write_bag(
+        root / "bag.h5",
+        rng.normal(size=(12, embedder.embed_dim)).astype(np.float32),
+        np.arange(24, dtype=np.int64).reshape(12, 2) * 64,
+        slide_id="FUZZ-1",
+        encoder=embedder.encoder,
+        encoder_sha256=embedder.sha256,
+        patch_px=embedder.input_px,
+        patch_mpp=embedder.mpp,
+        level0_mpp=0.25,
+    )
+    store.put_file(BAG_KEY, bag)
+    servicer = PredictionServicer(
+        settings,
+        scorer=scorer,
+        registry=scorer,  # type: ignore[arg-type]
+        mil_models=LocalMilModels({"mil_unit": head}, {"uni": embedder}),
+    )
     binding = ServiceBinding(
         SERVICE.full_name, servicer, prediction_pb2_grpc.add_PredictionServiceServicer_to_server
     )
@@ -73,8 +104,12 @@ def service(
             )
         ),
         "ListModels": prediction_pb2.ListModelsRequest(),
+        "PredictFromBag": prediction_pb2.PredictFromBagRequest(
+            bag=common_pb2.ObjectRef(key=BAG_KEY), options=options
+        ),
     }
-    keys = [SLIDE_KEY, "up.tiff", "FUZZ-1", "slides/none.svs", "cancer_detector"]
+    keys = [SLIDE_KEY, "up.tiff", "FUZZ-1", "slides/none.svs", "cancer_detector", BAG_KEY]
+    keys += ["mil_unit", "bags/uni/none.h5"]
     try:
         yield channel, store, root, valid, keys, slide
     finally:
