@@ -86,20 +86,7 @@ class LoadedEncoder:
 
     def model_card_entry(self) -> dict[str, Any]:
         """What a model card records about the encoder and its weights (JSON-ready)."""
-        spec = self.spec
-        return {
-            "name": spec.name,
-            "source": spec.source,
-            "licence": spec.licence,
-            "sha256": self.sha256,
-            "embed_dim": spec.embed_dim,
-            "input_px": spec.input_px,
-            "mpp": spec.mpp,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-            "pooling": spec.pooling,
-            "weights_file": self.path.name,
-        }
+        return {**self.spec.card(), "sha256": self.sha256, "weights_file": self.path.name}
 
 
 def require_rgb_patches(patches: Any) -> None:

@@ -8,6 +8,7 @@ normalisation, pooling, width of the embedding); the architecture itself is buil
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from services.common.errors import InvalidInput
 
@@ -65,6 +66,20 @@ class EncoderSpec:
             raise InvalidInput("embed_dim, input_px and mpp must be positive")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise InvalidInput("mean and std need 3 values each, std > 0")
+
+    def card(self) -> dict[str, Any]:
+        """What a model card states about the encoder (JSON-ready)."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "licence": self.licence,
+            "embed_dim": self.embed_dim,
+            "input_px": self.input_px,
+            "mpp": self.mpp,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "pooling": self.pooling,
+        }
 
 
 def _spec(

@@ -287,14 +287,7 @@ def encoder_card(mar: Path) -> dict[str, Any]:
         "encoder": spec.name,
         "sha256": archive.sha256,
         "weights_file": archive.weights_file,
-        "licence": spec.licence,
-        "source": spec.source,
-        "embed_dim": spec.embed_dim,
-        "input_px": spec.input_px,
-        "mpp": spec.mpp,
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-        "pooling": spec.pooling,
+        **{k: v for k, v in spec.card().items() if k != "name"},
         "tiny": archive.tiny,
     }
 

@@ -27,7 +27,6 @@ parameters and the two models' names, versions and weights.
 from __future__ import annotations
 
 import io
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -47,6 +46,7 @@ from services.mil.extract import bag_key, embed_grid, encoder_grid
 from services.mil.model import check_bag_fits
 from services.mil.scoring import BagPredictor, Embedder
 from services.prediction.heatmaps import render_heatmap, slide_thumbnail
+from services.prediction.pipeline import RUNS_PREFIX, finish_result
 from services.prediction.progress import Reporter
 from services.prediction.results import (
     PIPELINE_MIL,
@@ -66,9 +66,7 @@ from services.slide.reader import SlideReader
 
 #: Bump when outputs or algorithms change (part of the hash).
 MIL_PIPELINE_VERSION = 1
-RUNS_PREFIX = "runs/predictions"
 ATTENTION_TABLE = "attention.parquet"
-PREDICTION_JSON = "prediction.json"
 #: Progress fractions at which the stages start.
 STAGES = {"tissue": 0.0, "grid": 0.04, "stain": 0.06, "embed": 0.08, "mil": 0.9, "heatmaps": 0.93}
 
@@ -330,7 +328,7 @@ def predict_slide_mil(
             biomarkers=[],
             **base,
         )
-        return _finish(store, out, started, wall, report)
+        return finish_result(store, out, started, wall, {}, {}, report)
     if prepared.qc.verdict == "fail":
         out = SlidePredictionResult(
             status=STATUS_QC_FAILED,
@@ -338,7 +336,7 @@ def predict_slide_mil(
             biomarkers=[],
             **base,
         )
-        return _finish(store, out, started, wall, report)
+        return finish_result(store, out, started, wall, {}, {}, report)
     if ood is not None:
         from services.prediction.ood_check import check_slide_ood, refusal_message
 
@@ -364,7 +362,7 @@ def predict_slide_mil(
             out = SlidePredictionResult(
                 status=STATUS_OOD, message=refusal_message(decision), biomarkers=[], **base
             )
-            return _finish(store, out, started, wall, report)
+            return finish_result(store, out, started, wall, {}, {}, report)
 
     t = time.perf_counter()
     total = len(grid)
@@ -426,7 +424,7 @@ def predict_slide_mil(
         **_patch_size(bag),
         **base,
     )
-    return _finish(store, out, started, wall, report)
+    return finish_result(store, out, started, wall, {}, {}, report)
 
 
 def predict_from_bag(
@@ -468,7 +466,7 @@ def predict_from_bag(
         out = SlidePredictionResult(
             status=STATUS_NO_TISSUE, message=f"bag {slide_id} holds no patch", biomarkers=[], **base
         )
-        return _finish(store, out, started, {}, report)
+        return finish_result(store, out, started, {}, {}, {}, report)
     report("mil", 0, 1, STAGES["mil"], "MIL head")
     t = time.perf_counter()
     results, table = _calls(bag, predictor, params.biomarkers, params.top_k)
@@ -482,22 +480,4 @@ def predict_from_bag(
         **_patch_size(bag),
         **base,
     )
-    return _finish(store, out, started, {"mil": time.perf_counter() - t}, report)
-
-
-def _finish(
-    store: ObjectStore,
-    out: SlidePredictionResult,
-    started: float,
-    wall: dict[str, float],
-    report: Reporter,
-) -> SlidePredictionResult:
-    out.timings = {k: round(v, 4) for k, v in wall.items()}
-    out.elapsed_s = round(time.perf_counter() - started, 4)
-    store.put_bytes(
-        f"{out.prefix}/{PREDICTION_JSON}",
-        json.dumps(out.as_dict(), indent=1).encode(),
-        content_type="application/json",
-    )
-    report("done", 1, 1, 1.0, out.message)
-    return out
+    return finish_result(store, out, started, {"mil": time.perf_counter() - t}, {}, {}, report)

@@ -298,13 +298,13 @@ def predict_slide(
 
     if grid.empty:
         out = result(STATUS_NO_TISSUE, "no tissue found: no 20x patch has enough tissue")
-        return _finish(store, out, started, wall, {}, {}, report)
+        return finish_result(store, out, started, wall, {}, {}, report)
     if prepared.qc.verdict == "fail":
         out = result(
             STATUS_QC_FAILED,
             "the slide failed QC, no biomarker calls: " + "; ".join(prepared.qc.reasons),
         )
-        return _finish(store, out, started, wall, {}, {}, report)
+        return finish_result(store, out, started, wall, {}, {}, report)
     if deployment.ood is not None:
         t = time.perf_counter()
         measured.update(check_slide_ood(reader, prepared, deployment.ood, params.grid))
@@ -312,7 +312,7 @@ def predict_slide(
         budget.check()
         if measured["out_of_distribution"] and not params.answer_out_of_distribution:
             out = result(STATUS_OOD, refusal_message(measured))
-            return _finish(store, out, started, wall, {}, {}, report)
+            return finish_result(store, out, started, wall, {}, {}, report)
 
     hi_source = choose_source(reader, params.high_res_policy, params.grid.target_mpp / 2)
 
@@ -341,7 +341,7 @@ def predict_slide(
             f"no 20x patch of {len(grid)} has a calibrated cancer probability above "
             f"{threshold:g}: no biomarker calls",
         )
-        return _finish(
+        return finish_result(
             store, out, started, wall, engine.clock.seconds, engine.meter.summary(), report
         )
 
@@ -382,10 +382,12 @@ def predict_slide(
         high_res_source="native" if hi_source is HighResSource.NATIVE else "upsampled",
         patch_table_key=table_key,
     )
-    return _finish(store, out, started, wall, engine.clock.seconds, engine.meter.summary(), report)
+    return finish_result(
+        store, out, started, wall, engine.clock.seconds, engine.meter.summary(), report
+    )
 
 
-def _finish(
+def finish_result(
     store: ObjectStore,
     out: SlidePredictionResult,
     started: float,
@@ -394,6 +396,8 @@ def _finish(
     utilisation: dict[str, float],
     report: Reporter,
 ) -> SlidePredictionResult:
+    """Stamp the timings on a result, write its ``prediction.json`` (last, so a prefix
+    with one is complete) and report the end; both pipelines finish here."""
     out.timings = {k: round(v, 4) for k, v in {**wall, **threads}.items()}
     out.utilisation = utilisation
     out.elapsed_s = round(time.perf_counter() - started, 4)
