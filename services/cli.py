@@ -143,6 +143,20 @@ def _metrics(args: argparse.Namespace) -> dict[str, Any]:
     return run_metrics(args)
 
 
+def _analysis_compare(args: argparse.Namespace) -> dict[str, Any]:
+    from services.analysis.comparison_report import run_compare
+
+    return run_compare(
+        args.paper,
+        args.mil,
+        args.out,
+        manifest=args.manifest,
+        resamples=args.bootstrap,
+        seed=args.seed,
+        as_json=args.json,
+    )
+
+
 def _cohort_import(args: argparse.Namespace) -> dict[str, Any]:
     from services.cohort.importer import import_cohort
 
@@ -442,6 +456,12 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         "--answer-out-of-distribution",
         action="store_true",
         help="make the calls even for a slide unlike the models' training slides",
+    )
+    parser.add_argument(
+        "--geojson",
+        action="store_true",
+        help="also store the slide's objects as QuPath GeoJSON (tiles with probabilities "
+        "or attention, CD/BD patches) beside the results; prints its key",
     )
 
 
@@ -748,6 +768,20 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     metrics.set_defaults(handler=_metrics)
 
+    analysis = sub.add_parser("analysis", help="analyses of held-out predictions")
+    analysis_sub = analysis.add_subparsers(dest="analysis_command", metavar="ACTION", required=True)
+    compare = analysis_sub.add_parser(
+        "compare", help="the paper's pipeline and MIL on the same held-out patients, with CIs"
+    )
+    compare.add_argument("paper", metavar="PAPER.csv", help="the paper pipeline's predictions")
+    compare.add_argument("mil", metavar="MIL.csv", help="the MIL pipeline's predictions")
+    compare.add_argument("--out", required=True, metavar="DIR", help="for comparison.html/.json")
+    compare.add_argument("--manifest", help="cohort manifest giving each slide's site")
+    compare.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="resamples")
+    compare.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    compare.set_defaults(handler=_analysis_compare)
+    _add_json_flag(compare)
+
     cohort = sub.add_parser("cohort", help="cohort manifests")
     cohort_sub = cohort.add_subparsers(dest="cohort_command", metavar="ACTION", required=True)
     cohort_import = cohort_sub.add_parser("import", help="a manifest from TCGA-BRCA tables")
@@ -902,7 +936,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     for name, action in sub.choices.items():
-        if name not in {"cohort", "export", "flows", "mil", "models"}:
+        if name not in {"analysis", "cohort", "export", "flows", "mil", "models"}:
             _add_json_flag(action)
     return parser
 

@@ -4,7 +4,9 @@ The options are declared with the subcommand in ``services/cli.py`` (the parser
 stays free of numpy and pandas). Parts
 (``--what``, comma-separated; by default every part whose input is given):
 
-- ``heatmap``, ``cd-bd``: from RESULT, a prediction (:func:`load_prediction`);
+- ``heatmap``, ``cd-bd``: from RESULT, a prediction (:func:`load_prediction`); for
+  a MIL prediction, its attention tiles and its top patches (it has no cancer
+  detector, so no CD/BD patches);
 - ``nuclei``: from ``--nuclei LABELS.tif`` (``histomarker nuclei --labels``), placed
   with ``--nuclei-origin X,Y`` and ``--nuclei-downsample D``, with measurements from
   ``--features``: a per-nucleus table (CSV, TSV or parquet with a ``label`` column)
@@ -41,9 +43,12 @@ from services.export.geojson import (
     write_geojson,
 )
 from services.export.predictions import (
+    ATTENTION_CLASS,
+    ATTENTION_COLOUR,
     BD_CONFIDENCE,
     BIOMARKER_COLOURS,
     LoadedPrediction,
+    attention_tiles,
     bd_patches,
     biomarker_label,
     cd_patches,
@@ -51,10 +56,9 @@ from services.export.predictions import (
     load_prediction,
     top_patches,
 )
+from services.prediction.results import PIPELINE_MIL
 
 PARTS = ("heatmap", "cd-bd", "nuclei", "attention")
-ATTENTION_CLASS = "Attention"
-ATTENTION_COLOUR: Colour = (160, 32, 240)
 NUCLEI_PATCH_CLASS = "Nuclei patch"
 NUCLEI_PATCH_COLOUR: Colour = (120, 120, 120)
 _PLACEMENT = ("x", "y", "width", "height")
@@ -121,7 +125,10 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
     tiled = loaded is not None and (loaded.patches is not None or args.what is not None)
     if loaded is not None and tiled and "heatmap" in parts:
         progress = _bar(quiet, "heatmap", "tiles")
-        add("heatmap tiles", heatmap_tiles(loaded, biomarker, progress))
+        if loaded.result.pipeline == PIPELINE_MIL:
+            add("attention tiles", attention_tiles(loaded, biomarker, progress))
+        else:
+            add("heatmap tiles", heatmap_tiles(loaded, biomarker, progress))
     if loaded is not None and "cd-bd" in parts:
         confidence = BD_CONFIDENCE if args.bd_confidence is None else args.bd_confidence
         _add_cd_bd(loaded, biomarker, confidence, add, notes)
@@ -146,7 +153,12 @@ def _add_cd_bd(
     add: Callable[[str, list[dict[str, Any]]], None],
     notes: list[str],
 ) -> None:
-    """CD and BD patches, or the top patches of a result without a patch table."""
+    """CD and BD patches, or the top patches of a result without a patch table or of
+    the MIL pipeline (no cancer detector, no patch probabilities)."""
+    if loaded.result.pipeline == PIPELINE_MIL and loaded.patches is not None:
+        add("top patches", top_patches(loaded, biomarker))
+        notes.append("a MIL prediction has no CD/BD patches: its top patches by attention")
+        return
     if loaded.patches is None:
         top = top_patches(loaded, biomarker)
         if not top:

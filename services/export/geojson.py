@@ -19,7 +19,8 @@ Builders here are generic (no prediction or nuclei logic): :func:`qupath_feature
 makes one object, :func:`patch_tiles` turns per-patch arrays (probabilities, MIL
 attention...) into square tiles; :mod:`services.export.nuclei` outlines nuclei.
 :func:`validate_geojson` checks a document against the spec and QuPath's shape;
-:func:`write_geojson` validates and writes it atomically.
+:func:`geojson_bytes` validates and serializes it, :func:`write_geojson` writes it
+to a file atomically.
 """
 
 from __future__ import annotations
@@ -455,6 +456,26 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     return target
 
 
+def geojson_bytes(collection: Mapping[str, Any], *, validate: bool = True) -> bytes:
+    """A GeoJSON document as compact UTF-8 JSON without NaN or Infinity: what
+    :func:`write_geojson` writes to a file and the prediction service puts in the
+    object store.
+
+    Args:
+        collection: The document.
+        validate: Check it with :func:`validate_geojson` first.
+
+    Raises:
+        InvalidInput: An invalid document.
+    """
+    if validate:
+        validate_geojson(collection)
+    try:
+        return json.dumps(collection, allow_nan=False, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"not valid JSON: {exc}") from None
+
+
 def write_geojson(
     path: str | os.PathLike[str], collection: Mapping[str, Any], *, validate: bool = True
 ) -> Path:
@@ -473,15 +494,10 @@ def write_geojson(
         InvalidInput: A bad path or an invalid document (nothing is written).
     """
     target = check_output_path(path)
-    if validate:
-        validate_geojson(collection)
-    try:
-        data = json.dumps(collection, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"not valid JSON: {exc}") from None
+    data = geojson_bytes(collection, validate=validate)
     tmp = target.with_name(f".{target.name}.tmp")
     try:
-        tmp.write_text(data, encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

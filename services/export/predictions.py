@@ -1,10 +1,14 @@
-"""A slide's prediction as QuPath objects: heatmap tiles and CD/BD patches.
+"""A slide's prediction as QuPath objects: heatmap tiles and CD/BD patches, or MIL
+attention tiles.
 
 What is read (see :func:`load_prediction`): the prediction's folder in the store
-(``runs/predictions/{slide_id}/{params_hash}/``: ``prediction.json`` and
-``patches.parquet``, as :func:`services.prediction.pipeline.predict_slide` writes
-them), its ``prediction.json`` alone, or the answer ``histomarker predict --json``
-prints (the proto's SlidePrediction; it names the patch table but does not hold it).
+(``runs/predictions/{slide_id}/{params_hash}/``: ``prediction.json`` and the patch
+table, ``patches.parquet`` as :func:`services.prediction.pipeline.predict_slide`
+writes it or ``attention.parquet`` of the MIL pipeline), its ``prediction.json``
+alone, or the answer ``histomarker predict --json`` prints (the proto's
+SlidePrediction; it names the patch table but does not hold it). The prediction
+service builds the same objects from the result in hand when a client asks for
+GeoJSON (:func:`prediction_objects`).
 
 What is built, in level-0 px:
 
@@ -18,7 +22,10 @@ What is built, in level-0 px:
   rule asks for a correct call with that confidence; at prediction time the true
   label is unknown, so the slide's call stands in for it;
 - top patches (:func:`top_patches`): the strongest support of each call, the only
-  patches a ``predict --json`` answer carries.
+  patches a ``predict --json`` answer carries;
+- attention tiles (:func:`attention_tiles`, MIL pipeline): one tile per bag patch,
+  the MIL head's attention on it per biomarker as measurements (``TP53
+  attention``...; each biomarker's attention sums to 1 over the slide).
 """
 
 from __future__ import annotations
@@ -35,9 +42,12 @@ from services.common.errors import InvalidInput, NotFound
 from services.common.vocabulary import BIOMARKERS
 from services.export.geojson import Colour, ProgressFn, patch_tiles
 from services.prediction.results import (
+    PIPELINE_MIL,
+    PIPELINE_PAPER,
     BiomarkerResult,
     SlidePredictionResult,
     TopPatch,
+    attention_column,
 )
 
 #: The result file of a prediction folder (``services.prediction.pipeline`` writes it;
@@ -47,10 +57,14 @@ PREDICTION_JSON = "prediction.json"
 BD_CONFIDENCE = 0.9
 #: Columns a patch table needs besides one per biomarker.
 PATCH_COLUMNS = ("x", "y", "width", "height", "parent_x", "parent_y", "cancer_probability")
+#: Columns a MIL attention table needs besides one ``attention_<biomarker>`` per call.
+ATTENTION_COLUMNS = ("x", "y", "width", "height")
 CANCER_CLASS = "Cancer"
 CANCER_COLOUR: Colour = (220, 40, 40)
 CD_CLASS = "CD patch"
 CD_COLOUR: Colour = (255, 140, 0)
+ATTENTION_CLASS = "Attention"
+ATTENTION_COLOUR: Colour = (160, 32, 240)
 #: One colour per biomarker (Okabe-Ito: told apart with any colour vision).
 BIOMARKER_COLOURS: dict[str, Colour] = dict(
     zip(
@@ -197,7 +211,11 @@ def _from_pipeline(document: dict[str, Any], file: Path) -> LoadedPrediction:
     except (ValueError, OSError) as exc:
         raise InvalidInput(f"cannot read the patch table {table_path}: {exc}") from None
     biomarkers = [call.biomarker for call in calls]
-    absent = [c for c in (*PATCH_COLUMNS, *biomarkers) if c not in table.columns]
+    if result.pipeline == PIPELINE_MIL:
+        needed = (*ATTENTION_COLUMNS, *(attention_column(b) for b in biomarkers))
+    else:
+        needed = (*PATCH_COLUMNS, *biomarkers)
+    absent = [c for c in needed if c not in table.columns]
     if absent:
         raise InvalidInput(f"the patch table {table_path} lacks the columns {', '.join(absent)}")
     return LoadedPrediction(result, table, file)
@@ -218,6 +236,7 @@ def _from_answer(prediction: dict[str, Any], file: Path) -> LoadedPrediction:
         raise InvalidInput(f"{file} is not a SlidePrediction answer: {exc}") from None
     status = prediction_pb2.PredictionStatus.Name(message.status)
     source = common_pb2.HighResSource.Name(message.high_res_source)
+    mil = message.pipeline == prediction_pb2.PREDICTION_PIPELINE_MIL
     calls = [
         BiomarkerResult(
             biomarker=BIOMARKER_NAMES.get(item.biomarker, str(item.biomarker)),
@@ -228,7 +247,14 @@ def _from_answer(prediction: dict[str, Any], file: Path) -> LoadedPrediction:
             positive=item.call == prediction_pb2.BIOMARKER_CALL_POSITIVE,
             patch_count=item.patch_count,
             top_patches=[
-                TopPatch(t.patch.x, t.patch.y, t.patch.width, t.patch.height, t.probability)
+                TopPatch(
+                    t.patch.x,
+                    t.patch.y,
+                    t.patch.width,
+                    t.patch.height,
+                    t.probability,
+                    t.attention,
+                )
                 for t in item.top_patches
             ],
             heatmap_key=item.heatmap.key,
@@ -252,11 +278,15 @@ def _from_answer(prediction: dict[str, Any], file: Path) -> LoadedPrediction:
         tissue_mask_key=message.tissue_mask.key,
         patch_table_key=message.patch_table.key,
         elapsed_s=message.elapsed_seconds,
+        pipeline=PIPELINE_MIL if mil else PIPELINE_PAPER,
+        geojson_key=message.geojson.key,
     )
+    table = Path(result.patch_table_key).name or "patches.parquet"
     why = (
         f"a `histomarker predict --json` answer holds the top patches, not every patch's "
-        f"probabilities: give the prediction's folder {result.prefix or 'runs/predictions/...'}/ "
-        "from the service's store, which holds patches.parquet"
+        f"{'attention' if mil else 'probabilities'}: give the prediction's folder "
+        f"{result.prefix or 'runs/predictions/...'}/ from the service's store, which "
+        f"holds {table}"
     )
     return LoadedPrediction(result, None, file, why)
 
@@ -275,6 +305,21 @@ def probability_measurements(table: pd.DataFrame) -> dict[str, np.ndarray]:
     return values
 
 
+def _paper_table(loaded: LoadedPrediction, what: str) -> pd.DataFrame:
+    """The patch table of a paper-pipeline prediction.
+
+    Raises:
+        InvalidInput: A MIL prediction (no cancer detector, no patch probabilities),
+            or no patch table.
+    """
+    if loaded.result.pipeline == PIPELINE_MIL:
+        raise InvalidInput(
+            f"{loaded.source}: a MIL prediction has no {what} (no cancer detector or patch "
+            "probabilities): export its attention tiles and top patches"
+        )
+    return loaded.table()
+
+
 def _origins(table: pd.DataFrame) -> np.ndarray:
     return table[["x", "y"]].to_numpy(np.float64)
 
@@ -289,7 +334,7 @@ def heatmap_tiles(
     """One tile per scored 40x patch with all its probabilities as measurements,
     classified ``Cancer`` (every scored patch is in a CD patch) or, with
     ``biomarker``, by that biomarker."""
-    table = loaded.table()
+    table = _paper_table(loaded, "heatmap tiles")
     if biomarker is not None:
         loaded.calls(biomarker)  # it was predicted
         name, colour = biomarker_label(biomarker), BIOMARKER_COLOURS[biomarker]
@@ -315,7 +360,7 @@ def cd_patches(loaded: LoadedPrediction) -> list[dict[str, Any]]:
     Measurements: its ``cancer probability``, the ``40x patches`` scored in it and
     each biomarker's ``mean probability`` over them.
     """
-    table = loaded.table()
+    table = _paper_table(loaded, "CD patches")
     groups = table.groupby(["parent_x", "parent_y"], sort=False)
     first = groups.first()
     measurements = {
@@ -359,7 +404,7 @@ def bd_patches(
     """
     if not 0.0 <= confidence < 1.0:
         raise InvalidInput(f"the BD confidence must be within 0-1, got {confidence}")
-    table = loaded.table()
+    table = _paper_table(loaded, "BD patches")
     measurements = probability_measurements(table)
     out = {}
     for call in loaded.calls(biomarker):
@@ -380,20 +425,24 @@ def bd_patches(
 
 def top_patches(loaded: LoadedPrediction, biomarker: str | None = None) -> list[dict[str, Any]]:
     """Each call's top patches (strongest support first) as locked annotations
-    ``<biomarker> top patch`` with their probability and ``rank`` (1 = strongest)."""
+    ``<biomarker> top patch`` with their probability (paper) or the head's attention
+    (MIL) and ``rank`` (1 = strongest)."""
+    mil = loaded.result.pipeline == PIPELINE_MIL
     features = []
     for call in loaded.calls(biomarker):
         patches = call.top_patches
         if not patches:
             continue
         label = biomarker_label(call.biomarker)
+        value = (
+            {f"{label} attention": [p.attention for p in patches]}
+            if mil
+            else {f"{label} probability": [p.probability for p in patches]}
+        )
         features += patch_tiles(
             [(p.x, p.y) for p in patches],
             [(p.width, p.height) for p in patches],
-            {
-                f"{label} probability": [p.probability for p in patches],
-                "rank": np.arange(1, len(patches) + 1),
-            },
+            {**value, "rank": np.arange(1, len(patches) + 1)},
             slide_id=loaded.slide_id,
             layer=f"top-{call.biomarker}",
             classification=f"{label} top patch",
@@ -402,3 +451,70 @@ def top_patches(loaded: LoadedPrediction, biomarker: str | None = None) -> list[
             locked=True,
         )
     return features
+
+
+def attention_measurements(
+    table: pd.DataFrame, calls: list[BiomarkerResult]
+) -> dict[str, np.ndarray]:
+    """The attention columns of a MIL attention table as measurement name -> values,
+    one per call (``TP53 attention``...)."""
+    return {
+        f"{biomarker_label(call.biomarker)} attention": table[
+            attention_column(call.biomarker)
+        ].to_numpy(np.float64)
+        for call in calls
+    }
+
+
+def attention_tiles(
+    loaded: LoadedPrediction, biomarker: str | None = None, progress: ProgressFn | None = None
+) -> list[dict[str, Any]]:
+    """One tile per bag patch of a MIL prediction with the head's attention on it
+    per biomarker as measurements, classified ``Attention`` or, with ``biomarker``,
+    by that biomarker (its attention alone).
+
+    Raises:
+        InvalidInput: Not a MIL prediction, or no attention table.
+    """
+    if loaded.result.pipeline != PIPELINE_MIL:
+        raise InvalidInput(
+            f"{loaded.source}: attention tiles need a MIL prediction; this one is the "
+            f"{loaded.result.pipeline} pipeline's"
+        )
+    table = loaded.table()
+    calls = loaded.calls(biomarker)
+    if biomarker is not None:
+        name, colour = biomarker_label(biomarker), BIOMARKER_COLOURS[biomarker]
+    else:
+        name, colour = ATTENTION_CLASS, ATTENTION_COLOUR
+    return patch_tiles(
+        _origins(table),
+        _sizes(table),
+        attention_measurements(table, calls),
+        slide_id=loaded.slide_id,
+        layer="attention",
+        classification=name,
+        colour=colour,
+        progress=progress,
+    )
+
+
+def prediction_objects(
+    loaded: LoadedPrediction, confidence: float = BD_CONFIDENCE
+) -> dict[str, list[dict[str, Any]]]:
+    """Every object of a prediction with its patch table, by kind, in export order.
+
+    Paper pipeline: ``heatmap tiles`` (every 40x patch scored, all its
+    probabilities), ``CD patches`` and ``<biomarker> BD patches`` per call (possibly
+    empty). MIL pipeline: ``attention tiles`` (every bag patch, its attention per
+    biomarker) and ``top patches`` (each call's, by attention).
+
+    Raises:
+        InvalidInput: The prediction has no patch table (no calls were made).
+    """
+    if loaded.result.pipeline == PIPELINE_MIL:
+        return {"attention tiles": attention_tiles(loaded), "top patches": top_patches(loaded)}
+    objects = {"heatmap tiles": heatmap_tiles(loaded), "CD patches": cd_patches(loaded)}
+    for name, built in bd_patches(loaded, None, confidence).items():
+        objects[f"{biomarker_label(name)} BD patches"] = built
+    return objects

@@ -4,8 +4,11 @@ The options are declared with the subcommand in ``services/cli.py`` (so that the
 parser does not import gRPC). A local slide file is uploaded in chunks (with its
 size and sha256) and predicted; ``--stored`` takes SLIDE as an object key of the
 service's store instead. With ``--json`` the UploadAndPredict (or SlidePrediction)
-answer is printed as JSON (proto field names); without it, a readable table. The
-bearer token, when the service wants one, comes from ``HISTOMARKER_AUTH_TOKEN``.
+answer is printed as JSON (proto field names); without it, a readable table.
+``--geojson`` asks the service to store the slide's objects as QuPath GeoJSON beside
+its other outputs; its key is the answer's ``prediction.geojson.key`` (and a line of
+the table). The bearer token, when the service wants one, comes from
+``HISTOMARKER_AUTH_TOKEN``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def run_predict(args: argparse.Namespace, out: TextIO | None = None) -> dict[str
         pipeline=getattr(args, "pipeline", ""),
         mil_model=getattr(args, "mil_model", ""),
         answer_out_of_distribution=getattr(args, "answer_out_of_distribution", False),
+        geojson=getattr(args, "geojson", False),
     )
     quiet = bool(getattr(args, "json", False))
     token = os.environ.get("HISTOMARKER_AUTH_TOKEN") or None
@@ -137,3 +141,5 @@ def print_table(prediction: prediction_pb2.SlidePrediction, out: TextIO) -> None
     if heatmaps:
         folder = heatmaps[0].rsplit("/", 1)[0]
         out.write(f"heatmaps and patch table: {folder}/\n")
+    if prediction.geojson.key:
+        out.write(f"QuPath GeoJSON: {prediction.geojson.key}\n")

@@ -59,9 +59,11 @@ def options_of(
     pipeline: str = "",
     mil_model: str = "",
     answer_out_of_distribution: bool = False,
+    geojson: bool = False,
 ) -> prediction_pb2.PredictionOptions:
     """PredictionOptions from plain values (InvalidInput for an unknown biomarker or
-    pipeline; ``pipeline`` "" leaves the service's default)."""
+    pipeline; ``pipeline`` "" leaves the service's default; ``geojson`` asks for the
+    slide's QuPath GeoJSON in the store)."""
     unknown = [b for b in biomarkers if b.lower() not in BIOMARKER_ENUMS]
     if unknown:
         raise InvalidInput(
@@ -73,6 +75,7 @@ def options_of(
         skip_heatmaps=skip_heatmaps,
         mil_model=mil_model,
         answer_out_of_distribution=answer_out_of_distribution,
+        geojson=geojson,
     )
     if pipeline:
         if pipeline not in PIPELINES:

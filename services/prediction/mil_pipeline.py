@@ -12,16 +12,19 @@ stored under ``bags/{encoder}/{slide_id}.h5``) -> ``mil`` (the
 :class:`~services.mil.scoring.BagPredictor`, ``mil_<name>``: one calibrated
 probability and one attention map per biomarker; the call at the head's threshold;
 the top-k patches by attention) -> ``heatmaps`` (attention over the thumbnail, each
-map scaled by its largest weight).
+map scaled by its largest weight) -> ``geojson`` (when asked for: one QuPath tile per
+bag patch with its attention per biomarker, and each call's top patches,
+:mod:`services.prediction.qupath`).
 
 :func:`predict_from_bag` does the ``mil`` stage alone on a bag already made (the
 PredictFromBag RPC): no pixel is read, so there are no masks or heatmaps.
 
 Outputs go under ``runs/predictions/{slide_id}/{params_hash}/`` as for the paper's
 pipeline: the masks (slide only), ``attention.parquet`` (one row per bag patch:
-level-0 footprint and one attention column per biomarker), ``heatmap_{b}.png`` and
-``prediction.json`` (last). The hash covers the slide's digest (or the bag's), the
-parameters and the two models' names, versions and weights.
+level-0 footprint and one attention column per biomarker), ``heatmap_{b}.png``,
+``{slide_id}.geojson`` when asked for, and ``prediction.json`` (last). The hash
+covers the slide's digest (or the bag's), the parameters (not ``geojson``, which
+changes no other output) and the two models' names, versions and weights.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from services.mil.scoring import BagPredictor, Embedder
 from services.prediction.heatmaps import render_heatmap, slide_thumbnail
 from services.prediction.pipeline import RUNS_PREFIX, finish_result
 from services.prediction.progress import Reporter
+from services.prediction.qupath import store_prediction_geojson
 from services.prediction.results import (
     PIPELINE_MIL,
     STATUS_NO_TISSUE,
@@ -58,6 +62,7 @@ from services.prediction.results import (
     ProgressFn,
     SlidePredictionResult,
     TopPatch,
+    attention_column,
     check_request,
 )
 from services.slide.grid import GridParams, params_hash, patch_grid
@@ -68,7 +73,15 @@ from services.slide.reader import SlideReader
 MIL_PIPELINE_VERSION = 1
 ATTENTION_TABLE = "attention.parquet"
 #: Progress fractions at which the stages start.
-STAGES = {"tissue": 0.0, "grid": 0.04, "stain": 0.06, "embed": 0.08, "mil": 0.9, "heatmaps": 0.93}
+STAGES = {
+    "tissue": 0.0,
+    "grid": 0.04,
+    "stain": 0.06,
+    "embed": 0.08,
+    "mil": 0.9,
+    "heatmaps": 0.93,
+    "geojson": 0.99,
+}
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,8 @@ class MilParams(PrepParams):
         heatmaps: Render an attention heatmap PNG per biomarker.
         answer_out_of_distribution: Make the calls even for a slide beyond the OOD
             threshold.
+        geojson: Also store the slide's objects as QuPath GeoJSON when calls are
+            made (``{slide_id}.geojson`` in the prefix).
         batch_size: Patches per encoder request.
         grid_overlap: Share (0-0.9) of a patch side neighbours overlap; None takes the
             head's (its card's ``grid_overlap``, measured on its training bags), so a
@@ -95,6 +110,7 @@ class MilParams(PrepParams):
     answer_out_of_distribution: bool = False
     batch_size: int = 32
     grid_overlap: float | None = None
+    geojson: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -169,7 +185,7 @@ def _calls(
     results = []
     for biomarker in biomarkers:
         attention = np.asarray(prediction.attention[biomarker], np.float64)
-        table[f"attention_{biomarker}"] = attention
+        table[attention_column(biomarker)] = attention
         probability = float(prediction.probabilities[biomarker])
         threshold = float(predictor.thresholds[biomarker])
         order = np.argsort(-attention, kind="stable")[:top_k]
@@ -214,7 +230,7 @@ def _put_table(store: ObjectStore, key: str, table: pd.DataFrame) -> None:
 
 
 def _digest(params: MilParams, models: dict[str, Any], source: str) -> str:
-    decisive = {k: v for k, v in asdict(params).items() if k != "batch_size"}
+    decisive = {k: v for k, v in asdict(params).items() if k not in ("batch_size", "geojson")}
     return params_hash(
         decisive, {"models": models, "source": source, "version": MIL_PIPELINE_VERSION}
     )
@@ -400,7 +416,7 @@ def predict_slide_mil(
         thumbnail = slide_thumbnail(reader, params.mask_downsample, prepared.masks.tissue.shape)
         for done, item in enumerate(results, start=1):
             budget.check()
-            column = f"attention_{item.biomarker}"
+            column = attention_column(item.biomarker)
             peak = float(table[column].max()) or 1.0
             scaled = table.assign(**{item.biomarker: table[column] / peak})
             image = render_heatmap(
@@ -424,7 +440,24 @@ def predict_slide_mil(
         **_patch_size(bag),
         **base,
     )
+    if params.geojson:
+        budget.check()
+        _store_geojson(store, out, table, wall, report)
     return finish_result(store, out, started, wall, {}, {}, report)
+
+
+def _store_geojson(
+    store: ObjectStore,
+    out: SlidePredictionResult,
+    table: pd.DataFrame,
+    wall: dict[str, float],
+    report: Reporter,
+) -> None:
+    """The result's QuPath GeoJSON, its key on the result and its time in ``wall``."""
+    report("geojson", 0, 1, STAGES["geojson"], "QuPath GeoJSON")
+    t = time.perf_counter()
+    out.geojson_key = store_prediction_geojson(store, out, table)
+    wall["geojson"] = time.perf_counter() - t
 
 
 def predict_from_bag(
@@ -443,8 +476,8 @@ def predict_from_bag(
         bag: The bag (its slide id names the output prefix).
         store: Where the outputs go.
         predictor: The MIL head.
-        params: What to report (``biomarkers``, ``top_k``; the slide preparation
-            and heatmaps do not apply).
+        params: What to report (``biomarkers``, ``top_k``, ``geojson``; the slide
+            preparation and heatmaps do not apply).
         bag_key: The bag's key in the store (reported back).
         bag_digest: The bag file's digest (part of the hash).
         progress: Called with ProgressEvents.
@@ -480,4 +513,7 @@ def predict_from_bag(
         **_patch_size(bag),
         **base,
     )
-    return finish_result(store, out, started, {"mil": time.perf_counter() - t}, {}, {}, report)
+    wall = {"mil": time.perf_counter() - t}
+    if params.geojson:
+        _store_geojson(store, out, table, wall, report)
+    return finish_result(store, out, started, wall, {}, {}, report)

@@ -20,7 +20,8 @@ becomes four 40x patches, its quadrants: the native 40x level, or Lanczos x2 of 
 normalized 20x patch) -> ``biomarkers`` (every 40x patch scored by each
 ``biomarker_*`` model) -> ``aggregate`` (slide probability = mean of the patch
 probabilities, the paper's; the call at the model's threshold; top-k patches) ->
-``heatmaps``.
+``heatmaps`` -> ``geojson`` (when asked for: the slide's objects for QuPath,
+:mod:`services.prediction.qupath`).
 
 The middle stages run as one pipeline, so inference never waits for pixels: reader
 threads read and normalize batches of 20x patches ahead (a bounded read-ahead),
@@ -49,7 +50,13 @@ reference, the model versions and the OOD reference (its threshold and fit summa
                                    column per biomarker (named after it)
     heatmap_{biomarker}.png        patch probabilities over the slide's thumbnail,
                                    same size and downsample as tissue.png
+    {slide_id}.geojson             when asked for (``geojson``) and calls were made:
+                                   QuPath objects, one tile per 40x patch with its
+                                   probabilities, the CD and BD patches (level 0 px)
     prediction.json                the result (written last)
+
+The GeoJSON is not part of the hash: it is derived from the patch table alone, so a
+prediction with it and one without describe the same calls and share their prefix.
 
 Nothing here imports gRPC; the service, the benchmark and the tests call
 :func:`predict_slide` with a :class:`~services.prediction.models.PatchScorer`.
@@ -76,6 +83,7 @@ from services.prediction.heatmaps import render_heatmap, slide_thumbnail
 from services.prediction.models import Deployment, PatchScorer
 from services.prediction.ood_check import check_slide_ood, refusal_message
 from services.prediction.progress import STAGE_START, Reporter
+from services.prediction.qupath import store_prediction_geojson
 from services.prediction.results import (
     STATUS_NO_CANCER,
     STATUS_NO_TISSUE,
@@ -124,6 +132,8 @@ class PredictionParams(PrepParams):
         answer_out_of_distribution: Make the calls even for a slide the deployment's
             OOD reference finds out of distribution (the status is then ``ok`` and
             the result still records the distance).
+        geojson: Also store the slide's objects as QuPath GeoJSON when calls are
+            made (``{slide_id}.geojson`` in the prefix).
     """
 
     biomarkers: tuple[str, ...] = BIOMARKERS
@@ -137,6 +147,7 @@ class PredictionParams(PrepParams):
     reader_threads: int = 2
     read_ahead_batches: int = 4
     answer_out_of_distribution: bool = False
+    geojson: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -170,12 +181,13 @@ def prediction_digest(
 
     The OOD reference counts by its threshold and fit summary (its JSON is large);
     ``answer_out_of_distribution`` only when there is a reference, as without one
-    it changes nothing.
+    it changes nothing; ``geojson`` never, as it changes no other output.
     """
-    scoring = {"batch_size", "max_in_flight", "reader_threads", "read_ahead_batches"}
+    # How the work is scheduled, and the GeoJSON export, change no call.
+    ignored = {"batch_size", "max_in_flight", "reader_threads", "read_ahead_batches", "geojson"}
     if deployment.ood is None:
-        scoring.add("answer_out_of_distribution")
-    decisive = {k: v for k, v in asdict(params).items() if k not in scoring}
+        ignored.add("answer_out_of_distribution")
+    decisive = {k: v for k, v in asdict(params).items() if k not in ignored}
     ood = deployment.ood
     return params_hash(
         decisive,
@@ -382,6 +394,12 @@ def predict_slide(
         high_res_source="native" if hi_source is HighResSource.NATIVE else "upsampled",
         patch_table_key=table_key,
     )
+    if params.geojson:
+        budget.check()
+        report("geojson", 0, 1, STAGE_START["geojson"], "QuPath GeoJSON")
+        t = time.perf_counter()
+        out.geojson_key = store_prediction_geojson(store, out, table)
+        wall["geojson"] = time.perf_counter() - t
     return finish_result(
         store, out, started, wall, engine.clock.seconds, engine.meter.summary(), report
     )

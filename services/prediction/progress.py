@@ -20,6 +20,7 @@ STAGE_START = {
     "biomarkers": 0.1,
     "aggregate": 0.9,
     "heatmaps": 0.92,
+    "geojson": 0.99,
 }
 SCORING_SPAN = 0.8
 

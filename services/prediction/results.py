@@ -23,6 +23,11 @@ PIPELINE_PAPER = "paper"
 PIPELINE_MIL = "mil"
 
 
+def attention_column(biomarker: str) -> str:
+    """The column of a MIL attention table holding a biomarker's attention."""
+    return f"attention_{biomarker}"
+
+
 def check_request(biomarkers: tuple[str, ...], top_k: int) -> None:
     """InvalidInput unless ``biomarkers`` are distinct names of ``BIOMARKERS`` (at least
     one) and ``top_k`` is within 1-64: what both pipelines are asked for."""
@@ -120,7 +125,8 @@ class SlidePredictionResult:
         patch_table_key: Key of ``patches.parquet``, "" when no 40x patch was scored.
         elapsed_s: Wall-clock seconds.
         timings: Seconds per stage: wall time of the sequential stages (``tissue``,
-            ``grid``, ``stain``, ``scoring``, ``aggregate``, ``heatmaps``) and summed
+            ``grid``, ``stain``, ``scoring``, ``aggregate``, ``heatmaps``, ``geojson``
+            when asked for) and summed
             thread time inside ``scoring`` (``read_20x``, ``normalize``, ``make_40x``,
             ``cancer_requests``, ``biomarker_requests``).
         utilisation: The :class:`BusyMeter` summary of the scorer.
@@ -137,6 +143,8 @@ class SlidePredictionResult:
             basis, patch_count); {} when not measured.
         patch_mpp, patch_px: Resolution (µm/px) and side (px) of the patches in
             ``top_patches``: 40x 512 px for the paper's pipeline, the encoder's for MIL.
+        geojson_key: Store key of the slide's objects as QuPath GeoJSON
+            (``{prefix}/{slide_id}.geojson``), "" when not asked for or no calls.
     """
 
     slide_id: str
@@ -169,6 +177,7 @@ class SlidePredictionResult:
     out_of_distribution: dict[str, Any] = field(default_factory=dict)
     patch_mpp: float = 0.25
     patch_px: int = 512
+    geojson_key: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """The result as plain JSON values."""

@@ -331,6 +331,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             max_in_flight=self.settings.max_in_flight,
             reader_threads=self.settings.reader_threads,
             answer_out_of_distribution=options.answer_out_of_distribution,
+            geojson=options.geojson,
         )
 
     def _pipeline(self, options: prediction_pb2.PredictionOptions) -> str:
@@ -347,6 +348,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             answer_out_of_distribution=options.answer_out_of_distribution,
             qc=paper.qc,
             batch_size=self.settings.encoder_batch_size,
+            geojson=paper.geojson,
         )
 
     def _plan(
@@ -355,7 +357,14 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         """Check the options, call ``before_models`` (the slide's NOT_FOUND comes before
         the models' FAILED_PRECONDITION), find the models; returns the job that
         predicts one slide with them. Every error comes before queueing."""
-        if self._pipeline(options) == PIPELINE_MIL:
+        pipeline = self._pipeline(options)
+        if options.mil_model and pipeline != PIPELINE_MIL:
+            raise InvalidInput(
+                f"options.mil_model names a MIL head ({options.mil_model}) but the pipeline is "
+                "the paper's, which has none: set options.pipeline to PREDICTION_PIPELINE_MIL "
+                "or leave mil_model empty"
+            )
+        if pipeline == PIPELINE_MIL:
             mil = self._mil_params(options)
             before_models()
             embedder, head = self.mil_models.pair(options.mil_model)
@@ -540,6 +549,8 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             message.patch_table.CopyFrom(self._ref(result.patch_table_key))
         if result.bag_key:
             message.bag.CopyFrom(self._ref(result.bag_key))
+        if result.geojson_key:
+            message.geojson.CopyFrom(self._ref(result.geojson_key))
         if result.training_data:
             message.training_data.CopyFrom(training_data_message(result.training_data))
         if result.out_of_distribution:
