@@ -625,6 +625,19 @@ def run_demo(
         bags={"slides": mil_run.bags.slides, "patches": mil_run.bags.patches},
         cross_validation=mil_run.head.cross_validation,
     )
+    try:
+        comparison_html: Path | None = demo_mil.side_by_side(out, table, mil_table, heldout)
+    except InvalidInput as exc:
+        # Too few answered slides for a comparison (a quick run): said, not fatal.
+        stages.say(f"no side-by-side comparison: {exc}")
+        comparison_html = None
+    if comparison_html is not None:
+        mil["comparison_html"] = str(comparison_html)
+        mil["markdown"] += (
+            "\n\nBoth pipelines on the same held-out patients, with paired 95% CIs from a "
+            "bootstrap over patients, ROC curves and reliability diagrams: "
+            f"`{comparison_html.name}`."
+        )
     document = _write_results(
         out, table, results, chosen, run, stages.seconds, full, skipped_rows, mil
     )
@@ -638,6 +651,7 @@ def run_demo(
         f"  held-out table     {out / RESULTS_MD} (and {RESULTS_JSON})\n"
         f"  predictions        {out / PREDICTIONS_CSV} (one row per held-out slide)\n"
         f"  analysis report    {report}\n"
+        f"  side by side       {comparison_html or 'none'} (paper vs MIL, patient-bootstrap CIs)\n"
         f"  models, tiles, heatmaps  {out / 'store'}\n"
         f"  service logs       {out / 'stack' / 'logs'}\n"
         f"  Prefect runs       PREFECT_HOME={out / 'stack' / 'prefect'} prefect server start\n"
@@ -656,6 +670,7 @@ def run_demo(
         "results_json": str(out / RESULTS_JSON),
         "predictions": str(out / PREDICTIONS_CSV),
         "report": str(report),
+        "comparison": str(comparison_html) if comparison_html else None,
         "stage_seconds": stages.seconds,
         "wall_s": wall_s,
     }

@@ -9,7 +9,8 @@ into its bag, the head cross-validated and fitted with per-biomarker temperature
 :func:`predict_heldout` asks the PredictionService for ``pipeline: MIL`` calls on each
 held-out cancer slide (stored by the paper's predictions), and
 :func:`comparison` sets both pipelines' AUROC side by side with the MIL calls'
-held-out calibration (ECE before and after the temperatures).
+held-out calibration (ECE before and after the temperatures), and
+:func:`side_by_side` writes ``comparison.html`` with patient-bootstrap CIs.
 """
 
 from __future__ import annotations
@@ -162,6 +163,20 @@ def comparison(
         "calibration": list(calibrated),
         "markdown": "\n".join(lines),
     }
+
+
+def side_by_side(
+    out: Path, paper_table: pd.DataFrame, mil_table: pd.DataFrame, heldout: pd.DataFrame
+) -> Path:
+    """``comparison.html`` and ``comparison.json`` in ``out``: both pipelines on the
+    same held-out patients, AUROC with 95% CIs from a paired bootstrap over patients,
+    ECE, Brier, ROC curves and reliability diagrams (``histomarker analysis compare``
+    on the demo's tables); returns the page's path."""
+    from services.analysis.comparison import pair_tables
+    from services.analysis.comparison_report import write_comparison
+
+    sites = dict(zip(heldout["slide_id"].astype(str), heldout["site"], strict=True))
+    return write_comparison(pair_tables(paper_table, mil_table, sites), out).html
 
 
 def temperatures(card_path: str | Path) -> dict[str, float]:
