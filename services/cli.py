@@ -483,6 +483,25 @@ def _print_encoders(result: dict[str, Any]) -> None:
     print_encoders(result)
 
 
+def _encoders_combine(args: argparse.Namespace) -> dict[str, Any]:
+    from services.encoders.biomarker_cnns import (
+        BIOMARKER_CNNS,
+        bundles_by_biomarker,
+        combine_bundles,
+        sidecar_path,
+    )
+    from services.encoders.loading import effective_spec
+
+    out = combine_bundles(bundles_by_biomarker(args.bundles), Path(args.out))
+    spec = effective_spec(BIOMARKER_CNNS, out)
+    return {
+        "weights": str(out),
+        "sidecar": str(sidecar_path(out)),
+        "encoder": BIOMARKER_CNNS,
+        **{k: v for k, v in spec.card().items() if k != "name"},
+    }
+
+
 def _embed(args: argparse.Namespace) -> dict[str, Any]:
     from services.mil.cli_embed import run_embed
 
@@ -834,6 +853,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     encoders = sub.add_parser("encoders", help="the patch encoders `embed` can load")
     encoders.set_defaults(handler=_encoders, human=_print_encoders)
+    encoders_sub = encoders.add_subparsers(dest="encoders_command", metavar="ACTION")
+    combine = encoders_sub.add_parser(
+        "combine",
+        help="trained biomarker bundles as one biomarker-cnns weights file (and its sidecar)",
+    )
+    combine.add_argument(
+        "bundles", nargs="+", metavar="BUNDLE_DIR", help="bundle folders (weights.pt, model.json)"
+    )
+    combine.add_argument(
+        "--out", required=True, metavar="FILE.pt", help="the weights file; FILE.bundles.json too"
+    )
+    combine.set_defaults(handler=_encoders_combine, human=None)
+    _add_json_flag(combine)
 
     embed = sub.add_parser("embed", help="a slide's bag of patch embeddings from local weights")
     _add_embed_arguments(embed)

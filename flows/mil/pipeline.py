@@ -5,7 +5,8 @@ Tasks, in order:
 ``embed_cohort``
     Every slide of the manifest embedded by one encoder from a local weights file
     (:func:`services.mil.extract.embed_slide`: the QC'd grid at the encoder's
-    resolution), into ``{work_dir}/mil/bags/{encoder}/{slide_id}.h5`` and the store's
+    resolution, stain-normalized when the encoder was trained so), into
+    ``{work_dir}/mil/bags/{encoder}/{slide_id}.h5`` and the store's
     ``bags/{encoder}/{slide_id}.h5``. A bag already finished locally is kept, a
     partial one continued: a rerun after a crash picks up where it stopped. A log
     line every tenth of the slides.
@@ -90,7 +91,7 @@ def embed_cohort(
     from services.cohort.manifest import Manifest
     from services.encoders import load_encoder
     from services.mil.bags import read_bag
-    from services.mil.extract import bag_key, embed_slide
+    from services.mil.extract import bag_key, embed_slide, encoder_reference
     from services.slide.grid import GridParams
     from services.slide.prepare import PrepParams
     from services.slide.qc import QcSettings, QcThresholds
@@ -101,6 +102,8 @@ def embed_cohort(
     settings = FlowSettings()
     table = Manifest.read(manifest)
     loaded = load_encoder(encoder, weights, tiny=tiny)
+    # An encoder trained on stain-normalized patches (the paper's CNNs) gets them so.
+    reference = encoder_reference(loaded.spec.stain_reference)
     side = loaded.spec.input_px
     params = PrepParams(
         grid=GridParams(overlap_px=min(round(overlap * side), side - 1)),
@@ -117,7 +120,7 @@ def embed_cohort(
             path = out / f"{slide_id}.h5"
             if not path.exists():
                 with open_slide(table.slide_file(str(row.slide_path))) as reader:
-                    embed_slide(reader, slide_id, loaded, path, params=params)
+                    embed_slide(reader, slide_id, loaded, path, params=params, reference=reference)
             patches += read_bag(path).n_patches
             store.put_file(bag_key(encoder, slide_id), path)
             if number % step == 0 or number == len(rows):

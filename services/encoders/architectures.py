@@ -15,14 +15,18 @@ and width.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from services.common.errors import InvalidInput
 from services.encoders.registry import EncoderSpec, encoder_spec
+
+if TYPE_CHECKING:
+    from services.inference.bundle import ModelConfig
 
 #: Width, depth and heads of every tiny transformer.
 _TINY_WIDTH = 64
@@ -259,6 +263,13 @@ def _detector(tiny: bool) -> nn.Module:
     return model
 
 
+def _biomarker_cnns(tiny: bool) -> nn.Module:
+    """The six biomarker CNNs the registry's spec describes (no sidecar)."""
+    from services.encoders.biomarker_cnns import build_biomarker_cnns, default_bundles
+
+    return build_biomarker_cnns(default_bundles(tiny))
+
+
 _BUILDERS: dict[str, Callable[[bool], nn.Module]] = {
     "uni": _uni,
     "uni2-h": _uni2_h,
@@ -270,6 +281,7 @@ _BUILDERS: dict[str, Callable[[bool], nn.Module]] = {
     "conch": _conch,
     "resnet50-trunc": _resnet50_trunc,
     "detector": _detector,
+    "biomarker-cnns": _biomarker_cnns,
 }
 
 
@@ -286,6 +298,10 @@ def tiny_spec(name: str) -> EncoderSpec:
         width = spec.embed_dim
     elif name == "detector":
         width = _TINY_DETECTOR_DIM
+    elif name == "biomarker-cnns":  # six tiny CNNs: their features and margins
+        from services.encoders.biomarker_cnns import default_bundles, embed_width
+
+        width = embed_width(default_bundles(tiny=True))
     else:
         width = _TINY_WIDTH * (2 if spec.pooling == "cls+mean" else 1)
     return replace(
@@ -297,7 +313,11 @@ def tiny_spec(name: str) -> EncoderSpec:
 
 
 def build_encoder(
-    name: str, *, device: str | torch.device = "cpu", tiny: bool = False
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    tiny: bool = False,
+    bundles: Mapping[str, ModelConfig] | None = None,
 ) -> nn.Module:
     """An encoder's network with random weights, in eval mode.
 
@@ -306,15 +326,27 @@ def build_encoder(
         device: Where its tensors live; ``meta`` allocates nothing (for loading
             weights with ``assign=True``, counting parameters, checking shapes).
         tiny: Build the toy-sized test variant (see the module docstring).
+        bundles: ``biomarker-cnns`` only: biomarker -> bundle config, as a combined
+            weights file's sidecar gives them
+            (:func:`services.encoders.biomarker_cnns.read_sidecar`); they replace
+            the registry's six (and ``tiny``). None for every other encoder.
 
     Returns:
         A module mapping normalised ``(N, 3, input_px, input_px)`` float tensors to
         ``(N, embed_dim)`` embeddings.
 
     Raises:
-        InvalidInput: Unknown name; the message lists the known ones.
+        InvalidInput: Unknown name; the message lists the known ones; bundle configs
+            for another encoder than ``biomarker-cnns``.
     """
     encoder_spec(name)  # InvalidInput for an unknown name
+    if bundles is not None and name != "biomarker-cnns":
+        raise InvalidInput(f"bundle configs build biomarker-cnns only, not {name}")
     with torch.device(device):
-        module = _BUILDERS[name](tiny)
+        if bundles is not None:
+            from services.encoders.biomarker_cnns import build_biomarker_cnns
+
+            module: nn.Module = build_biomarker_cnns(bundles)
+        else:
+            module = _BUILDERS[name](tiny)
     return module.eval()

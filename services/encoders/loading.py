@@ -22,6 +22,7 @@ from services.encoders.architectures import (
     build_encoder,
     tiny_spec,
 )
+from services.encoders.biomarker_cnns import BIOMARKER_CNNS, read_sidecar, spec_with_bundles
 from services.encoders.key_maps import adapt_state_dict
 from services.encoders.registry import EncoderSpec, encoder_spec
 from services.encoders.weights_files import file_sha256, read_state_dict, require_file
@@ -119,20 +120,26 @@ def load_encoder(
             names are mapped where needed (:mod:`services.encoders.key_maps`). For
             ``detector``, the detector bundle's ``weights.pt``; when its
             ``model.json`` sits beside it, its backbone and input side are checked.
+            For ``biomarker-cnns``, a file of
+            :func:`services.encoders.biomarker_cnns.combine_bundles` with its
+            ``<stem>.bundles.json`` sidecar beside it, which names the networks.
         device: Where the encoder runs (``cpu``, ``cuda``, ``cuda:N``).
         tiny: Load the tiny test variant (tests only).
 
     Raises:
         InvalidInput: Unknown name; an unreadable file; keys missing or unexpected
             (the first few of each are listed, with counts); a tensor of another
-            shape (named, with both shapes); a detector bundle of another backbone.
-        FailedPrecondition: The file does not exist.
+            shape (named, with both shapes); a detector bundle of another backbone;
+            a malformed ``biomarker-cnns`` sidecar.
+        FailedPrecondition: The file, or a ``biomarker-cnns`` file's sidecar, does
+            not exist.
     """
     path = Path(weights_path)
     spec = effective_spec(name, path, tiny=tiny)  # an unknown name first
     require_file(path)
     state = adapt_state_dict(name, read_state_dict(path))
-    module = build_encoder(name, device="meta", tiny=tiny)
+    bundles = read_sidecar(path) if name == BIOMARKER_CNNS else None
+    module = build_encoder(name, device="meta", tiny=tiny, bundles=bundles)
     _check_fit(module, state, name, path)
     for key, value in state.items():  # in place: one tensor's copy at a time
         if value.is_floating_point() and value.dtype != torch.float32:
@@ -176,10 +183,23 @@ def _listing(keys: list[str], what: str) -> str:
 def effective_spec(name: str, weights_path: Path | str, *, tiny: bool = False) -> EncoderSpec:
     """What encoder ``name`` expects and gives with this weights file: the registry's
     spec (its tiny variant's with ``tiny``), except for ``detector``, which is the
-    detector as its bundle was trained (:func:`_detector_spec`)."""
+    detector as its bundle was trained (:func:`_detector_spec`), and
+    ``biomarker-cnns``, which is what its sidecar's bundles make it
+    (:func:`services.encoders.biomarker_cnns.spec_with_bundles`: their input side,
+    normalisation and stain reference, 0.25 µm/px x 512 / input side, their width).
+
+    Raises:
+        InvalidInput: Unknown name; a detector bundle of another backbone; a
+            malformed ``biomarker-cnns`` sidecar.
+        FailedPrecondition: A ``biomarker-cnns`` weights file or its sidecar does
+            not exist.
+    """
     spec = tiny_spec(name) if tiny else encoder_spec(name)
     if name == "detector":
         spec = _detector_spec(Path(weights_path), spec, tiny)
+    elif name == BIOMARKER_CNNS:
+        require_file(Path(weights_path))  # the weights before their sidecar
+        spec = spec_with_bundles(spec, read_sidecar(weights_path))
     return spec
 
 

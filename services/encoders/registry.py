@@ -45,6 +45,11 @@ class EncoderSpec:
             one (``other: ...`` otherwise).
         pooling: One of :data:`POOLINGS`.
         source: One line: which public model the architecture reproduces.
+        stain_reference: The stain normalization the encoder's patches need, as a
+            bundle's ``ModelConfig.stain_reference`` states it: a store key of a
+            ``stain.json``, ``""`` for the service's built-in reference; None for
+            colours as scanned (every encoder but ``biomarker-cnns``, and that one when
+            its bundles were trained without normalization).
     """
 
     name: str
@@ -56,6 +61,7 @@ class EncoderSpec:
     licence: str
     pooling: str
     source: str
+    stain_reference: str | None = None
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -66,6 +72,10 @@ class EncoderSpec:
             raise InvalidInput("embed_dim, input_px and mpp must be positive")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise InvalidInput("mean and std need 3 values each, std > 0")
+        if self.stain_reference is not None and not isinstance(self.stain_reference, str):
+            raise InvalidInput(
+                f"stain_reference must be text or None, got {self.stain_reference!r}"
+            )
 
     def card(self) -> dict[str, Any]:
         """What a model card states about the encoder (JSON-ready)."""
@@ -79,6 +89,7 @@ class EncoderSpec:
             "mean": list(self.mean),
             "std": list(self.std),
             "pooling": self.pooling,
+            "stain_reference": self.stain_reference,
         }
 
 
@@ -93,8 +104,11 @@ def _spec(
     mpp: float = 0.5,
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
+    stain_reference: str | None = None,
 ) -> EncoderSpec:
-    return EncoderSpec(name, embed_dim, input_px, mpp, mean, std, licence, pooling, source)
+    return EncoderSpec(
+        name, embed_dim, input_px, mpp, mean, std, licence, pooling, source, stain_reference
+    )
 
 
 _NON_COMMERCIAL = "CC-BY-NC-ND-4.0"
@@ -183,6 +197,21 @@ ENCODERS: dict[str, EncoderSpec] = {
             "histomarker's cancer_detector: its InceptionV3 trunk without the classifier, "
             "global average pooled",
             input_px=512,
+        ),
+        # Without its sidecar (services.encoders.biomarker_cnns), the method's six:
+        # InceptionV3 at 512 px on 40x patches, 2048 features and a margin each. A
+        # combined file's sidecar gives its own backbones, side, normalisation and
+        # stain reference (services.encoders.effective_spec).
+        _spec(
+            "biomarker-cnns",
+            6 * (2048 + 1),
+            "Apache-2.0",
+            "pooled",
+            "histomarker's six biomarker CNNs of the paper's pipeline: each one's pooled "
+            "trunk features and its logit margin, concatenated",
+            input_px=512,
+            mpp=0.25,
+            stain_reference="",  # the paper's pipeline normalizes to the built-in reference
         ),
     )
 }

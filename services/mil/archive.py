@@ -8,7 +8,8 @@ Two kinds of archive, built with torch-model-archiver
     The weights file under its own name, ``encoder.json``
     (:class:`~services.mil.serving_io.EncoderArchive`: registry name, weights file,
     its SHA-256, the encoder's spec with those weights, tiny flag), a detector's
-    bundle ``model.json`` and ``handler.py`` (``services/encoders/handler.py``).
+    bundle ``model.json`` or a ``biomarker-cnns`` file's ``<stem>.bundles.json``
+    sidecar, and ``handler.py`` (``services/encoders/handler.py``).
     ``<name>`` is the registry name with ``-`` turned into ``_`` (``uni2-h`` ->
     ``encoder_uni2_h``): TorchServe model names keep to letters, digits and ``_``.
 ``mil_<name>.mar`` (:func:`build_mil_mar`)
@@ -41,6 +42,7 @@ from typing import Any
 
 from services.common.errors import InvalidInput
 from services.common.objectstore import ObjectStore
+from services.encoders.biomarker_cnns import BIOMARKER_CNNS, sidecar_path
 from services.encoders.loading import effective_spec
 from services.encoders.registry import encoder_spec
 from services.encoders.weights_files import file_sha256, require_file
@@ -170,7 +172,10 @@ def build_encoder_mar(
     the worker fail at registration with :func:`services.encoders.load_encoder`'s
     message in TorchServe's log. A detector's bundle ``model.json`` beside its
     ``weights.pt`` goes into the archive too: it sets the detector encoder's input
-    side, resolution and normalisation (:func:`services.encoders.effective_spec`).
+    side, resolution and normalisation (:func:`services.encoders.effective_spec`);
+    so does a ``biomarker-cnns`` file's sidecar
+    (:func:`services.encoders.biomarker_cnns.sidecar_path`), which also names its
+    networks and stain reference.
 
     Args:
         encoder: Registry name (``uni``, ``resnet50-trunc``...).
@@ -185,8 +190,10 @@ def build_encoder_mar(
 
     Raises:
         InvalidInput: Unknown encoder, a bad version, a weights file named as one of
-            the archive's own files, or a detector bundle of another backbone.
-        FailedPrecondition: No such weights file, or torch-model-archiver failed.
+            the archive's own files, a detector bundle of another backbone, or a
+            malformed ``biomarker-cnns`` sidecar.
+        FailedPrecondition: No such weights file, a ``biomarker-cnns`` file without
+            its sidecar, or torch-model-archiver failed.
     """
     name = encoder_model_name(encoder)
     _check_version(version)
@@ -196,10 +203,13 @@ def build_encoder_mar(
         raise InvalidInput(f"rename the weights file {weights.name}: the archive has its own")
     spec = effective_spec(encoder, weights, tiny=tiny)
     config = EncoderArchive(encoder, weights.name, file_sha256(weights), spec, tiny)
-    # A detector's spec comes from its bundle's model.json beside the weights: the
-    # worker finds it there too.
+    # A detector's spec comes from its bundle's model.json beside the weights, a
+    # biomarker-cnns' from its sidecar (effective_spec read it): the worker finds
+    # them there too.
     bundle_config = weights.parent / BUNDLE_CONFIG_FILE
     extras = [bundle_config] if encoder == "detector" and bundle_config.is_file() else []
+    if encoder == BIOMARKER_CNNS:
+        extras.append(sidecar_path(weights))
     with tempfile.TemporaryDirectory(prefix="histomarker-encoder-mar-") as scratch:
         config_file = Path(scratch) / ENCODER_CONFIG_FILE
         config_file.write_text(config.to_json(), encoding="utf-8")
@@ -269,7 +279,8 @@ def archive_manifest(mar: Path) -> tuple[str, str]:
 
 def encoder_card(mar: Path) -> dict[str, Any]:
     """The model card of an encoder archive: its name and version, the encoder's
-    registry name, the weights' SHA-256, licence, width, input side and resolution.
+    registry name, the weights' SHA-256, licence, width, input side, resolution,
+    normalisation and stain reference (None: colours as scanned).
 
     Raises:
         InvalidInput: Not an encoder archive built by :func:`build_encoder_mar`.

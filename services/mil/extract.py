@@ -5,8 +5,11 @@
 and folds left out, the grid), with the grid at the encoder's own resolution and
 input side (a UNI patch is 224 px at 0.5 µm/px, the detector's 512 px), reads the
 patches in batches, embeds them (:meth:`LoadedEncoder.embed`) and appends them to a
-:class:`~services.mil.bags.BagWriter`. Colours stay as scanned: foundation encoders
-learned from unnormalized slides of many sites.
+:class:`~services.mil.bags.BagWriter`. Colours stay as scanned (foundation encoders
+learned from unnormalized slides of many sites) unless the encoder was trained on
+stain-normalized patches (its spec's ``stain_reference``, e.g. ``biomarker-cnns``):
+then the caller passes the reference and each patch is normalized from the slide's
+own stains onto it, as the paper's pipeline does before its CNNs.
 
 Resumable: the partial bag (``<bag>.partial``) records how many grid patches are
 done; a second call with the same output continues after them. The grid is a pure
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from services.common.errors import InvalidInput
 from services.common.objectstore import ObjectStore
 from services.encoders.loading import LoadedEncoder
 from services.mil.bags import BagWriter
@@ -31,6 +35,7 @@ from services.mil.scoring import Embedder, LocalEmbedder
 from services.slide.grid import GridParams
 from services.slide.prepare import PrepParams, prepare_slide
 from services.slide.reader import SlideReader
+from services.slide.stain import StainMatrix, builtin_reference
 
 #: Patches read and embedded together.
 READ_BATCH = 32
@@ -60,6 +65,8 @@ def embed_slide(
     params: PrepParams | None = None,
     batch_size: int = READ_BATCH,
     progress: Callable[[int, int], None] | None = None,
+    reference: StainMatrix | None = None,
+    stain_method: str = "vahadane",
 ) -> Path:
     """Embed a slide's usable patches into the bag file ``out`` (module docstring).
 
@@ -73,6 +80,10 @@ def embed_slide(
             replaced by the encoder's.
         batch_size: Patches read and embedded at once.
         progress: Called as ``progress(done, total)`` after each batch.
+        reference: Target stains (a :class:`~services.slide.stain.StainMatrix`) for an
+            encoder trained on normalized patches (:func:`encoder_reference`); None
+            keeps the colours as scanned.
+        stain_method: The normalization method with a reference.
 
     Returns:
         The finished bag's path. A slide without usable tissue gives an empty bag.
@@ -80,7 +91,7 @@ def embed_slide(
     embedder = LocalEmbedder(encoder, batch_size) if isinstance(encoder, LoadedEncoder) else encoder
     prep = params or PrepParams()
     prep = replace(prep, grid=encoder_grid(embedder, prep.grid))
-    prepared = prepare_slide(reader, slide_id, prep)
+    prepared = prepare_slide(reader, slide_id, prep, reference=reference, stain_method=stain_method)
     return embed_grid(
         reader,
         prepared.grid,
@@ -90,6 +101,26 @@ def embed_slide(
         grid_params=prep.grid,
         batch_size=batch_size,
         progress=progress,
+        transform=prepared.stains.transform if prepared.stains is not None else None,
+    )
+
+
+def encoder_reference(stain_reference: str | None, method: str = "vahadane") -> StainMatrix | None:
+    """The target stains an encoder's patches are normalized to: None for colours as
+    scanned (``stain_reference`` None or ``none``), the built-in reference of
+    ``method`` for "" (what the paper's models train on by default).
+
+    Raises:
+        InvalidInput: A reference kept in an object store (a key): only the
+            PredictionService, which has the store, resolves those.
+    """
+    if stain_reference is None or stain_reference.lower() == "none":
+        return None
+    if stain_reference == "":
+        return builtin_reference(method)
+    raise InvalidInput(
+        f"the encoder's patches are normalized to the stored stain reference "
+        f"{stain_reference!r}; embed them through the PredictionService, which reads it"
     )
 
 
@@ -104,10 +135,12 @@ def embed_grid(
     batch_size: int = READ_BATCH,
     progress: Callable[[int, int], None] | None = None,
     check: Callable[[], None] | None = None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Path:
     """Embed the patches of a prepared grid (one row per patch, level-0 ``x``, ``y``)
     into the bag file ``out``, resuming its partial file; ``check`` is called before
-    each batch (a deadline or cancellation raises there)."""
+    each batch (a deadline or cancellation raises there); ``transform`` maps each
+    patch as read (the slide's stain normalization) before it is embedded."""
     total = len(grid)
     mpp0 = float(reader.mpp[0])
     with BagWriter(
@@ -129,18 +162,19 @@ def embed_grid(
             if check is not None:
                 check()
             stop = min(total, done + batch_size)
-            patches = np.stack(
-                [
-                    reader.read_patch(
-                        int(xs[i]),
-                        int(ys[i]),
-                        embedder.input_px,
-                        grid_params.target_mpp,
-                        allow_upsample=grid_params.allow_upsample,
-                    )
-                    for i in range(done, stop)
-                ]
-            )
+            read = [
+                reader.read_patch(
+                    int(xs[i]),
+                    int(ys[i]),
+                    embedder.input_px,
+                    grid_params.target_mpp,
+                    allow_upsample=grid_params.allow_upsample,
+                )
+                for i in range(done, stop)
+            ]
+            if transform is not None:
+                read = [transform(patch) for patch in read]
+            patches = np.stack(read)
             features = np.asarray(embedder.embed(patches), np.float32)
             coords = np.stack([xs[done:stop], ys[done:stop]], axis=1)
             done = writer.append(coords, features)

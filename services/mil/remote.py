@@ -133,6 +133,14 @@ class TorchServeEmbedder:
             self.mpp = float(card["mpp"])
         except (KeyError, TypeError, ValueError) as exc:
             raise FailedPrecondition(f"the card of {model_name} {version} lacks {exc}") from None
+        # Cards written before encoders stated it: colours as scanned.
+        stain_reference = card.get("stain_reference")
+        if stain_reference is not None and not isinstance(stain_reference, str):
+            raise FailedPrecondition(
+                f"the card of {model_name} {version} has stain_reference {stain_reference!r}, "
+                "not text or null"
+            )
+        self.stain_reference: str | None = stain_reference
         self.max_patches_per_request = max_patches_per_request
         self.retry_delays_s = tuple(retry_delays_s)
 

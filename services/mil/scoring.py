@@ -33,6 +33,9 @@ class Embedder(Protocol):
         embed_dim: Width of one embedding.
         input_px: Side of the square patches it takes, in px.
         mpp: Resolution of those patches, in µm per px.
+        stain_reference: The stain normalization its patches need
+            (``EncoderSpec.stain_reference``): None for colours as scanned, "" for
+            the built-in reference, else a store key of a ``stain.json``.
     """
 
     encoder: str
@@ -42,6 +45,7 @@ class Embedder(Protocol):
     embed_dim: int
     input_px: int
     mpp: float
+    stain_reference: str | None
 
     def embed(self, patches: np.ndarray) -> np.ndarray:
         """(N, input_px, input_px, 3) uint8 RGB -> (N, embed_dim) float32."""
@@ -97,6 +101,7 @@ class LocalEmbedder:
         self.embed_dim = spec.embed_dim
         self.input_px = spec.input_px
         self.mpp = spec.mpp
+        self.stain_reference = spec.stain_reference
 
     def embed(self, patches: np.ndarray) -> np.ndarray:
         return self.loaded.embed(patches, batch_size=self.batch_size)

@@ -112,7 +112,8 @@ class EncoderArchive:
         sha256: Hex SHA-256 of that file, checked when the worker loads it.
         spec: The encoder's spec with these weights
             (:func:`services.encoders.effective_spec`: a detector's is its bundle's
-            input side, resolution and normalisation), checked against the loaded one.
+            input side, resolution and normalisation, a ``biomarker-cnns``' its
+            sidecar's, with its stain reference), checked against the loaded one.
         tiny: The tiny test variant (tests only).
     """
 

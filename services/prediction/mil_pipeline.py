@@ -3,10 +3,12 @@ attention-MIL head for every biomarker.
 
 Stages: ``tissue`` and ``grid`` are the slide preparation the paper's pipeline and
 tiling use (:func:`services.slide.prepare.prepare_slide`), with the grid at the
-encoder's resolution and input side; a slide that fails QC gets ``qc_failed``, one
-far from the training slides ``out_of_distribution`` (when the caller did not ask
-for calls anyway and an OOD reference is deployed). Then ``embed`` (every usable
-patch read as scanned and embedded by the :class:`~services.mil.scoring.Embedder`,
+encoder's resolution and input side, and ``stain`` (the slide's own stains, only for
+an encoder trained on normalized patches, such as ``biomarker-cnns``); a slide that
+fails QC gets ``qc_failed``, one far from the training slides ``out_of_distribution``
+(when the caller did not ask for calls anyway and an OOD reference is deployed). Then
+``embed`` (every usable patch read as scanned, normalized onto the stain reference
+for such an encoder, and embedded by the :class:`~services.mil.scoring.Embedder`,
 ``encoder_<name>`` on TorchServe in the service, into the slide's bag, which is
 stored under ``bags/{encoder}/{slide_id}.h5``) -> ``mil`` (the
 :class:`~services.mil.scoring.BagPredictor`, ``mil_<name>``: one calibrated
@@ -68,6 +70,7 @@ from services.prediction.results import (
 from services.slide.grid import GridParams, params_hash, patch_grid
 from services.slide.prepare import PrepParams, prepare_slide, store_masks
 from services.slide.reader import SlideReader
+from services.slide.stain import StainMatrix
 
 #: Bump when outputs or algorithms change (part of the hash).
 MIL_PIPELINE_VERSION = 1
@@ -290,6 +293,8 @@ def predict_slide_mil(
     ood: Any = None,
     progress: ProgressFn | None = None,
     budget: WorkBudget | None = None,
+    reference: StainMatrix | None = None,
+    stain_method: str = "vahadane",
 ) -> SlidePredictionResult:
     """Predict a slide's biomarkers with an encoder and a MIL head (module doc).
 
@@ -305,6 +310,11 @@ def predict_slide_mil(
             (:class:`~services.inference.ood.OodDetector`), or None to skip the check.
         progress: Called with ProgressEvents as the work advances.
         budget: Deadline and cancellation, checked between batches.
+        reference: Target stains for an encoder trained on normalized patches (its
+            ``stain_reference`` is not None): each patch goes from the slide's own
+            stains onto it before it is embedded, as the paper's pipeline does; None
+            embeds the colours as scanned.
+        stain_method: The normalization method with a reference.
 
     Raises:
         FailedPrecondition: The head does not read this encoder's embeddings.
@@ -318,7 +328,10 @@ def predict_slide_mil(
     check_pair(embedder, predictor)
     _missing_tasks(predictor, params.biomarkers)
     prep = replace(params, grid=mil_grid(embedder, predictor, params))
-    digest = _digest(prep, _models(embedder, predictor, None), slide_digest)
+    models = _models(embedder, predictor, None)
+    if reference is not None:
+        models["stain"] = {"method": stain_method, "reference": reference.to_json()}
+    digest = _digest(prep, models, slide_digest)
     prefix = f"{RUNS_PREFIX}/{slide_id}/{digest}"
     wall: dict[str, float] = {}
 
@@ -327,7 +340,9 @@ def predict_slide_mil(
         report(name, 0, 1, STAGES[name], name)
 
     t = time.perf_counter()
-    prepared = prepare_slide(reader, slide_id, prep, on_stage=on_stage)
+    prepared = prepare_slide(
+        reader, slide_id, prep, reference=reference, stain_method=stain_method, on_stage=on_stage
+    )
     store_masks(store, prefix, prepared.masks)
     wall["prepare"] = time.perf_counter() - t
     grid = prepared.grid
@@ -398,6 +413,7 @@ def predict_slide_mil(
             batch_size=params.batch_size,
             progress=embedded,
             check=budget.check,
+            transform=prepared.stains.transform if prepared.stains is not None else None,
         )
         bag = read_bag(path)
         key = bag_key(embedder.encoder, slide_id)

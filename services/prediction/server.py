@@ -369,6 +369,9 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             before_models()
             embedder, head = self.mil_models.pair(options.mil_model)
             check_pair(embedder, head)
+            # An encoder trained on normalized patches (the paper's CNNs) sees them so.
+            stain = getattr(embedder, "stain_reference", None)
+            reference = self._reference(stain) if stain is not None else None
 
             def mil_job(
                 slide_id: str,
@@ -389,6 +392,8 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
                         ood=self._ood(),
                         progress=progress,
                         budget=budget,
+                        reference=reference,
+                        stain_method=self.settings.stain_method,
                     )
                 return self._prediction(result)
 

@@ -1,6 +1,7 @@
 """A real TorchServe (Java 17) on 127.0.0.1 serving tiny encoders as
-``encoder_resnet50_trunc`` and ``encoder_detector`` (a 64 px detector bundle's
-trunk) and a small fitted MIL head as ``mil_brca``: the served
+``encoder_resnet50_trunc``, ``encoder_detector`` (a 64 px detector bundle's
+trunk) and ``encoder_biomarker_cnns`` (two 48 px biomarker bundles combined) and a
+small fitted MIL head as ``mil_brca``: the served
 answers equal the in-process models, bad requests get clear errors while the server
 keeps answering, and the archives and their cards go to a real S3 store."""
 
@@ -28,6 +29,7 @@ from services.common.errors import (
 from services.common.objectstore import ObjectStore, open_store
 from services.common.vocabulary import BIOMARKERS
 from services.encoders import build_encoder, load_encoder
+from services.encoders.biomarker_cnns import combine_bundles
 from services.encoders.loading import LoadedEncoder
 from services.inference.backbones import build_backbone
 from services.inference.bundle import ModelConfig, save_bundle
@@ -73,6 +75,7 @@ VERSION = "1"
 DIM = 1024  # the tiny resnet50-trunc keeps the published width
 THRESHOLDS = {"tp53": 0.4, "er": 0.65}
 DETECTOR_PX = 64
+CNNS_PX = 48
 BATCH_SIZE = 4
 
 
@@ -86,6 +89,8 @@ class Models:
     mil_mar: Path
     detector: LoadedEncoder
     detector_mar: Path
+    cnns: LoadedEncoder
+    cnns_mar: Path
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +141,34 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     detector_mar = build_encoder_mar(
         "detector", bundle / "weights.pt", store, version=VERSION, tiny=True
     )
-    return Models(encoder, FittedMIL.load(mil_file), encoder_mar, mil_mar, detector, detector_mar)
+
+    # Two biomarker bundles of a CPU demo, combined into one biomarker-cnns file.
+    biomarker_bundles = {}
+    for seed, biomarker in enumerate(("er", "tp53"), start=2):
+        torch.manual_seed(seed)
+        biomarker_config = ModelConfig(
+            name=f"biomarker_{biomarker}",
+            version="1",
+            backbone="tiny",
+            preprocess=PreprocessConfig(CNNS_PX),
+            stain_reference="none",
+        )
+        biomarker_bundles[biomarker] = save_bundle(
+            folder / biomarker, build_backbone("tiny", 2), biomarker_config
+        )
+    cnns_weights = combine_bundles(biomarker_bundles, folder / "cnns" / "cnns.pt")
+    cnns = load_encoder("biomarker-cnns", cnns_weights)
+    cnns_mar = build_encoder_mar("biomarker-cnns", cnns_weights, store, version=VERSION)
+    return Models(
+        encoder,
+        FittedMIL.load(mil_file),
+        encoder_mar,
+        mil_mar,
+        detector,
+        detector_mar,
+        cnns,
+        cnns_mar,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +176,7 @@ def server(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     work = tmp_path_factory.mktemp("torchserve")
     config = TorchServeConfig.with_free_ports(models.encoder_mar.parent, work)
     with TorchServe(config) as instance:
-        for mar in (models.encoder_mar, models.mil_mar, models.detector_mar):
+        for mar in (models.encoder_mar, models.mil_mar, models.detector_mar, models.cnns_mar):
             instance.register(mar, batch_size=BATCH_SIZE, max_batch_delay_ms=20)
         yield instance
         pids = instance.processes()
@@ -277,6 +309,23 @@ def test_a_served_detector_takes_its_bundles_input_side_and_normalisation(
     patches = _patches(6, DETECTOR_PX, seed=9)
     np.testing.assert_allclose(
         embedder.embed(patches), models.detector.embed(patches), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_served_biomarker_cnns_equal_the_local_embedding(
+    client: TorchServeGrpcClient, models: Models
+) -> None:
+    card = encoder_card(models.cnns_mar)
+    assert card["model_name"] == "encoder_biomarker_cnns"
+    assert (card["input_px"], card["embed_dim"]) == (CNNS_PX, 2 * (128 + 1))
+    assert card["mpp"] == 0.25 * 512 / CNNS_PX and card["stain_reference"] is None
+    with zipfile.ZipFile(models.cnns_mar) as archive:
+        assert {"cnns.pt", "cnns.bundles.json", "encoder.json"} <= set(archive.namelist())
+    embedder = TorchServeEmbedder(client, "encoder_biomarker_cnns", VERSION, card)
+    assert embedder.stain_reference is None
+    patches = _patches(6, 96, seed=11)  # shrunk to 48 px by the client, as locally
+    np.testing.assert_allclose(
+        embedder.embed(patches), models.cnns.embed(patches), rtol=1e-5, atol=1e-5
     )
 
 

@@ -119,3 +119,51 @@ def test_embed_command_writes_a_bag_from_a_local_weights_file(tmp_path: Path, ca
         == 2
     )
     assert not (tmp_path / "x.txt").exists()
+
+
+def test_an_encoder_trained_on_normalized_patches_embeds_them_normalized(tmp_path: Path) -> None:
+    """With a stain reference each patch goes from the slide's own stains onto it
+    before it is embedded: the bag is the embedding of the normalized patches, not of
+    the scanned ones, on the same grid."""
+    from services.mil.extract import encoder_reference
+    from services.slide.prepare import prepare_slide
+    from services.slide.stain import builtin_reference
+
+    assert encoder_reference(None) is None and encoder_reference("none") is None
+    reference = encoder_reference("")
+    assert reference is not None and reference.to_json() == builtin_reference("vahadane").to_json()
+    with pytest.raises(Exception, match="stored stain reference"):
+        encoder_reference("references/lab.json")
+
+    # A convolutional encoder: its embedding follows the patches' colours.
+    torch.manual_seed(0)
+    state = build_encoder("resnet50-trunc", tiny=True).state_dict()
+    path = tmp_path / "resnet-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    encoder = load_encoder("resnet50-trunc", path, tiny=True)
+    slide = realdata("qc") / "slides" / "CMU-1-Small-Region.svs"
+    params = PrepParams(max_patches=16)
+    with open_slide(slide) as reader:
+        scanned = read_bag(embed_slide(reader, "CMU-1", encoder, tmp_path / "s.h5", params=params))
+        normalized = read_bag(
+            embed_slide(
+                reader, "CMU-1", encoder, tmp_path / "n.h5", params=params, reference=reference
+            )
+        )
+        # The same patches, normalized by hand with the slide's stains, embed the same.
+        from dataclasses import replace
+
+        from services.mil.extract import encoder_grid
+
+        prep = replace(params, grid=encoder_grid(encoder, params.grid))
+        prepared = prepare_slide(reader, "CMU-1", prep, reference=reference)
+        assert prepared.stains is not None
+        side, mpp = encoder.spec.input_px, prep.grid.target_mpp
+        raw = [reader.read_patch(int(x), int(y), side, mpp) for x, y in normalized.coords[:4]]
+        first = np.stack([prepared.stains.transform(patch) for patch in raw])
+    # Normalization changed the pixels (CMU-1 is far from the reference's stains).
+    assert np.abs(first.astype(float) - np.stack(raw).astype(float)).mean() > 2.0
+    np.testing.assert_array_equal(normalized.coords, scanned.coords)
+    change = np.abs(normalized.features - scanned.features).max()
+    assert change > 1e-2 * np.abs(scanned.features).max()
+    np.testing.assert_allclose(normalized.features[:4], encoder.embed(first), rtol=1e-4, atol=1e-5)

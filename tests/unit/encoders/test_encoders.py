@@ -81,10 +81,13 @@ def _save(state: dict[str, torch.Tensor], path: Path, wrap: bool = False) -> Pat
 
 
 def test_registry_names_and_specs() -> None:
-    assert tuple(ENCODERS) == NAMES and len(NAMES) == 10
+    assert tuple(ENCODERS) == NAMES and len(NAMES) == 11
     for name in NAMES:
         spec = encoder_spec(name)
-        assert spec.name == name and spec.mpp == 0.5 and spec.licence and spec.source
+        assert spec.name == name and spec.licence and spec.source
+        # The biomarker CNNs see the paper's 40x patches; the others 20x ones.
+        assert spec.mpp == (0.25 if name == "biomarker-cnns" else 0.5)
+        assert spec.stain_reference == ("" if name == "biomarker-cnns" else None)
     assert encoder_spec("virchow2").embed_dim == 2560
     assert encoder_spec("conch").input_px == 448
 
@@ -135,6 +138,8 @@ def test_every_encoder_builds_on_meta_with_its_published_width(name: str) -> Non
         ("conch", "proj_contrast", (512, 512)),
         ("resnet50-trunc", "layer3.5.conv3.weight", (1024, 256, 1, 1)),
         ("detector", "Mixed_7c.branch_pool.conv.weight", (192, 2048, 1, 1)),
+        ("biomarker-cnns", "tp53.fc.weight", (2, 2048)),
+        ("biomarker-cnns", "basal.Mixed_7c.branch_pool.conv.weight", (192, 2048, 1, 1)),
     ],
 )
 def test_published_key_names_and_shapes(name: str, key: str, shape: tuple[int, ...]) -> None:
@@ -237,6 +242,7 @@ def test_model_card_entry(tmp_path: Path) -> None:
     assert card["weights_file"] == "uni.safetensors" and card["licence"] == "CC-BY-NC-ND-4.0"
     assert card["name"] == "uni" and card["embed_dim"] == 64 and card["mpp"] == 0.5
     assert set(card) >= {"source", "input_px", "mean", "std"}
+    assert card["stain_reference"] is None  # colours as scanned
 
 
 def test_conch_takes_the_vision_tower_of_a_whole_checkpoint(tmp_path: Path) -> None:
