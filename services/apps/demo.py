@@ -83,8 +83,8 @@ class DemoScale:
         mil_head: The MIL head of the second pipeline (``abmil`` or ``transmil``).
         mil_folds: Its site-aware cross-validation folds.
         mil_epochs: Most epochs per fit of it.
-        mil_overlap: Share of a patch side its neighbouring patches overlap (a tiny
-            slide has four to six 20x patches on the plain grid, too few instances).
+        mil_overlap: Share of a patch side its neighbouring patches overlap (the
+            encoder's 40x patches give a tiny slide 10-40 on the plain grid).
     """
 
     name: str
@@ -100,9 +100,9 @@ class DemoScale:
     biomarker_target: float = 0.75
     check_targets: bool = True
     mil_head: str = "abmil"
-    mil_folds: int = 3
+    mil_folds: int = 5
     mil_epochs: int = 40
-    mil_overlap: float = 0.5
+    mil_overlap: float = 0.0
 
     def cohort_settings(self) -> dict[str, Any]:
         """What decides the cohort's files (a rerun reuses a cohort with the same)."""
@@ -351,14 +351,13 @@ def _train(stack: Any, out: Path, train_manifest: Path, scale: DemoScale) -> Any
 
 
 def _train_mil(stack: Any, out: Path, train_manifest: Path, run: Any, scale: DemoScale) -> Any:
-    """``train_mil`` on the detector's trunk (see :mod:`services.apps.demo_mil`)."""
+    """``train_mil`` on the trained biomarker CNNs (see :mod:`services.apps.demo_mil`)."""
     from flows.mil.pipeline import train_mil
-    from services.apps.demo_mil import DEMO_ENCODER, DEMO_HEAD_NAME, detector_weights
+    from services.apps.demo_mil import DEMO_ENCODER, DEMO_HEAD_NAME, biomarker_cnn_weights
 
-    weights = detector_weights(
-        stack.options.store_url, run.detector.model.prefix, out / "stack" / "detector-encoder"
+    weights = biomarker_cnn_weights(
+        stack.options.store_url, run.biomarkers.results, out / "stack" / "biomarker-cnns"
     )
-    tiny = scale.pipeline.detector.backbone == "tiny"
     with _flows(stack, out):
         return train_mil(
             str(train_manifest),
@@ -368,7 +367,6 @@ def _train_mil(stack: Any, out: Path, train_manifest: Path, run: Any, scale: Dem
             head=scale.mil_head,
             folds=scale.mil_folds,
             epochs=scale.mil_epochs,
-            tiny=tiny,
             cohort_name=COHORT_NAME,
             synthetic=True,
             seed=scale.split_seed,
@@ -459,9 +457,11 @@ def _write_results(
         else [
             "## Both pipelines on the same held-out cancer slides",
             "",
-            "The paper's pipeline above; encoder + MIL: the trained detector's trunk embeds "
-            "every usable 20x patch, one gated-attention MIL head calls the six biomarkers "
-            "(served as encoder_detector and mil_demo, asked with pipeline MIL).",
+            "The paper's pipeline above; encoder + MIL: the paper's six trained biomarker "
+            "CNNs embed every usable 40x patch (stain-normalized as they were trained; "
+            "pooled features and logit margin of each), one gated-attention MIL head calls "
+            "the six biomarkers (served as encoder_biomarker-cnns and mil_demo, asked with "
+            "pipeline MIL).",
             "",
             mil["markdown"],
             "",
@@ -597,7 +597,7 @@ def run_demo(
             with stages.stage("held-out predictions (PredictionService)"):
                 target = f"127.0.0.1:{stack.ports.services['prediction']}"
                 answers = _predict(target, heldout, trained, stages.say)
-            with stages.stage("train_mil (detector trunk + attention MIL)"):
+            with stages.stage("train_mil (biomarker CNNs + attention MIL)"):
                 mil_run = _train_mil(stack, out, train_manifest, run, chosen)
             with stages.stage("held-out predictions, MIL pipeline (PredictionService)"):
                 mil_answers = demo_mil.predict_heldout(
