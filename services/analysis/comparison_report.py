@@ -91,6 +91,19 @@ def _panel_title(result: BiomarkerComparison) -> str:
     )
 
 
+def _unit_square(
+    axes: Any, result: BiomarkerComparison, xlabel: str, ylabel: str, pad: float
+) -> None:
+    """A square 0-1 panel with its diagonal, labels and the biomarker's title."""
+    axes.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1)
+    axes.set_xlim(-pad, 1 + pad)
+    axes.set_ylim(-pad, 1 + pad)
+    axes.set_aspect("equal")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(_panel_title(result))
+
+
 def roc_grid_figure(paired: PairedPredictions, comparison: Comparison, path: Path) -> Path:
     """One panel per biomarker: both pipelines' slide ROC curves, AUROC [95% CI] in
     the legend; a biomarker without an AUROC says why."""
@@ -99,13 +112,7 @@ def roc_grid_figure(paired: PairedPredictions, comparison: Comparison, path: Pat
         figure = Figure(figsize=(4.2 * columns, 4.3 * rows), layout="constrained")
         panels = figure.subplots(rows, columns, squeeze=False).ravel()
         for axes, result in zip(panels, comparison.biomarkers, strict=False):
-            axes.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1)
-            axes.set_xlim(-0.01, 1.01)
-            axes.set_ylim(-0.01, 1.01)
-            axes.set_aspect("equal")
-            axes.set_xlabel("false positive rate")
-            axes.set_ylabel("true positive rate")
-            axes.set_title(_panel_title(result))
+            _unit_square(axes, result, "false positive rate", "true positive rate", 0.01)
             if not result.defined:
                 _undefined_panel(axes, result)
                 continue
@@ -151,13 +158,9 @@ def reliability_grid_figure(paired: PairedPredictions, comparison: Comparison, p
         figure = Figure(figsize=(4.2 * columns, 4.3 * rows), layout="constrained")
         panels = figure.subplots(rows, columns, squeeze=False).ravel()
         for axes, result in zip(panels, comparison.biomarkers, strict=False):
-            axes.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1)
-            axes.set_xlim(-0.02, 1.02)
-            axes.set_ylim(-0.02, 1.02)
-            axes.set_aspect("equal")
-            axes.set_xlabel("mean predicted probability")
-            axes.set_ylabel("observed share positive")
-            axes.set_title(_panel_title(result))
+            _unit_square(
+                axes, result, "mean predicted probability", "observed share positive", 0.02
+            )
             if result.slides == 0:
                 _undefined_panel(axes, result)
                 continue
