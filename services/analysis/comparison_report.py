@@ -40,6 +40,7 @@ from services.analysis.comparison import (
 )
 from services.analysis.figures import DPI, styled
 from services.analysis.metrics import Estimate, roc_curve
+from services.analysis.report import write_text_atomically
 from services.common.errors import InvalidInput
 
 #: Output names, in the output folder.
@@ -228,12 +229,6 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-
-
 def _figure_html(path: Path, alt: str, caption: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     relative = f"{FIGURES_DIR}/{path.name}"
@@ -360,7 +355,7 @@ def write_comparison(
     reliability = reliability_grid_figure(paired, comparison, folder / "reliability.png")
     document = comparison.as_dict()
     json_path = out / COMPARISON_JSON
-    _write_atomically(json_path, json.dumps(document, indent=1) + "\n")
+    write_text_atomically(json_path, json.dumps(document, indent=1) + "\n")
     figures_html = _figure_html(
         roc,
         "ROC curves of both pipelines per biomarker",
@@ -374,7 +369,7 @@ def write_comparison(
         "is perfect calibration. Legend ECE as in the table (top-class confidence).",
     )
     html_path = out / COMPARISON_HTML
-    _write_atomically(html_path, _page(comparison, figures_html))
+    write_text_atomically(html_path, _page(comparison, figures_html))
     return ComparisonOutputs(html_path, json_path, (roc, reliability), comparison)
 
 

@@ -211,7 +211,8 @@ def _statistics_html(statistics: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a partial file renamed over it."""
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(text, encoding="utf-8")
     os.replace(partial, path)
@@ -400,7 +401,7 @@ def build_report(
         if stale.stem not in figures.names:
             stale.unlink()
     path = out_dir / "report.html"
-    _write_atomically(path, page)
+    write_text_atomically(path, page)
     return path
 
 
